@@ -1,0 +1,40 @@
+# Set-up and the two everyday commands. Everything installs into .venv beside this file.
+#   make quickstart   set up, then train the quickstart MoE language model on this machine
+#   make test         set up, then run the default (CPU) test suite
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU machines this project is developed on have a local torch 2.13.0 wheel; any torch >= 2.4
+# works: override with e.g. `make test TORCH_SPEC='torch==2.5.1'`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup quickstart test test-all bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip setuptools wheel
+	# torch first and pinned, so that nothing below resolves a different (CUDA) build.
+	$(BIN)/pip install "$(TORCH_SPEC)" numpy
+	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
+	# DeepSpeed ships only an sdist whose build imports torch: build it against the torch above.
+	DS_BUILD_OPS=0 $(BIN)/pip install --no-build-isolation -c $(VENV)/constraints.txt "deepspeed>=0.14"
+	$(BIN)/pip install -c $(VENV)/constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+quickstart: setup
+	$(BIN)/moe train configs/quickstart.yaml
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow and not gpu"
+
+test-all: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/moe bench layer
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Evaluation and measurement: load balance, compute per token, benchmarks against peers."""

@@ -1,0 +1,1 @@
+"""How jobs start: the ``moe`` command line and its launchers."""

@@ -1,0 +1,82 @@
+"""The ``moe`` command line.
+
+    moe train CONFIG [--set key=value ...] [--resume [PATH]] [--run-dir DIR]
+    moe bench layer [...]        MoE layer vs DeepSpeed's MoE on this machine
+    moe configs                  list the shipped configs
+
+CONFIG is a YAML path or the name of a shipped config (``moe train quickstart``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    from moe.config import load_config
+    from moe.trainer import resolve_run_dir, train
+
+    cfg = load_config(args.config, args.set)
+    resume = args.resume
+    if resume == "latest":
+        resume = str(resolve_run_dir(cfg, args.run_dir))
+    train(cfg, run_dir=args.run_dir, resume=resume, progress=not args.quiet)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.what == "layer":
+        from evals.bench_moe_layer import main as bench_layer
+
+        bench_layer(args.rest)
+        return 0
+    raise AssertionError(args.what)
+
+
+def _configs(args: argparse.Namespace) -> int:
+    from moe.config import shipped_configs
+
+    for name, path in sorted(shipped_configs().items()):
+        print(f"{name:32s} {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe", description="Train and measure sparse MoE and conditional-compute models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model in this process (DeepSpeed engine, CPU or one GPU)")
+    p.add_argument("config", help="a YAML config path or a shipped config name (see `moe configs`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.steps=50")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
+                   help="continue from a checkpoint folder or a run folder's newest checkpoint (default: this run's folder)")
+    p.add_argument("--run-dir", default=None, help="run folder (default: train.run_dir from the config)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("bench", help="benchmarks that print tables and write JSON")
+    p.add_argument("what", choices=["layer"], help="layer: MoE layer forward+backward vs DeepSpeed's MoE")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark (see `moe bench layer --help`)")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("configs", help="list the shipped configs")
+    p.set_defaults(func=_configs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moe.checkpoint import CheckpointError
+    from moe.config import ConfigError
+    from moe.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"moe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Checkpoints in an unpickled format: safetensors for tensors, JSON for everything else.
+
+A checkpoint is a folder ``step_XXXXXXXX/`` holding ``model.safetensors``,
+``optimizer.safetensors``, ``trainer.json`` and, written last and atomically as the commit
+marker, ``manifest.json`` with each file's size and SHA-256. A folder without a manifest (a save
+that was cut short) or whose files do not match it is refused with an error; nothing is ever
+unpickled, so a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupt; the message says which and what to do."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, list]:
+    """Flatten an optimizer's state to {"<state key>/<param name>": tensor} and JSON param groups.
+
+    ``names`` maps id(param) to its parameter name, so the state no longer depends on the order
+    in which parameters were handed to the optimizer.
+    """
+    tensors, groups = {}, []
+    for group in optimizer.param_groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in hyper.items()}
+        groups.append({"params": [names[id(p)] for p in group["params"]], **hyper})
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                t = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"{key}/{names[id(p)]}"] = t.detach().cpu().contiguous()
+    return tensors, groups
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict, groups: list) -> None:
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(
+            f"optimizer has {len(optimizer.param_groups)} parameter groups but the checkpoint has {len(groups)}; "
+            "fix: resume with the same model and optimizer configuration"
+        )
+    for group, saved in zip(optimizer.param_groups, groups):
+        for key, value in saved.items():
+            if key != "params":
+                group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+        for p in group["params"]:
+            name = names[id(p)]
+            state = {key.split("/", 1)[0]: t for key, t in tensors.items() if key.split("/", 1)[1] == name}
+            if not state:
+                continue
+            optimizer.state[p] = {k: v.to(p.device) if v.dim() else v.clone() for k, v in state.items()}
+
+
+def save_checkpoint(folder: Path, *, model_state: dict, optim_tensors: dict, trainer_state: dict) -> Path:
+    """Write a complete checkpoint into ``folder`` (replaced if it exists); returns the folder."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # safetensors refuses aliased storage (tied embeddings): store independent copies.
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+    save_file(optim_tensors, tmp / "optimizer.safetensors")
+    (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    _write_json_atomic(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "files": files, "step": trainer_state["step"]})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def verify_checkpoint(folder: Path) -> dict:
+    """Check a checkpoint against its manifest; returns the manifest or raises CheckpointError."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint '{folder}' does not exist; fix: pass an existing checkpoint or run folder")
+    manifest_path = folder / MANIFEST
+    if not manifest_path.exists():
+        raise CheckpointError(
+            f"checkpoint '{folder}' is incomplete (no {MANIFEST}: the save was interrupted); "
+            "fix: resume from an earlier checkpoint, or delete this folder"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint '{folder}': {MANIFEST} is unreadable; fix: resume from an earlier checkpoint") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint '{folder}' has format version {manifest.get('format_version')}, this dynamoe reads {FORMAT_VERSION}; "
+            "fix: use the dynamoe version that wrote it"
+        )
+    for name, meta in files.items():
+        path = folder / name
+        if not path.exists():
+            raise CheckpointError(f"checkpoint '{folder}' is missing {name}; fix: resume from an earlier checkpoint")
+        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+            raise CheckpointError(
+                f"checkpoint '{folder}': {name} is corrupt (size or SHA-256 differs from the manifest); "
+                "fix: resume from an earlier checkpoint"
+            )
+    return manifest
+
+
+def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
+    """Verify, then read (model_state, optimizer_tensors, trainer_state)."""
+    folder = Path(folder)
+    verify_checkpoint(folder)
+    try:
+        model_state = load_file(folder / "model.safetensors")
+        optim = load_file(folder / "optimizer.safetensors")
+    except SafetensorError as err:
+        raise CheckpointError(f"checkpoint '{folder}' cannot be read ({err}); fix: resume from an earlier checkpoint") from None
+    return model_state, optim, json.loads((folder / "trainer.json").read_text())
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Committed checkpoints (with a manifest) under ``run_dir/checkpoints``, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).exists() and not p.name.endswith(".partial"))
+
+
+def resolve_resume(path: Path) -> Path:
+    """A checkpoint folder, or the newest committed checkpoint of a run folder."""
+    path = Path(path)
+    if (path / MANIFEST).exists() or path.name.startswith("step_"):
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"no committed checkpoint under '{path}/checkpoints'; fix: pass a checkpoint folder or start without --resume")
+    return found[-1]
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,398 @@
+"""Typed, validated configuration: one keyword-only dataclass per component.
+
+A run is described by ``RunConfig`` with sections ``model`` (with ``model.moe`` and
+``model.moe.router``), ``data``, ``train`` and ``parallel``. Configs come from YAML files
+(``load_config``) with ``--set a.b=c`` overrides. Every check raises :class:`ConfigError` naming
+the field path and the fix; cross-section rules are checked once, in ``RunConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Mapping, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field path and how to fix it."""
+
+
+def _fail(path: str, problem: str, fix: str) -> typing.NoReturn:
+    raise ConfigError(f"{path}: {problem}; fix: {fix}")
+
+
+def _require_positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            _fail(f"{section}.{name}", f"must be positive, got {value}", f"set {section}.{name} to a value > 0")
+
+
+@dataclass(kw_only=True)
+class RouterConfig:
+    """How tokens pick experts (``model.moe.router``)."""
+
+    _section: ClassVar[str] = "model.moe.router"
+
+    kind: Literal["token_choice", "expert_choice"] = "token_choice"
+    top_k: int = 2
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    # Divide the k selected scores by their sum; None means "when top_k > 1" (Switch keeps k=1 raw).
+    normalize: Optional[bool] = None
+    # Multiplicative input jitter U(1 - eps, 1 + eps) during training (Switch Transformer).
+    jitter_eps: float = 0.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert selection bias nudged toward even load.
+    aux_free_bias: bool = False
+    bias_update_rate: float = 1e-3
+    # Expert capacity = capacity_factor * T * top_k / E tokens; None is dropless (token choice).
+    # Expert choice always uses a capacity; None there means 1.0.
+    capacity_factor: Optional[float] = None
+    # Which assignments survive when an expert overflows: highest routing score, or earliest token.
+    drop_policy: Literal["probs", "position"] = "probs"
+
+    def __post_init__(self) -> None:
+        s = self._section
+        _require_positive(s, self, "top_k", "capacity_factor")
+        for name in ("jitter_eps", "aux_loss_coef", "z_loss_coef", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                _fail(f"{s}.{name}", f"must be >= 0, got {getattr(self, name)}", f"set {s}.{name} to 0 or more")
+        if self.jitter_eps >= 1:
+            _fail(f"{s}.jitter_eps", f"must be < 1, got {self.jitter_eps}", "use a small value such as 0.01")
+
+    @property
+    def renormalize(self) -> bool:
+        return self.top_k > 1 if self.normalize is None else self.normalize
+
+
+@dataclass(kw_only=True)
+class MoEConfig:
+    """The experts of one MoE FFN (``model.moe``)."""
+
+    _section: ClassVar[str] = "model.moe"
+
+    num_experts: int = 8
+    d_expert: int = 256  # hidden width of each routed expert (small + many = fine-grained)
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    num_shared_experts: int = 0  # always-on experts, run on every token beside the routed ones
+    d_shared: Optional[int] = None  # hidden width of each shared expert; None means d_expert
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def __post_init__(self) -> None:
+        s = self._section
+        _require_positive(s, self, "num_experts", "d_expert", "d_shared")
+        if self.num_shared_experts < 0:
+            _fail(f"{s}.num_shared_experts", f"must be >= 0, got {self.num_shared_experts}", "set it to 0 or more")
+        if self.router.top_k > self.num_experts:
+            _fail(
+                f"{s}.router.top_k",
+                f"top_k={self.router.top_k} is larger than {s}.num_experts={self.num_experts}",
+                f"set top_k <= {self.num_experts} or raise num_experts",
+            )
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The backbone (``model``): a Transformer decoder (causal LM) or encoder (classifier)."""
+
+    _section: ClassVar[str] = "model"
+
+    kind: Literal["decoder", "encoder"] = "decoder"
+    vocab_size: Optional[int] = None  # None: taken from the data's tokenizer
+    num_classes: Optional[int] = None  # encoder only; None: taken from the data
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 512  # hidden width of the dense FFNs
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    # Layer i (0-based) has an MoE FFN when (i + 1) % moe_every == 0; 0 makes every FFN dense.
+    moe_every: int = 1
+    pooling: Literal["mean", "first"] = "mean"  # encoder: how token states become one vector
+    tie_embeddings: bool = True  # decoder: share the input embedding with the output projection
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    def __post_init__(self) -> None:
+        s = self._section
+        _require_positive(s, self, "vocab_size", "num_classes", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
+        if self.d_model % self.n_heads:
+            _fail(f"{s}.n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
+                  "choose n_heads dividing d_model")
+        if not 0 <= self.dropout < 1:
+            _fail(f"{s}.dropout", f"must be in [0, 1), got {self.dropout}", "use a value such as 0.1")
+        if self.moe_every < 0 or self.moe_every > self.n_layers:
+            _fail(f"{s}.moe_every", f"must be between 0 and n_layers={self.n_layers}, got {self.moe_every}",
+                  "use 1 for MoE in every layer, 2 for every other layer, 0 for a dense model")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe_every > 0 and (i + 1) % self.moe_every == 0
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """What to train on (``data``)."""
+
+    _section: ClassVar[str] = "data"
+
+    # "tinyshakespeare" (language modelling) or "sst2" (classification), read from a local copy when
+    # one is found, else from the Hugging Face hub; or any hub dataset name with text/label fields.
+    dataset: str = "tinyshakespeare"
+    path: Optional[str] = None  # a local file or folder; None searches the shared data folder
+    task: Optional[Literal["lm", "classification"]] = None  # None: known from the dataset
+    tokenizer: str = "char"  # "char" (character level) or a transformers tokenizer path or hub name
+    seq_len: int = 128
+    text_field: str = "text"
+    label_field: str = "label"
+    val_fraction: float = 0.1  # language modelling: the tail of the text held out for validation
+    max_train_samples: Optional[int] = None  # classification: cap on training examples
+
+    def __post_init__(self) -> None:
+        s = self._section
+        _require_positive(s, self, "seq_len", "max_train_samples")
+        if not 0 < self.val_fraction < 1:
+            _fail(f"{s}.val_fraction", f"must be in (0, 1), got {self.val_fraction}", "use a value such as 0.1")
+        if self.path is not None and not Path(self.path).expanduser().exists():
+            _fail(f"{s}.path", f"'{self.path}' does not exist",
+                  "point data.path at an existing file or folder, or remove it to use the default location")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The optimisation loop (``train``)."""
+
+    _section: ClassVar[str] = "train"
+
+    steps: int = 200  # optimizer steps
+    batch_size: int = 32  # sequences per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_every: int = 50
+    eval_batches: int = 10
+    log_every: int = 10
+    checkpoint_every: int = 100  # 0 saves only at the end
+    keep_checkpoints: int = 2
+    seed: int = 0
+    run_dir: str = "runs/{name}"
+    name: Optional[str] = None  # None: the config file's stem
+    threads: Optional[int] = None  # torch CPU threads; None leaves PyTorch's default
+
+    def __post_init__(self) -> None:
+        s = self._section
+        _require_positive(s, self, "steps", "batch_size", "grad_accum", "lr", "eval_batches", "log_every",
+                          "keep_checkpoints", "threads")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                _fail(f"{s}.{name}", f"must be >= 0, got {getattr(self, name)}", f"set {s}.{name} to 0 or more")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail(f"{s}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}", "use a value such as 0.1")
+        if self.warmup_steps > self.steps:
+            _fail(f"{s}.warmup_steps", f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}",
+                  "use fewer warm-up steps than training steps")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How the job is spread over processes (``parallel``)."""
+
+    _section: ClassVar[str] = "parallel"
+
+    ep_size: int = 1  # expert-parallel group size: experts are sharded over this many processes
+    zero_stage: int = 0  # DeepSpeed ZeRO stage
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPUs, gloo on CPU
+
+    def __post_init__(self) -> None:
+        s = self._section
+        _require_positive(s, self, "ep_size")
+        if self.zero_stage not in (0, 1, 2):
+            _fail(f"{s}.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}",
+                  "ZeRO-3 does not partition expert weights here; use stage 0, 1 or 2")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole training run; checks the rules that span sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        num_experts = self.model.moe.num_experts
+        if num_experts % self.parallel.ep_size:
+            _fail("parallel.ep_size", f"ep_size={self.parallel.ep_size} does not divide model.moe.num_experts={num_experts}",
+                  f"choose an ep_size among the divisors of {num_experts}: {_divisors(num_experts)}")
+        if self.data.seq_len > self.model.max_seq_len:
+            _fail("data.seq_len", f"seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+                  "shorten data.seq_len or raise model.max_seq_len")
+        task = self.data.task or known_task(self.data.dataset)
+        wanted = {"lm": "decoder", "classification": "encoder"}.get(task)
+        if wanted is not None and wanted != self.model.kind:
+            _fail("model.kind", f"'{self.model.kind}' does not fit data task '{task}' ({self.data.dataset})",
+                  f"use model.kind: {wanted} for {task} data")
+
+    @property
+    def task(self) -> str:
+        task = self.data.task or known_task(self.data.dataset)
+        return task if task is not None else ("lm" if self.model.kind == "decoder" else "classification")
+
+
+def known_task(dataset: str) -> Optional[str]:
+    return {"tinyshakespeare": "lm", "sst2": "classification"}.get(dataset.lower())
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# --- building from plain data -------------------------------------------------------------------
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            _fail(path, f"expected a mapping of {tp.__name__} fields, got {value!r}", "write it as a YAML mapping")
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            _fail(path, f"{value!r} is not allowed", f"{hint}choose one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            _fail(path, f"expected a list of {len(args)} values, got {value!r}", f"write it as [{', '.join('...' for _ in args)}]")
+        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            _fail(path, f"expected true or false, got {value!r}", "write true or false")
+        return value
+    if tp in (int, float):
+        number = value
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            _fail(path, f"expected a number, got {value!r}", f"write a {tp.__name__}")
+        if tp is int:
+            if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
+                _fail(path, f"expected an integer, got {value!r}", "write a whole number")
+            return int(number)
+        return float(number)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(path, f"expected a string, got {value!r}", "quote the value")
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} at {path}")
+
+
+def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    """Build config dataclass ``cls`` from a mapping, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            _fail(where, "unknown key", f"{hint}valid keys here are {names}")
+    kwargs = {
+        name: _convert(hints[name], data[name], f"{path}.{name}" if path else name) for name in names if name in data
+    }
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-data form of a config (tuples as lists), suitable for YAML or JSON."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+# --- files and overrides ------------------------------------------------------------------------
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply ``a.b.c=value`` to nested ``data`` in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value; fix: write e.g. --set train.lr=1e-3")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty key segment; fix: write a dotted path such as model.moe.num_experts")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section; fix: check the key path")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The YAML configs that ship with the package, by name."""
+    from importlib import resources
+
+    try:
+        root = resources.files("dynamoe_configs")
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parent.parent / "configs"
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    close = difflib.get_close_matches(name_or_path, list(shipped), n=1)
+    hint = f" did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(
+        f"config '{name_or_path}' is neither a file nor a shipped config;{hint} fix: pass a YAML path or one of {sorted(shipped)}"
+    )
+
+
+def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a run config from YAML (a path or a shipped config's name), apply overrides, validate."""
+    path = resolve_config_path(str(name_or_path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err}); fix: correct the file's syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections; fix: start with 'model:', 'data:', ...")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    data.setdefault("train", {})
+    if isinstance(data["train"], dict) and data["train"].get("name") is None:
+        data["train"]["name"] = path.stem
+    return from_dict(RunConfig, data)

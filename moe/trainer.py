@@ -1,0 +1,375 @@
+"""The trainer: one loop on the DeepSpeed engine for every model and task.
+
+DeepSpeed is imported here and nowhere else in ``moe/``, lazily, after the accelerator is chosen
+(``DS_ACCELERATOR=cpu`` when no GPU is present; gloo on CPU). ``moe train`` runs one process;
+under a standard launcher (torchrun, deepspeed) each process runs this same loop.
+
+Reproducibility: the batch and the random state of every step are functions of (seed, step), the
+learning rate is a function of the step, and checkpoints hold the exact optimizer state, so a
+resumed run continues with the losses the uninterrupted run would have had.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from moe import checkpoint as ckpt
+from moe.config import ConfigError, RunConfig, to_dict
+from moe.data import build_data
+from moe.metrics import MetricsWriter
+from moe.stats import format_balance_table, layer_balance, moe_layers, reset_stats
+from moe.transformer import build_model
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    wall_s: float
+    train_losses: dict[int, float]  # step -> task loss (mean over the step's micro-batches)
+    final_eval: dict
+    balance: list = field(default_factory=list)
+    baseline_loss: float | None = None  # LM: validation loss of a unigram model
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str):
+    """Prepare the environment DeepSpeed expects, then import it and start the process group."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return deepspeed
+
+
+def _code_version() -> str:
+    try:
+        repo = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve_run_dir(cfg: RunConfig, override: str | None) -> Path:
+    return Path(override or cfg.train.run_dir.format(name=cfg.train.name or "run"))
+
+
+def _fill_from_data(cfg: RunConfig, data) -> RunConfig:
+    model = cfg.model
+    if model.vocab_size is None:
+        model = dataclasses.replace(model, vocab_size=data.vocab_size)
+    elif model.vocab_size < data.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {model.vocab_size} is smaller than the tokenizer's vocabulary ({data.vocab_size}); "
+            "fix: remove model.vocab_size to take it from the data"
+        )
+    if cfg.task == "classification" and model.num_classes is None:
+        model = dataclasses.replace(model, num_classes=data.num_classes)
+    return dataclasses.replace(cfg, model=model)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Matrices (and stacked expert matrices) decay; norms, biases and embeddings do not.
+        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, *, run_dir: str | None = None, resume: str | None = None, progress: bool = True):
+        self._check_supported(cfg)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.deepspeed = init_distributed(cfg.parallel.backend)
+        self.rank = torch.distributed.get_rank()
+        self.world = torch.distributed.get_world_size()
+        self._check_world(cfg)
+        self.data = build_data(cfg.data, cfg.task)
+        self.cfg = _fill_from_data(cfg, self.data)
+        self.run_dir = resolve_run_dir(self.cfg, run_dir)
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
+        torch.manual_seed(self.cfg.train.seed)
+        self.model = build_model(self.cfg.model)
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, self.cfg.train.weight_decay), lr=self.cfg.train.lr, betas=self.cfg.train.betas
+        )
+        t = self.cfg.train
+        ds_config = {
+            "train_micro_batch_size_per_gpu": t.batch_size,
+            "gradient_accumulation_steps": t.grad_accum,
+            "gradient_clipping": t.grad_clip,
+            "zero_optimization": {"stage": self.cfg.parallel.zero_stage},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, _, _, _ = self.deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=ds_config)
+        self.param_names = {id(p): n for n, p in self.model.named_parameters()}
+        self.start_step = 0
+        if resume is not None:
+            self._resume(Path(resume))
+        elif self.is_main:
+            self._prepare_run_dir()
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_supported(cfg: RunConfig) -> None:
+        if cfg.parallel.zero_stage != 0:
+            raise ConfigError(
+                f"parallel.zero_stage: stage {cfg.parallel.zero_stage} shards optimizer state over data-parallel "
+                "processes, which this trainer's checkpoints do not handle yet; fix: set parallel.zero_stage=0"
+            )
+
+    def _check_world(self, cfg: RunConfig) -> None:
+        if cfg.parallel.ep_size > 1:
+            raise ConfigError(
+                f"parallel.ep_size: expert parallelism over {cfg.parallel.ep_size} processes is not available in this "
+                f"version (world size {self.world}); fix: set parallel.ep_size=1 (experts replicated on every process)"
+            )
+
+    def _prepare_run_dir(self) -> None:
+        if (self.run_dir / "checkpoints").exists() and ckpt.list_checkpoints(self.run_dir):
+            raise ConfigError(
+                f"train.run_dir: '{self.run_dir}' already holds checkpoints of another run; "
+                "fix: pass --resume to continue it, --run-dir for a new folder, or delete it"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        meta = {
+            "code_version": _code_version(),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "deepspeed": self.deepspeed.__version__,
+            "host": platform.node(),
+            "world_size": self.world,
+            "argv": sys.argv,
+        }
+        (self.run_dir / "run.json").write_text(json.dumps(meta, indent=2))
+
+    def _resume(self, path: Path) -> None:
+        folder = ckpt.resolve_resume(path)
+        model_state, optim, state = ckpt.load_checkpoint(folder)
+        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
+        if missing or unexpected:
+            raise ckpt.CheckpointError(
+                f"checkpoint '{folder}' does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
+                "fix: resume with the config the checkpoint was trained with"
+            )
+        ckpt.load_optimizer_tensors(self.optimizer, self.param_names, optim, state["optimizer_groups"])
+        self.start_step = state["step"]
+        self.run_dir = folder.parent.parent  # continue in the run folder the checkpoint belongs to
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(self.run_dir, self.start_step)
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _micro_batch(self, step: int, micro: int) -> dict:
+        t = self.cfg.train
+        return self.data.train_batch(t.seed, step * t.grad_accum + micro, t.batch_size, self.rank, self.world)
+
+    @staticmethod
+    def _tokens(batch: dict) -> int:
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+    def train_step(self, step: int) -> dict:
+        t = self.cfg.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, t)
+        torch.manual_seed(_step_seed(t.seed, step, self.rank))  # dropout and jitter depend on the step only
+        self.engine.train()
+        loss_sum = aux_sum = 0.0
+        tokens = 0
+        for micro in range(t.grad_accum):
+            batch = self._micro_batch(step, micro)
+            out = self.engine(**batch)
+            self.engine.backward(out.total_loss)
+            self.engine.step()
+            loss_sum += out.loss.item()
+            aux_sum += out.aux_loss.item() if out.aux_loss is not None else 0.0
+            tokens += self._tokens(batch)
+        reduce = self._all_reduce_sum if self.world > 1 else None
+        for layer in moe_layers(self.model):
+            layer.router.update_bias(reduce)
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": loss_sum / t.grad_accum,
+            "aux_loss": aux_sum / t.grad_accum,
+            "lr": lr_at(step, t),
+            "tokens": tokens * self.world,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        }
+
+    @staticmethod
+    def _all_reduce_sum(t: torch.Tensor) -> None:
+        torch.distributed.all_reduce(t)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        t = self.cfg.train
+        loss_sum, correct, count = 0.0, 0, 0
+        for batch in self.data.eval_batches(t.eval_batches, t.batch_size, self.rank, self.world):
+            out = self.engine(**batch)
+            n = batch["labels"].shape[0]
+            loss_sum += float(out.loss) * n
+            count += n
+            if self.cfg.task == "classification":
+                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        totals = torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64)
+        if self.world > 1:
+            torch.distributed.all_reduce(totals)
+        result = {"loss": float(totals[0] / totals[2])}
+        if self.cfg.task == "classification":
+            result["accuracy"] = float(totals[1] / totals[2])
+        return result
+
+    def save(self, step: int) -> Path | None:
+        if not self.is_main:
+            return None
+        tensors, groups = ckpt.optimizer_tensors(self.optimizer, self.param_names)
+        state = {"step": step, "optimizer_groups": groups, "seed": self.cfg.train.seed, "world_size": self.world}
+        folder = ckpt.save_checkpoint(
+            self.run_dir / "checkpoints" / f"step_{step:08d}",
+            model_state=self.model.state_dict(),
+            optim_tensors=tensors,
+            trainer_state=state,
+        )
+        ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        return folder
+
+    def fit(self) -> TrainResult:
+        t = self.cfg.train
+        losses: dict[int, float] = {}
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
+        started = time.perf_counter()
+        window_tokens, window_start = 0, time.perf_counter()
+        last_eval: dict = {}
+        for step in range(self.start_step, t.steps):
+            row = self.train_step(step)
+            losses[step] = row["loss"]
+            window_tokens += row.pop("tokens")
+            done = step + 1
+            if done % t.log_every == 0 or done == t.steps:
+                elapsed = time.perf_counter() - window_start
+                row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
+                row.update(_moe_log_fields(self.model))
+                self.metrics.write(done, "train", row)
+                window_tokens, window_start = 0, time.perf_counter()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+                last_eval = self.evaluate()
+                self.metrics.write(done, "eval", last_eval)
+                if bar is not None:
+                    bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in last_eval.items()))
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+                self.save(done)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        wall = time.perf_counter() - started
+        # Final evaluation doubles as the load-balance pass: statistics of exactly this pass.
+        reset_stats(self.model)
+        final = self.evaluate()
+        balance = layer_balance(self.model)
+        self.metrics.write(t.steps, "eval", final)
+        self.save(t.steps)
+        baseline = self.data.unigram_loss() if self.cfg.task == "lm" else None
+        if self.is_main:
+            summary = {"final_eval": final, "train_wall_s": wall, "steps": t.steps, "unigram_baseline_loss": baseline,
+                       "load_balance": [b.as_dict() for b in balance]}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.metrics.close()
+        return TrainResult(self.run_dir, t.steps, wall, losses, final, balance, baseline)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 9_973 + rank) % (2**63 - 1)
+
+
+def _moe_log_fields(model: torch.nn.Module) -> dict:
+    """Per-layer load since the last log, then reset: max/mean load and dropped assignments."""
+    fields = {}
+    for i, row in enumerate(layer_balance(model)):
+        fields[f"moe{i}_max_over_mean"] = row.max_over_mean
+        fields[f"moe{i}_dropped_fraction"] = row.dropped_fraction
+        fields[f"moe{i}_counts"] = row.counts
+    reset_stats(model)
+    return fields
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Forget metrics logged after ``step``: the resumed run logs them again."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(cfg: RunConfig, *, run_dir: str | None = None, resume: str | None = None, progress: bool = True) -> TrainResult:
+    """Train ``cfg`` to completion (or continue from ``resume``) and return the summary."""
+    trainer = Trainer(cfg, run_dir=run_dir, resume=resume, progress=progress)
+    result = trainer.fit()
+    if trainer.is_main and progress:
+        print(format_summary(trainer.cfg, result))
+    return result
+
+
+def format_summary(cfg: RunConfig, result: TrainResult) -> str:
+    lines = [f"run folder: {result.run_dir}", f"trained {result.steps} steps in {result.wall_s:.1f} s"]
+    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final_eval.items())
+    lines.append(f"final validation: {metrics}")
+    if result.baseline_loss is not None:
+        lines.append(f"unigram baseline validation loss: {result.baseline_loss:.4f}")
+    lines.append("")
+    lines.append("load balance per MoE layer (final validation pass):")
+    lines.append(format_balance_table(result.balance))
+    return "\n".join(lines)
