@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script (python evals/...): make the re
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moe.config import MoEConfig, RouterConfig
+from moe.cpu_runtime import keep_large_allocations
 from moe.layer import MoELayer
 
 FLOP_NOTE = (
@@ -136,12 +137,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balanced", action="store_true", help="craft inputs so every expert gets exactly T*k/E tokens")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's mmap threshold alone (default: raise it for both layers, as `moe train` does)")
     p.add_argument("--json", default="runs/bench/moe_layer_cpu.json")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    malloc_tuned = False if args.default_malloc else keep_large_allocations()
     deepspeed = _init_deepspeed()
     torch.set_num_threads(args.threads)  # after DeepSpeed's import, which may change the thread count
     torch.manual_seed(args.seed)
@@ -226,6 +230,8 @@ def main(argv=None) -> dict:
     print("DeepSpeed experts: nn.Linear(bias=False) so FLOPs match ours (bias-free); same weights copied in; "
           "top2_2nd_expert_sampling=False. dropped = fraction of the T*k assignments over capacity "
           "(DeepSpeed: sum(max(0, exp_counts - C)), C = ceil(T/E * cf * k)).")
+    print("glibc mmap threshold raised for both layers (moe.cpu_runtime)" if malloc_tuned
+          else "glibc allocator left at its defaults (--default-malloc)")
     print(f"dynamoe dropless is {vs_dropless:.2f}x faster than DeepSpeed dropless "
           f"and {vs_capacity:.2f}x vs DeepSpeed capacity {cf:g} (ratios of medians; below 1 means slower)")
 
@@ -233,7 +239,8 @@ def main(argv=None) -> dict:
         "benchmark": "moe_layer_fwd_bwd_cpu",
         "config": {"tokens": T, "d_model": d, "d_ff": f, "experts": E, "top_k": k, "capacity_factor": cf,
                    "iters": args.iters, "warmup": args.warmup, "threads": args.threads, "seed": args.seed,
-                   "balanced": args.balanced, "activation": "gelu", "dtype": "float32"},
+                   "balanced": args.balanced, "activation": "gelu", "dtype": "float32",
+                   "malloc_tuned": malloc_tuned},
         "hardware": {**hardware, "deepspeed": deepspeed.__version__},
         "flops": {**flops, "note": FLOP_NOTE},
         "rows": rows,

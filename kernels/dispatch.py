@@ -42,6 +42,70 @@ def row_map_ref(experts: torch.Tensor, num_experts: int, num_rows: int | None = 
     return _dispatch_plan(experts, num_experts, num_rows)[0]
 
 
+class _GatherRows(torch.autograd.Function):
+    """x_sorted = x[token_of_row]; the backward sums each token's k copies by gathering through
+    row_map (every row has exactly one source), which avoids a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, token_of_row_N, row_map_Tk):
+        ctx.save_for_backward(row_map_Tk)
+        return x.index_select(0, token_of_row_N)
+
+    @staticmethod
+    def backward(ctx, grad_sorted_Nd):
+        (row_map_Tk,) = ctx.saved_tensors
+        return _sum_rows(grad_sorted_Nd, row_map_Tk, None), None, None
+
+
+class _CombineRows(torch.autograd.Function):
+    """y[t] = sum_j w[t, j] * y_sorted[row_map[t, j]] with dropped slots (row_map = -1) skipped."""
+
+    @staticmethod
+    def forward(ctx, y_sorted_Nf, row_map_Tk, weights_Tk):
+        ctx.save_for_backward(y_sorted_Nf, row_map_Tk, weights_Tk)
+        return _sum_rows(y_sorted_Nf, row_map_Tk, weights_Tk)
+
+    @staticmethod
+    def backward(ctx, grad_Tf):
+        y_sorted_Nf, row_map_Tk, weights_Tk = ctx.saved_tensors
+        acc = torch.promote_types(y_sorted_Nf.dtype, torch.float32)
+        kept_Tk = row_map_Tk >= 0
+        grad_y = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # Each sorted row came from one (token, slot): its gradient is that slot's weight times
+            # the token's output gradient. Written row by row through the inverse of row_map.
+            flat_map = row_map_Tk.reshape(-1)
+            assignment_of_row = torch.empty(y_sorted_Nf.shape[0], dtype=torch.long, device=flat_map.device)
+            kept_flat = kept_Tk.reshape(-1)
+            assignment_of_row[flat_map[kept_flat]] = torch.arange(flat_map.numel(), device=flat_map.device)[kept_flat]
+            k = row_map_Tk.shape[1]
+            w_of_row = weights_Tk.reshape(-1).to(acc).index_select(0, assignment_of_row)
+            g_of_row = grad_Tf.to(acc).index_select(0, assignment_of_row // k)
+            grad_y = (g_of_row * w_of_row.unsqueeze(-1)).to(y_sorted_Nf.dtype)
+        if ctx.needs_input_grad[2]:
+            rows_Tkf = _gather_slots(y_sorted_Nf, row_map_Tk).to(acc)
+            grad_w = torch.bmm(rows_Tkf, grad_Tf.to(acc).unsqueeze(-1)).squeeze(-1)  # (T, k)
+            grad_w = torch.where(kept_Tk, grad_w, torch.zeros_like(grad_w)).to(weights_Tk.dtype)
+        return grad_y, None, grad_w
+
+
+def _gather_slots(rows_Nf: torch.Tensor, row_map_Tk: torch.Tensor) -> torch.Tensor:
+    """rows_Nf[row_map] as [T, k, f]; dropped slots read row 0 (or zeros when there are no rows)."""
+    if rows_Nf.shape[0] == 0:
+        return rows_Nf.new_zeros(*row_map_Tk.shape, rows_Nf.shape[1])
+    return rows_Nf.index_select(0, row_map_Tk.clamp_min(0).reshape(-1)).view(*row_map_Tk.shape, rows_Nf.shape[1])
+
+
+def _sum_rows(rows_Nf: torch.Tensor, row_map_Tk: torch.Tensor, weights_Tk: torch.Tensor | None) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * rows[row_map[t, j]] (w = 1 when None), in fp32 or wider, dropped slots skipped."""
+    acc = torch.promote_types(rows_Nf.dtype, torch.float32)
+    kept_Tk = row_map_Tk >= 0
+    w_Tk = kept_Tk.to(acc) if weights_Tk is None else torch.where(kept_Tk, weights_Tk.to(acc), torch.zeros((), dtype=acc, device=rows_Nf.device))
+    rows_Tkf = _gather_slots(rows_Nf, row_map_Tk).to(acc)
+    out_Tf = torch.bmm(w_Tk.unsqueeze(1), rows_Tkf).squeeze(1)  # (T, 1, k) @ (T, k, f)
+    return out_Tf.to(rows_Nf.dtype)
+
+
 @register_impl("permute", REFERENCE)
 def permute_ref(
     x: torch.Tensor, experts: torch.Tensor, num_experts: int, num_rows: int | None = None
@@ -64,7 +128,7 @@ def permute_ref(
             f"experts {tuple(experts.shape)}"
         )
     row_map_Tk, token_of_row_N = _dispatch_plan(experts, num_experts, num_rows)
-    return x[token_of_row_N], row_map_Tk
+    return _GatherRows.apply(x, token_of_row_N, row_map_Tk), row_map_Tk
 
 
 @register_impl("unpermute", REFERENCE)
@@ -76,14 +140,7 @@ def unpermute_ref(y_sorted: torch.Tensor, row_map: torch.Tensor, weights: torch.
     """
     if row_map.shape != weights.shape:
         raise ValueError(f"unpermute: row_map {tuple(row_map.shape)} and weights {tuple(weights.shape)} must match")
-    kept_Tk = row_map >= 0
-    if y_sorted.shape[0] == 0:  # every assignment dropped: give the masked gather a (zero) row to read
-        y_sorted = torch.cat([y_sorted, y_sorted.new_zeros(1, *y_sorted.shape[1:])])
-    rows_Tkf = y_sorted[row_map.clamp_min(0)]  # (T, k, f)
-    acc = torch.promote_types(y_sorted.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
-    w_Tk = torch.where(kept_Tk, weights.to(acc), torch.zeros((), dtype=acc, device=weights.device))
-    y_Tf = (rows_Tkf.to(acc) * w_Tk.unsqueeze(-1)).sum(dim=1)
-    return y_Tf.to(y_sorted.dtype)
+    return _CombineRows.apply(y_sorted, row_map, weights)
 
 
 def permute(

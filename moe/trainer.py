@@ -28,6 +28,7 @@ import yaml
 
 from moe import checkpoint as ckpt
 from moe.config import ConfigError, RunConfig, to_dict
+from moe.cpu_runtime import keep_large_allocations
 from moe.data import build_data
 from moe.metrics import MetricsWriter
 from moe.stats import format_balance_table, layer_balance, moe_layers, reset_stats
@@ -118,6 +119,8 @@ class Trainer:
         self._check_supported(cfg)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if not torch.cuda.is_available():
+            keep_large_allocations()
         self.deepspeed = init_distributed(cfg.parallel.backend)
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()

@@ -1,0 +1,34 @@
+"""Process-level settings that make CPU training fast.
+
+glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh ``mmap`` pages and
+returns them to the OS on free, so every large activation tensor is page-faulted and zeroed by the
+kernel again on each step: an elementwise op on a [8192, 1024] fp32 tensor ran 6x slower for it
+here. Raising the thresholds keeps freed blocks in the heap for reuse, the effect that jemalloc or
+tcmalloc give CPU PyTorch jobs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_applied = False
+
+
+def keep_large_allocations(threshold_bytes: int = 1 << 30) -> bool:
+    """Raise glibc's mmap and trim thresholds to ``threshold_bytes``; False where glibc is absent."""
+    global _applied
+    if _applied:
+        return True
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): leave the allocator alone
+        return False
+    _applied = bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
+    return _applied
