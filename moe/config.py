@@ -358,13 +358,14 @@ def apply_override(data: dict, assignment: str) -> None:
 
 def shipped_configs() -> dict[str, Path]:
     """The YAML configs that ship with the package, by name."""
-    from importlib import resources
+    source_tree = Path(__file__).resolve().parent.parent / "configs"
+    if source_tree.is_dir():  # a checkout or an editable install
+        root = source_tree
+    else:
+        from importlib import resources
 
-    try:
-        root = resources.files("dynamoe_configs")
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parent.parent / "configs"
-    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
+        root = Path(str(resources.files("dynamoe_configs")))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
 
 
 def resolve_config_path(name_or_path: str) -> Path:

@@ -1,0 +1,1 @@
+"""The shipped YAML configs, installed as the data package `dynamoe_configs`."""
