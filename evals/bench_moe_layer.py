@@ -16,7 +16,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ if __package__ in (None, ""):  # run as a script (python evals/...): make the re
 
 from moe.config import MoEConfig, RouterConfig
 from moe.cpu_runtime import keep_large_allocations
+from moe.trainer import init_distributed
 from moe.layer import MoELayer
 
 FLOP_NOTE = (
@@ -46,23 +46,10 @@ def step_flops(T: int, d: int, f: int, E: int, k: int) -> dict:
     return {"expert_fwd": expert_fwd, "router_fwd": router_fwd, "total_fwd_bwd": 3 * (expert_fwd + router_fwd)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init_deepspeed():
-    """Import DeepSpeed for CPU and start a 1-process gloo group (its MoE layer needs torch.distributed)."""
-    os.environ["DS_ACCELERATOR"] = "cpu"  # must precede the import: DeepSpeed picks its accelerator then
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo")
-    return deepspeed
+    """DeepSpeed on CPU with a 1-process gloo group (its MoE layer needs torch.distributed)."""
+    os.environ["DS_ACCELERATOR"] = "cpu"  # this benchmark measures the CPU path even where a GPU exists
+    return init_distributed("gloo")
 
 
 def build_deepspeed(deepspeed, ours: MoELayer, args, capacity_factor: float | None) -> nn.Module:
