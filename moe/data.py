@@ -2,8 +2,9 @@
 
 Known names read a local copy when one is found (``data.path``, ``$DYNAMOE_DATA_DIR`` or the
 shared data folder beside the repository) and the Hugging Face hub otherwise; any other name is
-loaded from the hub with ``data.text_field`` / ``data.label_field``. Batches are a pure function
-of (seed, micro-batch index, rank), so a resumed run sees exactly the batches it would have seen.
+loaded from the hub with ``data.text_field`` / ``data.label_field``. A global batch is a pure
+function of (seed, micro-batch index) and each process takes its slice, so a resumed run sees
+exactly the batches it would have seen, and data parallelism sees what one process would.
 """
 
 from __future__ import annotations
@@ -146,9 +147,14 @@ class LMData:
         return {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}
 
     def train_batch(self, seed: int, index: int, batch_size: int, rank: int = 0, world: int = 1) -> dict:
-        """Micro-batch number ``index`` (step * grad_accum + micro) of process ``rank``."""
-        gen = torch.Generator().manual_seed(_mix(seed, index, rank))
-        return self._windows(self.train_ids, batch_size, gen)
+        """Process ``rank``'s share of global micro-batch ``index`` (step * grad_accum + micro).
+
+        The global batch (``world * batch_size`` windows) depends on (seed, index) only, so data
+        parallelism over any number of processes sees the same samples as one process would.
+        """
+        gen = torch.Generator().manual_seed(_mix(seed, index))
+        batch = self._windows(self.train_ids, world * batch_size, gen)
+        return {k: v[rank * batch_size : (rank + 1) * batch_size] for k, v in batch.items()}
 
     def eval_batches(self, num_batches: int, batch_size: int, rank: int = 0, world: int = 1):
         """The same validation windows at every evaluation; ranks take disjoint batches."""

@@ -74,7 +74,11 @@ class MoELayer(nn.Module):
         aux = MoEAux(routing.aux_loss, routing.z_loss, routing.counts.detach(), routing.dropped, entropy, num_tokens)
         return y_TD.reshape(shape), aux
 
+    def stat_buffers(self) -> tuple[torch.Tensor, ...]:
+        """The accumulated statistics, all sums, so they can be added across processes."""
+        return self.stat_counts, self.stat_dropped, self.stat_tokens, self.stat_entropy_sum
+
     @torch.no_grad()
     def reset_stats(self) -> None:
-        for buf in (self.stat_counts, self.stat_dropped, self.stat_tokens, self.stat_entropy_sum):
+        for buf in self.stat_buffers():
             buf.zero_()

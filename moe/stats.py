@@ -60,6 +60,13 @@ def reset_stats(model: nn.Module) -> None:
         layer.reset_stats()
 
 
+def reduce_stats(model: nn.Module, reduce) -> None:
+    """Sum every MoE layer's statistics over processes in place (``reduce`` e.g. an all-reduce)."""
+    for layer in moe_layers(model):
+        for buf in layer.stat_buffers():
+            reduce(buf)
+
+
 def format_balance_table(rows: list[LayerBalance]) -> str:
     if not rows:
         return "(no MoE layers)"

@@ -31,7 +31,7 @@ from moe.config import ConfigError, RunConfig, to_dict
 from moe.cpu_runtime import keep_large_allocations
 from moe.data import build_data
 from moe.metrics import MetricsWriter
-from moe.stats import format_balance_table, layer_balance, moe_layers, reset_stats
+from moe.stats import format_balance_table, layer_balance, moe_layers, reduce_stats, reset_stats
 from moe.transformer import build_model
 
 
@@ -229,6 +229,8 @@ class Trainer:
             batch = self._micro_batch(step, micro)
             out = self.engine(**batch)
             self.engine.backward(out.total_loss)
+            if micro == t.grad_accum - 1:  # gradients are complete (and reduced over ranks) only now
+                grad_norm = _grad_norm(self.model)
             self.engine.step()
             loss_sum += out.loss.item()
             aux_sum += out.aux_loss.item() if out.aux_loss is not None else 0.0
@@ -236,13 +238,16 @@ class Trainer:
         reduce = self._all_reduce_sum if self.world > 1 else None
         for layer in moe_layers(self.model):
             layer.router.update_bias(reduce)
-        grad_norm = self.engine.get_global_grad_norm()
+        if reduce is not None:  # report the global batch's loss: the mean of equal-sized shards
+            sums = torch.tensor([loss_sum, aux_sum], dtype=torch.float64)
+            reduce(sums)
+            loss_sum, aux_sum = (float(v) / self.world for v in sums)
         return {
             "loss": loss_sum / t.grad_accum,
             "aux_loss": aux_sum / t.grad_accum,
             "lr": lr_at(step, t),
             "tokens": tokens * self.world,
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "grad_norm": grad_norm,  # before clipping
         }
 
     @staticmethod
@@ -322,6 +327,8 @@ class Trainer:
         # Final evaluation doubles as the load-balance pass: statistics of exactly this pass.
         reset_stats(self.model)
         final = self.evaluate()
+        if self.world > 1:
+            reduce_stats(self.model, self._all_reduce_sum)
         balance = layer_balance(self.model)
         self.metrics.write(t.steps, "eval", final)
         self.save(t.steps)
@@ -332,6 +339,11 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.close()
         return TrainResult(self.run_dir, t.steps, wall, losses, final, balance, baseline)
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:

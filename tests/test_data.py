@@ -31,9 +31,10 @@ def test_lm_batches_shift_by_one_and_repeat_exactly(shakespeare):
     assert not torch.equal(b1["input_ids"], other["input_ids"])
     assert torch.equal(b1["input_ids"][:, 1:], b1["labels"][:, :-1])
     assert b1["input_ids"].shape == (4, 16)
-    rank0 = shakespeare.train_batch(3, 7, 4, rank=0, world=2)
-    rank1 = shakespeare.train_batch(3, 7, 4, rank=1, world=2)
-    assert not torch.equal(rank0["input_ids"], rank1["input_ids"])
+    # Two processes with half batches see exactly one process's full batch.
+    rank0 = shakespeare.train_batch(3, 7, 2, rank=0, world=2)
+    rank1 = shakespeare.train_batch(3, 7, 2, rank=1, world=2)
+    assert torch.equal(torch.cat([rank0["input_ids"], rank1["input_ids"]]), b1["input_ids"])
 
 
 def test_sst2_local_copy_through_datasets():
@@ -48,6 +49,8 @@ def test_sst2_local_copy_through_datasets():
     # Every training example is seen once per epoch, in a different order each epoch.
     epoch0 = torch.cat([d.train_batch(0, s, 50)["labels"] for s in range(10)])
     assert epoch0.sum() == d.train["labels"].sum()
+    halves = [d.train_batch(0, 3, 25, rank=r, world=2)["input_ids"] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), d.train_batch(0, 3, 50)["input_ids"])
     all_val = torch.cat([b["labels"] for b in d.eval_batches(None, 100)])
     assert torch.equal(all_val, d.val["labels"])
 
