@@ -42,7 +42,9 @@ class GroupedExperts(nn.Module):
 
     def __init__(self, num_experts: int, d_model: int, d_hidden: int, activation: str = "gelu", init_std: float = 0.02):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # global count; this module may hold a shard of them
+        self.first_expert = 0  # global id of the first expert held here
+        self.num_local = num_experts
         self.activation = activation
         width = 2 * d_hidden if activation == "swiglu" else d_hidden
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, width))  # SwiGLU: [gate | up]
@@ -54,6 +56,17 @@ class GroupedExperts(nn.Module):
         offsets = kernels.offsets_from_counts(counts_E)
         h_NF = kernels.grouped_mm(x_ND, self.w1_EDF.to(x_ND.dtype), offsets=offsets)
         return kernels.grouped_mm(_activate(h_NF, self.activation), self.w2_EFD.to(x_ND.dtype), offsets=offsets)
+
+    @torch.no_grad()
+    def shard(self, first: int, count: int) -> None:
+        """Keep only the global experts [first, first + count) (expert parallelism)."""
+        if first < 0 or count < 1 or first + count > self.num_local + self.first_expert:
+            raise ValueError(f"cannot keep experts [{first}, {first + count}) of [{self.first_expert}, "
+                             f"{self.first_expert + self.num_local})")
+        lo = first - self.first_expert
+        self.w1_EDF = nn.Parameter(self.w1_EDF[lo : lo + count].clone())
+        self.w2_EFD = nn.Parameter(self.w2_EFD[lo : lo + count].clone())
+        self.first_expert, self.num_local = first, count
 
     @torch.no_grad()
     def load_dense(self, expert: int, mlp: DenseMLP) -> None:

@@ -1,0 +1,152 @@
+"""Expert parallelism: experts sharded over a process group, tokens exchanged with all-to-all.
+
+Rank r of an expert-parallel group of size P owns the global experts [r * E/P, (r+1) * E/P).
+The dispatcher keeps the MoE layer's interface (``dispatch`` / ``combine``) and is the only code
+that communicates; parallelism is applied to a built single-device model from outside with
+:func:`shard_experts`, so model constructors never see a process group.
+
+One dispatch, per layer and step:
+    permute locally by global expert -> x_sorted [N, d]
+    all-to-all the per-expert counts [E] (so every rank knows what it will receive)
+    all-to-all the rows, uneven splits (rows for rank p are contiguous in x_sorted)
+    reorder received rows from (source, local expert) to (local expert, source) -> grouped GEMMs
+and ``combine`` runs the same steps backwards. Each all-to-all is an autograd function whose
+backward is the reverse exchange.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import kernels
+from moe.dispatcher import DispatchState
+from moe.layer import MoELayer
+from moe.router import Routing
+
+
+class _AllToAll(torch.autograd.Function):
+    """Uneven all-to-all of rows; the backward sends gradients back along the same routes."""
+
+    @staticmethod
+    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group):
+        ctx.splits = (output_splits, input_splits)
+        ctx.group = group
+        out = x.new_empty(sum(output_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        output_splits, input_splits = ctx.splits
+        return _AllToAll.apply(grad.contiguous(), input_splits, output_splits, ctx.group), None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+class _Permutation(torch.autograd.Function):
+    """y = x[order] for a permutation ``order``; the gradient is the inverse permutation."""
+
+    @staticmethod
+    def forward(ctx, x, order, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+@dataclass
+class ExpertParallelState(DispatchState):
+    send_splits: list[int]  # rows this rank sends to each rank of the group
+    recv_splits: list[int]  # rows this rank receives from each rank
+    order: torch.Tensor  # received rows -> (local expert, source) order
+    inverse: torch.Tensor
+
+
+@dataclass
+class TrafficCounter:
+    """Bytes this rank sent to other ranks through the token all-to-alls (both directions)."""
+
+    bytes_sent: int = 0
+
+    def reset(self) -> int:
+        sent, self.bytes_sent = self.bytes_sent, 0
+        return sent
+
+
+class AllToAllDispatcher:
+    """Dispatch over an expert-parallel group; the layer's experts are this rank's shard."""
+
+    def __init__(self, num_experts: int, group, traffic: TrafficCounter | None = None):
+        self.num_experts = num_experts
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
+        self.num_local = num_experts // self.ep_size
+        self.traffic = traffic
+
+    def _count_traffic(self, rows: torch.Tensor, splits: list[int]) -> None:
+        if self.traffic is not None:
+            remote_rows = sum(n for p, n in enumerate(splits) if p != self.ep_rank)
+            self.traffic.bytes_sent += remote_rows * rows.shape[1] * rows.element_size()
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing):
+        P, E_local = self.ep_size, self.num_local
+        x_sorted, row_map = kernels.permute(x_TD, routing.experts, self.num_experts, routing.num_rows)
+        counts_PE = routing.counts.view(P, E_local)
+        recv_counts = torch.empty_like(routing.counts)
+        dist.all_to_all_single(recv_counts, routing.counts.contiguous(), group=self.group)
+        recv_counts_PE = recv_counts.view(P, E_local)  # [source rank, my local expert]
+        # Uneven splits must be host integers: the one synchronisation expert parallelism needs.
+        send_splits = counts_PE.sum(1).tolist()
+        recv_splits = recv_counts_PE.sum(1).tolist()
+        self._count_traffic(x_sorted, send_splits)
+        x_recv = all_to_all(x_sorted, recv_splits, send_splits, self.group)
+        local_expert_of_row = torch.repeat_interleave(
+            torch.arange(E_local, device=x_TD.device).repeat(P), recv_counts.to(x_TD.device)
+        )
+        order = torch.argsort(local_expert_of_row, stable=True)  # (local expert, source) order
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        x_local = _Permutation.apply(x_recv, order, inverse)
+        state = ExpertParallelState(row_map, routing.weights, send_splits, recv_splits, order, inverse)
+        return x_local, recv_counts_PE.sum(0), state
+
+    def combine(self, y_local: torch.Tensor, state: ExpertParallelState) -> torch.Tensor:
+        y_recv = _Permutation.apply(y_local, state.inverse, state.order)
+        self._count_traffic(y_recv, state.recv_splits)
+        y_sorted = all_to_all(y_recv, state.send_splits, state.recv_splits, self.group)
+        return kernels.unpermute(y_sorted, state.row_map, state.weights)
+
+
+def expert_params_of(layer: MoELayer) -> list[nn.Parameter]:
+    return list(layer.experts.parameters())
+
+
+@torch.no_grad()
+def shard_experts(model: nn.Module, group, group_name: str, traffic: TrafficCounter | None = None) -> None:
+    """Keep only this rank's experts in every MoE layer of ``model`` and route through all-to-all.
+
+    Expert parameters are tagged the way DeepSpeed recognises MoE parameters (``allreduce =
+    False`` and ``group_name``), so their gradients are reduced over the expert-data-parallel group
+    only, and everything else over the whole data-parallel group.
+    """
+    ep_size, ep_rank = dist.get_world_size(group), dist.get_rank(group)
+    for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
+        experts = layer.experts
+        if experts.num_experts % ep_size:
+            raise ValueError(f"{experts.num_experts} experts cannot be split over {ep_size} ranks")
+        n = experts.num_experts // ep_size
+        experts.shard(first=ep_rank * n, count=n)
+        layer.dispatcher = AllToAllDispatcher(layer.num_experts, group, traffic)
+        for p in experts.parameters():
+            p.allreduce = False
+            p.group_name = group_name

@@ -1,0 +1,61 @@
+"""One spawn helper for multi-process tests: N gloo processes on this machine, with a deadline.
+
+A hang (a collective waiting for a peer that never comes) fails the test at the deadline instead
+of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn, kwargs: dict, results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        results.put((rank, "ok", fn(rank, world, **kwargs)))
+    except BaseException:  # report every failure, including assertion errors, to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_workers(fn, world: int, timeout: float = 120, **kwargs) -> list:
+    """Run ``fn(rank, world, **kwargs)`` in ``world`` processes; returns the results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, kwargs, results), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    out: dict[int, object] = {}
+    try:
+        for _ in range(world):
+            rank, status, value = results.get(timeout=timeout)
+            if status == "error":
+                raise AssertionError(f"rank {rank} failed:\n{value}")
+            out[rank] = value
+    except mp.queues.Empty:
+        raise AssertionError(f"workers did not finish within {timeout} s (a hang?); finished: {sorted(out)}") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(world)]
