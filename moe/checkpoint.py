@@ -41,42 +41,6 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[dict, list]:
-    """Flatten an optimizer's state to {"<state key>/<param name>": tensor} and JSON param groups.
-
-    ``names`` maps id(param) to its parameter name, so the state no longer depends on the order
-    in which parameters were handed to the optimizer.
-    """
-    tensors, groups = {}, []
-    for group in optimizer.param_groups:
-        hyper = {k: v for k, v in group.items() if k != "params"}
-        hyper = {k: list(v) if isinstance(v, tuple) else v for k, v in hyper.items()}
-        groups.append({"params": [names[id(p)] for p in group["params"]], **hyper})
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                t = value if torch.is_tensor(value) else torch.tensor(value)
-                tensors[f"{key}/{names[id(p)]}"] = t.detach().cpu().contiguous()
-    return tensors, groups
-
-
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str], tensors: dict, groups: list) -> None:
-    if len(groups) != len(optimizer.param_groups):
-        raise CheckpointError(
-            f"optimizer has {len(optimizer.param_groups)} parameter groups but the checkpoint has {len(groups)}; "
-            "fix: resume with the same model and optimizer configuration"
-        )
-    for group, saved in zip(optimizer.param_groups, groups):
-        for key, value in saved.items():
-            if key != "params":
-                group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
-        for p in group["params"]:
-            name = names[id(p)]
-            state = {key.split("/", 1)[0]: t for key, t in tensors.items() if key.split("/", 1)[1] == name}
-            if not state:
-                continue
-            optimizer.state[p] = {k: v.to(p.device) if v.dim() else v.clone() for k, v in state.items()}
-
-
 def save_checkpoint(folder: Path, *, model_state: dict, optim_tensors: dict, trainer_state: dict) -> Path:
     """Write a complete checkpoint into ``folder`` (replaced if it exists); returns the folder."""
     folder = Path(folder)

@@ -127,8 +127,8 @@ class AllToAllDispatcher:
         return kernels.unpermute(y_sorted, state.row_map, state.weights)
 
 
-def expert_params_of(layer: MoELayer) -> list[nn.Parameter]:
-    return list(layer.experts.parameters())
+def is_expert_param(p: nn.Parameter) -> bool:
+    return getattr(p, "allreduce", True) is False
 
 
 @torch.no_grad()
@@ -146,7 +146,8 @@ def shard_experts(model: nn.Module, group, group_name: str, traffic: TrafficCoun
             raise ValueError(f"{experts.num_experts} experts cannot be split over {ep_size} ranks")
         n = experts.num_experts // ep_size
         experts.shard(first=ep_rank * n, count=n)
-        layer.dispatcher = AllToAllDispatcher(layer.num_experts, group, traffic)
+        if ep_size > 1:
+            layer.dispatcher = AllToAllDispatcher(layer.num_experts, group, traffic)
         for p in experts.parameters():
             p.allreduce = False
             p.group_name = group_name

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,9 @@ from moe import checkpoint as ckpt
 from moe.config import ConfigError, RunConfig, to_dict
 from moe.cpu_runtime import keep_large_allocations
 from moe.data import build_data
+from moe.expert_parallel import TrafficCounter, is_expert_param, shard_experts
+from moe.layer import MoELayer
+from moe.train_state import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from moe.metrics import MetricsWriter
 from moe.stats import format_balance_table, layer_balance, moe_layers, reduce_stats, reset_stats
 from moe.transformer import build_model
@@ -104,19 +108,46 @@ def _fill_from_data(cfg: RunConfig, data) -> RunConfig:
     return dataclasses.replace(cfg, model=model)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
-    decay, no_decay = [], []
+def _param_groups(model: torch.nn.Module, weight_decay: float, expert_group: str | None):
+    """AdamW groups: matrices decay; norms, biases and embeddings do not. Expert parameters form a
+    group of their own, marked the way DeepSpeed's ZeRO expects (``moe``, ``name``), so ZeRO
+    partitions them over the expert-data-parallel group."""
+    decay, no_decay, experts = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # Matrices (and stacked expert matrices) decay; norms, biases and embeddings do not.
-        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if expert_group is not None and is_expert_param(p):
+            experts.append(p)
+        elif p.dim() >= 2 and "emb" not in name:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if experts:
+        groups.append({"params": experts, "weight_decay": weight_decay, "moe": True, "name": expert_group})
+    return groups
+
+
+@contextmanager
+def _deepspeed_recognises(layer_cls):
+    """Let DeepSpeed's engine treat ``layer_cls`` modules as its MoE layers while it is built.
+
+    The engine switches on its expert-parallel machinery (expert-data-parallel gradient
+    reduction and broadcast, MoE-aware ZeRO partitioning) only when it finds an instance of its
+    own ``MoE`` class; it reads nothing from the module but ``num_experts``.
+    """
+    import deepspeed.runtime.engine as engine_module
+
+    original = engine_module.MoE
+    engine_module.MoE = (original, layer_cls)
+    try:
+        yield
+    finally:
+        engine_module.MoE = original
 
 
 class Trainer:
     def __init__(self, cfg: RunConfig, *, run_dir: str | None = None, resume: str | None = None, progress: bool = True):
-        self._check_supported(cfg)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         if not torch.cuda.is_available():
@@ -130,10 +161,13 @@ class Trainer:
         self.run_dir = resolve_run_dir(self.cfg, run_dir)
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
-        torch.manual_seed(self.cfg.train.seed)
+        torch.manual_seed(self.cfg.train.seed)  # every rank builds the same global model, then keeps its shard
         self.model = build_model(self.cfg.model)
+        self.traffic = TrafficCounter()
+        self.ep_group, expert_group = self._shard_experts()
         self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, self.cfg.train.weight_decay), lr=self.cfg.train.lr, betas=self.cfg.train.betas
+            _param_groups(self.model, self.cfg.train.weight_decay, expert_group), lr=self.cfg.train.lr,
+            betas=self.cfg.train.betas,
         )
         t = self.cfg.train
         ds_config = {
@@ -144,8 +178,10 @@ class Trainer:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
-        self.engine, _, _, _ = self.deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=ds_config)
-        self.param_names = {id(p): n for n, p in self.model.named_parameters()}
+        if self.cfg.parallel.zero_stage == 2:
+            ds_config["zero_optimization"]["contiguous_gradients"] = True  # required by ZeRO-2 with MoE
+        with _deepspeed_recognises(MoELayer):
+            self.engine, _, _, _ = self.deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=ds_config)
         self.start_step = 0
         if resume is not None:
             self._resume(Path(resume))
@@ -155,20 +191,28 @@ class Trainer:
 
     # --- set-up -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_supported(cfg: RunConfig) -> None:
-        if cfg.parallel.zero_stage != 0:
+    def _check_world(self, cfg: RunConfig) -> None:
+        if self.world % cfg.parallel.ep_size:
             raise ConfigError(
-                f"parallel.zero_stage: stage {cfg.parallel.zero_stage} shards optimizer state over data-parallel "
-                "processes, which this trainer's checkpoints do not handle yet; fix: set parallel.zero_stage=0"
+                f"parallel.ep_size: {cfg.parallel.ep_size} does not divide the number of processes ({self.world}); "
+                f"fix: launch a multiple of {cfg.parallel.ep_size} processes (e.g. torchrun --nproc_per_node "
+                f"{cfg.parallel.ep_size}) or lower parallel.ep_size"
             )
 
-    def _check_world(self, cfg: RunConfig) -> None:
-        if cfg.parallel.ep_size > 1:
-            raise ConfigError(
-                f"parallel.ep_size: expert parallelism over {cfg.parallel.ep_size} processes is not available in this "
-                f"version (world size {self.world}); fix: set parallel.ep_size=1 (experts replicated on every process)"
-            )
+    def _shard_experts(self):
+        """Create DeepSpeed's expert-parallel and expert-data-parallel groups and keep this rank's
+        experts; returns (expert-parallel group, DeepSpeed group name), or (None, None) without MoE."""
+        if not any(isinstance(m, MoELayer) for m in self.model.modules()):
+            return None, None
+        from deepspeed.utils import groups
+
+        ep_size = self.cfg.parallel.ep_size
+        name = f"ep_size_{ep_size}"
+        if name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(ep_size)
+        ep_group = groups._get_expert_parallel_group(name)
+        shard_experts(self.model, ep_group, name, self.traffic)
+        return ep_group, name
 
     def _prepare_run_dir(self) -> None:
         if (self.run_dir / "checkpoints").exists() and ckpt.list_checkpoints(self.run_dir):
@@ -193,13 +237,16 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         folder = ckpt.resolve_resume(path)
         model_state, optim, state = ckpt.load_checkpoint(folder)
-        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
+        try:
+            missing, unexpected = load_full_model_state(self.model, model_state)
+        except RuntimeError as err:  # shape mismatches
+            missing, unexpected = [str(err).splitlines()[0]], []
         if missing or unexpected:
             raise ckpt.CheckpointError(
                 f"checkpoint '{folder}' does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
                 "fix: resume with the config the checkpoint was trained with"
             )
-        ckpt.load_optimizer_tensors(self.optimizer, self.param_names, optim, state["optimizer_groups"])
+        load_full_optimizer_state(self.engine.optimizer, self.model, optim, state["optimizer_groups"])
         self.start_step = state["step"]
         self.run_dir = folder.parent.parent  # continue in the run folder the checkpoint belongs to
         if self.is_main:
@@ -275,17 +322,22 @@ class Trainer:
         return result
 
     def save(self, step: int) -> Path | None:
-        if not self.is_main:
-            return None
-        tensors, groups = ckpt.optimizer_tensors(self.optimizer, self.param_names)
-        state = {"step": step, "optimizer_groups": groups, "seed": self.cfg.train.seed, "world_size": self.world}
-        folder = ckpt.save_checkpoint(
-            self.run_dir / "checkpoints" / f"step_{step:08d}",
-            model_state=self.model.state_dict(),
-            optim_tensors=tensors,
-            trainer_state=state,
-        )
-        ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        """Write a checkpoint of the whole (unsharded) model and optimizer; collective, rank 0 writes."""
+        model_state = full_model_state(self.model, self.ep_group)
+        tensors, groups = full_optimizer_state(self.engine.optimizer, self.model, self.ep_group)
+        folder = None
+        if self.is_main:
+            state = {"step": step, "optimizer_groups": groups, "seed": self.cfg.train.seed, "world_size": self.world,
+                     "ep_size": self.cfg.parallel.ep_size, "zero_stage": self.cfg.parallel.zero_stage}
+            folder = ckpt.save_checkpoint(
+                self.run_dir / "checkpoints" / f"step_{step:08d}",
+                model_state=model_state,
+                optim_tensors=tensors,
+                trainer_state=state,
+            )
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        if self.world > 1:
+            torch.distributed.barrier()  # the checkpoint is committed before any rank goes on
         return folder
 
     def fit(self) -> TrainResult:

@@ -13,6 +13,15 @@ import traceback
 from datetime import timedelta
 
 
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def clean_env() -> dict:
+    """This process's environment without the rendezvous variables that an in-process training
+    test may have set: a child process must not try to join (or bind) this process's group."""
+    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,11 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dist_helper import clean_env
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run_moe(*args, cwd=REPO, timeout=300):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    env = {**clean_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

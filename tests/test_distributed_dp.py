@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dist_helper import clean_env
+
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -14,7 +16,7 @@ pytestmark = pytest.mark.distributed
 
 
 def train_losses(run_dir: Path, nproc: int, batch_size: int) -> dict[int, float]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**clean_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "launch.cli", "train", "debug_tiny", "--quiet", "--run-dir", str(run_dir),
            "--set", f"train.batch_size={batch_size}", "--set", "train.log_every=1", "--set", "train.steps=6",

@@ -118,11 +118,18 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert all(a >= b for a, b in zip(lrs[cfg.warmup_steps :], lrs[cfg.warmup_steps + 1 :]))
 
 
-def test_unsupported_parallel_settings_fail_clearly(tmp_path):
-    with pytest.raises(ConfigError, match="parallel.ep_size"):
+def test_expert_parallel_size_must_divide_the_processes(tmp_path):
+    with pytest.raises(ConfigError, match="parallel.ep_size: 2 does not divide the number of processes"):
         train(load_config("debug_tiny", ["parallel.ep_size=2"]), run_dir=str(tmp_path / "a"), progress=False)
-    with pytest.raises(ConfigError, match="parallel.zero_stage"):
-        train(load_config("debug_tiny", ["parallel.zero_stage=1"]), run_dir=str(tmp_path / "b"), progress=False)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_stages_train_and_resume_exactly(tmp_path, stage):
+    cfg = load_config("debug_tiny", TINY + ["train.steps=6", "train.checkpoint_every=3", f"parallel.zero_stage={stage}"])
+    full = train(cfg, run_dir=str(tmp_path / "full"), progress=False)
+    resumed = train(cfg, resume=str(tmp_path / "full" / "checkpoints" / "step_00000003"), progress=False)
+    for step in (3, 4, 5):
+        assert resumed.train_losses[step] == pytest.approx(full.train_losses[step], abs=1e-6)
 
 
 def test_encoder_classifier_trains_on_sst2(tmp_path):

@@ -1,0 +1,171 @@
+"""Whole-model training state, independent of how experts and optimizer state are partitioned.
+
+A checkpoint holds every tensor in its global (unsharded) form: experts 0..E-1 stacked, and the
+optimizer moments of every parameter at full size. Saving gathers expert shards over the
+expert-parallel group (and, under ZeRO, optimizer partitions through DeepSpeed's fragment API);
+loading takes this rank's slice. So a checkpoint written with one expert-parallel size or ZeRO
+stage loads into any other.
+
+Every function here is collective: all ranks call it, in the same order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe.experts import GroupedExperts
+
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def expert_shards(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{parameter name: (first global expert, experts held)} for every expert parameter."""
+    shards = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, GroupedExperts):
+            for name, _ in module.named_parameters(recurse=False):
+                shards[f"{prefix}.{name}" if prefix else name] = (module.first_expert, module.num_local)
+    return shards
+
+
+def _gather_experts(t: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate the expert shards of ``t`` (dim 0) across the expert-parallel group, in rank order."""
+    if group is None or dist.get_world_size(group) == 1:
+        return t
+    pieces = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, t.contiguous(), group=group)
+    return torch.cat(pieces)
+
+
+def _local(full: torch.Tensor, name: str, shards: dict) -> torch.Tensor:
+    if name not in shards:
+        return full
+    first, count = shards[name]
+    return full[first : first + count]
+
+
+def full_model_state(model: nn.Module, ep_group) -> dict[str, torch.Tensor]:
+    shards = expert_shards(model)
+    state = {}
+    for name, t in model.state_dict().items():
+        state[name] = _gather_experts(t, ep_group) if name in shards else t
+    return state
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list, list]:
+    """Load global tensors, keeping this rank's experts; returns (missing, unexpected) keys."""
+    shards = expert_shards(model)
+    own = model.state_dict()
+    local = {}
+    for name, t in state.items():
+        if name in shards and name in own and t.shape[0] != own[name].shape[0] and t.shape[0] % own[name].shape[0] == 0:
+            t = _local(t, name, shards)
+        local[name] = t
+    result = model.load_state_dict(local, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def _is_zero(optimizer) -> bool:
+    return hasattr(optimizer, "single_partition_of_fp32_groups")
+
+
+def full_optimizer_state(optimizer, model: nn.Module, ep_group) -> tuple[dict, list]:
+    """Optimizer state as {"<key>/<parameter name>": global tensor} and JSON parameter groups.
+
+    ``optimizer`` is the engine's optimizer: a torch optimizer (ZeRO 0) or DeepSpeed's ZeRO 1/2
+    optimizer, whose partitions are assembled with DeepSpeed's fragment API.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    shards = expert_shards(model)
+    tensors: dict[str, torch.Tensor] = {}
+    if _is_zero(optimizer):
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        base = optimizer.optimizer
+        steps = [s["step"] for s in base.state.values() if "step" in s]
+        if steps:
+            _relink_fragments(optimizer)
+        step = torch.as_tensor(steps[0] if steps else 0.0, dtype=torch.float32)
+        for name, p in model.named_parameters():
+            for key in ADAM_MOMENTS:
+                value = safe_get_full_optimizer_state(p, key)
+                if value is not None:
+                    tensors[f"{key}/{name}"] = _gather_experts(value, ep_group if name in shards else None)
+            if steps:
+                tensors[f"step/{name}"] = step.clone()
+        groups_source = list(zip(base.param_groups, optimizer.bit16_groups))  # flat partitions -> model params
+    else:
+        for name, p in model.named_parameters():
+            for key, value in optimizer.state.get(p, {}).items():
+                t = value if torch.is_tensor(value) else torch.tensor(value)
+                if t.dim() and name in shards:
+                    t = _gather_experts(t, ep_group)
+                tensors[f"{key}/{name}"] = t.detach().cpu().contiguous()
+        groups_source = [(g, g["params"]) for g in optimizer.param_groups]
+    groups = []
+    for group, params in groups_source:
+        hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+        groups.append({"params": [names[id(p)] for p in params if id(p) in names], **hyper})
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, groups
+
+
+_GROUP_KEYS_NOT_RESTORED = ("params", "moe", "name")  # layout, not hyperparameters: set by this run
+
+
+def load_full_optimizer_state(optimizer, model: nn.Module, tensors: dict, groups: list) -> None:
+    """Restore state saved by :func:`full_optimizer_state` into this run's (possibly sharded) optimizer."""
+    from moe.checkpoint import CheckpointError
+
+    param_groups = optimizer.param_groups
+    if len(groups) != len(param_groups):
+        raise CheckpointError(
+            f"optimizer has {len(param_groups)} parameter groups but the checkpoint has {len(groups)}; "
+            "fix: resume with the same model and optimizer configuration"
+        )
+    for group, saved in zip(param_groups, groups):
+        for key, value in saved.items():
+            if key not in _GROUP_KEYS_NOT_RESTORED:
+                group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+    shards = expert_shards(model)
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        state_key, name = key.split("/", 1)
+        by_param.setdefault(name, {})[state_key] = t
+    if _is_zero(optimizer):
+        _load_zero_state(optimizer, model, by_param, shards)
+        return
+    for name, p in model.named_parameters():
+        state = by_param.get(name)
+        if state:
+            optimizer.state[p] = {k: (_local(v, name, shards).to(p.device).clone() if v.dim() else v.clone())
+                                  for k, v in state.items()}
+
+
+def _relink_fragments(optimizer) -> None:
+    """Point every parameter's ZeRO fragment at the current Adam state. DeepSpeed links them once,
+    lazily, and can do it while only some groups have state yet (seen with 0.19), leaving the other
+    groups' parameters without optimizer-state fragments."""
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _load_zero_state(optimizer, model: nn.Module, by_param: dict, shards: dict) -> None:
+    """ZeRO 1/2: the flat fp32 partitions get Adam state first (DeepSpeed creates it lazily at the
+    first step), are linked to the parameters' fragments, then every fragment is written."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    steps = {float(state["step"]) for state in by_param.values() if "step" in state}
+    base = optimizer.optimizer
+    if steps:
+        (step,) = steps  # one step count for the whole optimizer
+        for group in base.param_groups:
+            for flat in group["params"]:
+                base.state[flat] = {"step": torch.tensor(step), **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
+        _relink_fragments(optimizer)
+    for name, p in model.named_parameters():
+        safe_set_full_fp32_param(p, p.detach().float())  # the master weights follow the loaded model
+        for key in ADAM_MOMENTS:
+            if key in by_param.get(name, {}):
+                safe_set_full_optimizer_state(p, _local(by_param[name][key], name, shards).float(), key)
