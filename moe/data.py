@@ -157,12 +157,13 @@ class LMData:
         return {k: v[rank * batch_size : (rank + 1) * batch_size] for k, v in batch.items()}
 
     def eval_batches(self, num_batches: int, batch_size: int, rank: int = 0, world: int = 1):
-        """The same validation windows at every evaluation; ranks take disjoint batches."""
+        """The same validation windows at every evaluation: ``num_batches`` global batches of
+        ``world * batch_size`` windows, each rank taking its slice, so every rank runs the same
+        number of forward passes (expert parallelism needs them in lockstep)."""
         gen = torch.Generator().manual_seed(1234)
-        for b in range(num_batches):
-            batch = self._windows(self.val_ids, batch_size, gen)
-            if b % world == rank:
-                yield batch
+        for _ in range(num_batches):
+            batch = self._windows(self.val_ids, world * batch_size, gen)
+            yield {k: v[rank * batch_size : (rank + 1) * batch_size] for k, v in batch.items()}
 
     def unigram_loss(self) -> float:
         """Validation cross-entropy (nats/token) of the training set's unigram distribution."""
@@ -241,11 +242,15 @@ class ClassificationData:
         return {k: v[idx] for k, v in self.train.items()}
 
     def eval_batches(self, num_batches: int | None, batch_size: int, rank: int = 0, world: int = 1):
-        """The whole validation split (num_batches is ignored: dev sets here are small)."""
+        """The whole validation split (``num_batches`` is ignored: dev sets here are small) in global
+        batches of ``world * batch_size``, each rank taking its slice. Every rank gets the same
+        number of batches; near the end a rank's slice may be empty (zero rows)."""
         n = self.val["labels"].numel()
-        for b, start in enumerate(range(0, n, batch_size)):
-            if b % world == rank:
-                yield {k: v[start : start + batch_size] for k, v in self.val.items()}
+        step = world * batch_size
+        for start in range(0, n, step):
+            lo = min(n, start + rank * batch_size)
+            hi = min(n, lo + batch_size)
+            yield {k: v[lo:hi] for k, v in self.val.items()}
 
 
 def _encode_split(texts: list[str], labels: list[int], tokenizer: Tokenizer, seq_len: int) -> dict:

@@ -49,6 +49,7 @@ class MoELayer(nn.Module):
             if self.shared is not None:
                 nn.init.normal_(self.shared.w_out.weight, std=out_init_std)
         E = cfg.num_experts
+        self.record_stats = True  # off for passes that must not count (stand-in rows)
         self.register_buffer("stat_counts", torch.zeros(E, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_dropped", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("stat_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -67,10 +68,11 @@ class MoELayer(nn.Module):
         with torch.no_grad():
             entropy = routing_entropy(routing.probs)
             num_tokens = x_TD.shape[0]
-            self.stat_counts += routing.counts.to(torch.float64)
-            self.stat_dropped += routing.dropped.to(torch.float64)
-            self.stat_tokens += num_tokens
-            self.stat_entropy_sum += entropy.to(torch.float64) * num_tokens
+            if self.record_stats:
+                self.stat_counts += routing.counts.to(torch.float64)
+                self.stat_dropped += routing.dropped.to(torch.float64)
+                self.stat_tokens += num_tokens
+                self.stat_entropy_sum += entropy.to(torch.float64) * num_tokens
         aux = MoEAux(routing.aux_loss, routing.z_loss, routing.counts.detach(), routing.dropped, entropy, num_tokens)
         return y_TD.reshape(shape), aux
 

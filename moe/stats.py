@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from torch import nn
@@ -53,6 +54,19 @@ def layer_balance(model: nn.Module) -> list[LayerBalance]:
             )
         )
     return rows
+
+
+@contextmanager
+def stats_paused(model: nn.Module):
+    """Forward passes inside this block leave the MoE statistics untouched."""
+    layers = moe_layers(model)
+    for layer in layers:
+        layer.record_stats = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.record_stats = True
 
 
 def reset_stats(model: nn.Module) -> None:

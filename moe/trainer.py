@@ -35,7 +35,7 @@ from moe.expert_parallel import TrafficCounter, is_expert_param, shard_experts
 from moe.layer import MoELayer
 from moe.train_state import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from moe.metrics import MetricsWriter
-from moe.stats import format_balance_table, layer_balance, moe_layers, reduce_stats, reset_stats
+from moe.stats import format_balance_table, layer_balance, moe_layers, reduce_stats, reset_stats, stats_paused
 from moe.transformer import build_model
 
 
@@ -173,7 +173,10 @@ class Trainer:
         ds_config = {
             "train_micro_batch_size_per_gpu": t.batch_size,
             "gradient_accumulation_steps": t.grad_accum,
-            "gradient_clipping": t.grad_clip,
+            # ZeRO 0: the trainer clips by the norm over all experts itself (DeepSpeed's engine would
+            # take each rank's expert shard alone). ZeRO 1/2 clip inside their optimizer, whose norm
+            # already sums every partition over the whole data-parallel group.
+            "gradient_clipping": t.grad_clip if self.cfg.parallel.zero_stage > 0 else 0.0,
             "zero_optimization": {"stage": self.cfg.parallel.zero_stage},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
@@ -276,12 +279,17 @@ class Trainer:
             batch = self._micro_batch(step, micro)
             out = self.engine(**batch)
             self.engine.backward(out.total_loss)
-            if micro == t.grad_accum - 1:  # gradients are complete (and reduced over ranks) only now
-                grad_norm = _grad_norm(self.model)
+            if micro == t.grad_accum - 1 and self.cfg.parallel.zero_stage == 0:
+                # Gradients are complete (and reduced over ranks) only now.
+                grad_norm = global_grad_norm(self.model, self.ep_group)
+                if t.grad_clip > 0:
+                    clip_gradients_(self.model, t.grad_clip, grad_norm)
             self.engine.step()
             loss_sum += out.loss.item()
             aux_sum += out.aux_loss.item() if out.aux_loss is not None else 0.0
             tokens += self._tokens(batch)
+        if self.cfg.parallel.zero_stage > 0:
+            grad_norm = float(self.engine.get_global_grad_norm())
         reduce = self._all_reduce_sum if self.world > 1 else None
         for layer in moe_layers(self.model):
             layer.router.update_bias(reduce)
@@ -307,8 +315,14 @@ class Trainer:
         t = self.cfg.train
         loss_sum, correct, count = 0.0, 0, 0
         for batch in self.data.eval_batches(t.eval_batches, t.batch_size, self.rank, self.world):
-            out = self.engine(**batch)
             n = batch["labels"].shape[0]
+            if n == 0:
+                # Nothing left for this rank, but its experts still serve the other ranks' tokens:
+                # run a stand-in row through the model and count nothing from it.
+                with stats_paused(self.model):
+                    self.engine(**next(self.data.eval_batches(t.eval_batches, 1, 0, 1)))
+                continue
+            out = self.engine(**batch)
             loss_sum += float(out.loss) * n
             count += n
             if self.cfg.task == "classification":
@@ -393,9 +407,29 @@ class Trainer:
         return TrainResult(self.run_dir, t.steps, wall, losses, final, balance, baseline)
 
 
-def _grad_norm(model: torch.nn.Module) -> float:
-    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else 0.0
+def global_grad_norm(model: torch.nn.Module, ep_group) -> float:
+    """L2 norm of the whole model's gradient: replicated parameters once, expert shards summed over
+    the expert-parallel group, so every rank gets the norm one device would compute."""
+    shared = torch.zeros((), dtype=torch.float64)
+    experts = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            sq = p.grad.detach().double().square().sum()
+            if is_expert_param(p):
+                experts += sq
+            else:
+                shared += sq
+    if ep_group is not None and torch.distributed.get_world_size(ep_group) > 1:
+        torch.distributed.all_reduce(experts, group=ep_group)
+    return float((shared + experts).sqrt())
+
+
+def clip_gradients_(model: torch.nn.Module, max_norm: float, total_norm: float) -> None:
+    coef = max_norm / (total_norm + 1e-6)
+    if coef < 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:

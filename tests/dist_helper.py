@@ -68,3 +68,25 @@ def run_workers(fn, world: int, timeout: float = 120, **kwargs) -> list:
             if p.is_alive():
                 p.kill()
     return [out[r] for r in range(world)]
+
+
+def torchrun_train(nproc: int, *args: str, timeout: float = 300) -> None:
+    """``moe train ARGS`` under torchrun with ``nproc`` CPU processes; fails the test on error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**clean_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "launch.cli", "train", *args, "--quiet"]
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(args)} with {nproc} processes failed:\n{out.stderr[-4000:]}"
+
+
+def train_metrics(run_dir, split: str = "train", key: str = "loss") -> dict:
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if r["split"] == split}

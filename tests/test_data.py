@@ -53,6 +53,11 @@ def test_sst2_local_copy_through_datasets():
     assert torch.equal(torch.cat(halves), d.train_batch(0, 3, 50)["input_ids"])
     all_val = torch.cat([b["labels"] for b in d.eval_batches(None, 100)])
     assert torch.equal(all_val, d.val["labels"])
+    # Three ranks: the same number of batches each (expert parallelism runs them in lockstep),
+    # together the whole split once.
+    per_rank = [list(d.eval_batches(None, 100, rank=r, world=3)) for r in range(3)]
+    assert len({len(batches) for batches in per_rank}) == 1
+    assert sum(b["labels"].numel() for batches in per_rank for b in batches) == 872
 
 
 def test_hf_tokenizer_from_the_bundled_minilm_package():
