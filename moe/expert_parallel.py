@@ -32,21 +32,29 @@ class _AllToAll(torch.autograd.Function):
     """Uneven all-to-all of rows; the backward sends gradients back along the same routes."""
 
     @staticmethod
-    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group):
+    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group, traffic):
         ctx.splits = (output_splits, input_splits)
-        ctx.group = group
-        out = x.new_empty(sum(output_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
-        return out
+        ctx.group, ctx.traffic = group, traffic
+        return _exchange(x, output_splits, input_splits, group, traffic)
 
     @staticmethod
     def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
-        return _AllToAll.apply(grad.contiguous(), input_splits, output_splits, ctx.group), None, None, None
+        return _AllToAll.apply(grad, input_splits, output_splits, ctx.group, ctx.traffic), None, None, None, None
 
 
-def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x, output_splits, input_splits, group)
+def _exchange(x, output_splits, input_splits, group, traffic) -> torch.Tensor:
+    out = x.new_empty(sum(output_splits), *x.shape[1:])
+    dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+    if traffic is not None:
+        me = dist.get_rank(group)
+        remote_rows = sum(n for p, n in enumerate(input_splits) if p != me)
+        traffic.bytes_sent += remote_rows * (x[0].numel() if x.dim() > 1 else 1) * x.element_size()
+    return out
+
+
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group, traffic=None) -> torch.Tensor:
+    return _AllToAll.apply(x, output_splits, input_splits, group, traffic)
 
 
 class _Permutation(torch.autograd.Function):
@@ -73,7 +81,8 @@ class ExpertParallelState(DispatchState):
 
 @dataclass
 class TrafficCounter:
-    """Bytes this rank sent to other ranks through the token all-to-alls (both directions)."""
+    """Bytes of token rows this rank sent to other ranks through the all-to-alls: dispatch and
+    combine, forward and backward (the per-expert counts, E integers per dispatch, are not counted)."""
 
     bytes_sent: int = 0
 
@@ -93,11 +102,6 @@ class AllToAllDispatcher:
         self.num_local = num_experts // self.ep_size
         self.traffic = traffic
 
-    def _count_traffic(self, rows: torch.Tensor, splits: list[int]) -> None:
-        if self.traffic is not None:
-            remote_rows = sum(n for p, n in enumerate(splits) if p != self.ep_rank)
-            self.traffic.bytes_sent += remote_rows * rows.shape[1] * rows.element_size()
-
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         P, E_local = self.ep_size, self.num_local
         x_sorted, row_map = kernels.permute(x_TD, routing.experts, self.num_experts, routing.num_rows)
@@ -108,8 +112,7 @@ class AllToAllDispatcher:
         # Uneven splits must be host integers: the one synchronisation expert parallelism needs.
         send_splits = counts_PE.sum(1).tolist()
         recv_splits = recv_counts_PE.sum(1).tolist()
-        self._count_traffic(x_sorted, send_splits)
-        x_recv = all_to_all(x_sorted, recv_splits, send_splits, self.group)
+        x_recv = all_to_all(x_sorted, recv_splits, send_splits, self.group, self.traffic)
         local_expert_of_row = torch.repeat_interleave(
             torch.arange(E_local, device=x_TD.device).repeat(P), recv_counts.to(x_TD.device)
         )
@@ -122,8 +125,7 @@ class AllToAllDispatcher:
 
     def combine(self, y_local: torch.Tensor, state: ExpertParallelState) -> torch.Tensor:
         y_recv = _Permutation.apply(y_local, state.inverse, state.order)
-        self._count_traffic(y_recv, state.recv_splits)
-        y_sorted = all_to_all(y_recv, state.send_splits, state.recv_splits, self.group)
+        y_sorted = all_to_all(y_recv, state.send_splits, state.recv_splits, self.group, self.traffic)
         return kernels.unpermute(y_sorted, state.row_map, state.weights)
 
 

@@ -293,16 +293,19 @@ class Trainer:
         reduce = self._all_reduce_sum if self.world > 1 else None
         for layer in moe_layers(self.model):
             layer.router.update_bias(reduce)
+        a2a_bytes = self.traffic.reset()
         if reduce is not None:  # report the global batch's loss: the mean of equal-sized shards
-            sums = torch.tensor([loss_sum, aux_sum], dtype=torch.float64)
+            sums = torch.tensor([loss_sum, aux_sum, float(a2a_bytes)], dtype=torch.float64)
             reduce(sums)
-            loss_sum, aux_sum = (float(v) / self.world for v in sums)
+            loss_sum, aux_sum = (float(v) / self.world for v in sums[:2])
+            a2a_bytes = int(sums[2])
         return {
             "loss": loss_sum / t.grad_accum,
             "aux_loss": aux_sum / t.grad_accum,
             "lr": lr_at(step, t),
             "tokens": tokens * self.world,
             "grad_norm": grad_norm,  # before clipping
+            "all_to_all_bytes": a2a_bytes,  # token rows sent between ranks, all ranks, fwd + bwd
         }
 
     @staticmethod
