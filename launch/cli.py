@@ -2,6 +2,7 @@
 
     moe train CONFIG [--set key=value ...] [--resume [PATH]] [--run-dir DIR]
     moe bench layer [...]        MoE layer vs DeepSpeed's MoE on this machine
+    moe export RUN_OR_CHECKPOINT OUT.safetensors   the whole model in one file
     moe configs                  list the shipped configs
 
 CONFIG is a YAML path or the name of a shipped config (``moe train quickstart``).
@@ -34,6 +35,14 @@ def _bench(args: argparse.Namespace) -> int:
     raise AssertionError(args.what)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from moe.checkpoint import export_model
+
+    out = export_model(args.source, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def _configs(args: argparse.Namespace) -> int:
     from moe.config import shipped_configs
 
@@ -59,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["layer"], help="layer: MoE layer forward+backward vs DeepSpeed's MoE")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark (see `moe bench layer --help`)")
     p.set_defaults(func=_bench)
+
+    p = sub.add_parser("export", help="write a checkpoint's whole model to one safetensors file")
+    p.add_argument("source", help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("out", help="the .safetensors file to write (the model config travels in its metadata)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("configs", help="list the shipped configs")
     p.set_defaults(func=_configs)

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
@@ -125,3 +125,45 @@ def resolve_resume(path: Path) -> Path:
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+EXPORT_FORMAT = "dynamoe-model-1"
+
+
+def export_model(source: Path, out: Path) -> Path:
+    """Write a checkpoint's whole model (every global expert) to one safetensors file, with the
+    model config in the file's metadata so that :func:`load_exported` can rebuild it alone."""
+    folder = resolve_resume(Path(source))
+    model_state, _, state = load_checkpoint(folder)
+    if "model_config" not in state:
+        raise CheckpointError(f"checkpoint '{folder}' records no model config; fix: export a checkpoint written by this version")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": EXPORT_FORMAT, "model_config": json.dumps(state["model_config"]), "step": str(state["step"])}
+    tmp = out.with_name(out.name + ".partial")
+    save_file({k: v.contiguous() for k, v in model_state.items()}, tmp, metadata=metadata)
+    os.replace(tmp, out)
+    return out
+
+
+def load_exported(path: Path):
+    """(ModelConfig, model) from a file written by :func:`export_model`; the weights load strictly."""
+    from moe.config import ModelConfig, from_dict
+    from moe.transformer import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"exported model '{path}' does not exist; fix: pass the file written by `moe export`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"exported model '{path}' cannot be read ({err}); fix: export it again") from None
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"'{path}' is not a dynamoe model export (format {metadata.get('format')!r}); "
+                              "fix: pass a file written by `moe export`")
+    cfg = from_dict(ModelConfig, json.loads(metadata["model_config"]), "model")
+    model = build_model(cfg)
+    model.load_state_dict(tensors, strict=True)
+    return cfg, model

@@ -187,6 +187,7 @@ class TrainConfig:
     run_dir: str = "runs/{name}"
     name: Optional[str] = None  # None: the config file's stem
     threads: Optional[int] = None  # torch CPU threads; None leaves PyTorch's default
+    init_from: Optional[str] = None  # start from an exported model file (`moe export`)
 
     def __post_init__(self) -> None:
         s = self._section
@@ -197,6 +198,8 @@ class TrainConfig:
                 _fail(f"{s}.{name}", f"must be >= 0, got {getattr(self, name)}", f"set {s}.{name} to 0 or more")
         if not 0 <= self.min_lr_ratio <= 1:
             _fail(f"{s}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}", "use a value such as 0.1")
+        if self.init_from is not None and not Path(self.init_from).expanduser().is_file():
+            _fail(f"{s}.init_from", f"'{self.init_from}' is not a file", "pass the .safetensors file written by `moe export`")
         if self.warmup_steps > self.steps:
             _fail(f"{s}.warmup_steps", f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}",
                   "use fewer warm-up steps than training steps")

@@ -16,6 +16,7 @@ backward is the reverse exchange.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ def _exchange(x, output_splits, input_splits, group, traffic) -> torch.Tensor:
     if traffic is not None:
         me = dist.get_rank(group)
         remote_rows = sum(n for p, n in enumerate(input_splits) if p != me)
-        traffic.bytes_sent += remote_rows * (x[0].numel() if x.dim() > 1 else 1) * x.element_size()
+        traffic.bytes_sent += remote_rows * math.prod(x.shape[1:]) * x.element_size()
     return out
 
 

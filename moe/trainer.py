@@ -163,6 +163,8 @@ class Trainer:
         self.progress = progress and self.is_main
         torch.manual_seed(self.cfg.train.seed)  # every rank builds the same global model, then keeps its shard
         self.model = build_model(self.cfg.model)
+        if self.cfg.train.init_from:
+            self._init_from(self.cfg.train.init_from)
         self.traffic = TrafficCounter()
         self.ep_group, expert_group = self._shard_experts()
         self.optimizer = torch.optim.AdamW(
@@ -216,6 +218,16 @@ class Trainer:
         ep_group = groups._get_expert_parallel_group(name)
         shard_experts(self.model, ep_group, name, self.traffic)
         return ep_group, name
+
+    def _init_from(self, path: str) -> None:
+        """Start from the weights of an exported model (``moe export``), before experts are sharded."""
+        exported_cfg, exported = ckpt.load_exported(Path(path))
+        if exported_cfg != self.cfg.model:
+            raise ConfigError(
+                f"train.init_from: '{path}' holds a different model ({_config_diff(exported_cfg, self.cfg.model)}); "
+                "fix: use the exported model's settings in the model section"
+            )
+        self.model.load_state_dict(exported.state_dict())
 
     def _prepare_run_dir(self) -> None:
         if (self.run_dir / "checkpoints").exists() and ckpt.list_checkpoints(self.run_dir):
@@ -345,7 +357,8 @@ class Trainer:
         folder = None
         if self.is_main:
             state = {"step": step, "optimizer_groups": groups, "seed": self.cfg.train.seed, "world_size": self.world,
-                     "ep_size": self.cfg.parallel.ep_size, "zero_stage": self.cfg.parallel.zero_stage}
+                     "ep_size": self.cfg.parallel.ep_size, "zero_stage": self.cfg.parallel.zero_stage,
+                     "model_config": to_dict(self.cfg.model)}
             folder = ckpt.save_checkpoint(
                 self.run_dir / "checkpoints" / f"step_{step:08d}",
                 model_state=model_state,
@@ -408,6 +421,19 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.close()
         return TrainResult(self.run_dir, t.steps, wall, losses, final, balance, baseline)
+
+
+def _config_diff(a, b) -> str:
+    da, db = to_dict(a), to_dict(b)
+
+    def walk(x, y, prefix):
+        for key in x:
+            if isinstance(x[key], dict):
+                yield from walk(x[key], y[key], f"{prefix}{key}.")
+            elif x[key] != y[key]:
+                yield f"model.{prefix}{key}: {x[key]!r} there, {y[key]!r} here"
+
+    return "; ".join(list(walk(da, db, ""))[:3])
 
 
 def global_grad_norm(model: torch.nn.Module, ep_group) -> float:

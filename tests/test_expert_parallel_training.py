@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dist_helper import torchrun_train, train_metrics
-from moe.checkpoint import load_checkpoint
+from moe.checkpoint import export_model, load_checkpoint, load_exported
 
 pytestmark = pytest.mark.distributed
 
@@ -63,6 +63,8 @@ def test_checkpoints_reshard_across_expert_parallel_sizes(tmp_path):
     assert optim["exp_avg/blocks.0.ffn.experts.w1_EDF"].shape[0] == 4
     assert state["ep_size"] == 2
     reference = train_metrics(source)
+    _, exported = load_exported(export_model(saved, tmp_path / "model.safetensors"))
+    _assert_same_tensors(model, exported.state_dict())  # one file, every global expert
 
     for nproc, batch, zero in ((1, 4, 0), (4, 1, 0), (4, 1, 2)):
         # Load with another EP size and save again at once: every weight and moment survives exactly.
