@@ -53,6 +53,8 @@ def _configs(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe", description="Train and measure sparse MoE and conditional-compute models.")
+    # The deepspeed launcher passes --local_rank; the trainer reads LOCAL_RANK from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model in this process (DeepSpeed engine, CPU or one GPU)")

@@ -31,12 +31,13 @@ def expert_shards(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def _gather_experts(t: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate the expert shards of ``t`` (dim 0) across the expert-parallel group, in rank order."""
+    """Concatenate the expert shards of ``t`` (dim 0) across the expert-parallel group, in rank order,
+    on the host: only one parameter's gathered copy is on the accelerator at a time."""
     if group is None or dist.get_world_size(group) == 1:
-        return t
+        return t.detach().cpu()
     pieces = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(pieces, t.contiguous(), group=group)
-    return torch.cat(pieces)
+    return torch.cat([p.cpu() for p in pieces])
 
 
 def _local(full: torch.Tensor, name: str, shards: dict) -> torch.Tensor:
@@ -50,7 +51,7 @@ def full_model_state(model: nn.Module, ep_group) -> dict[str, torch.Tensor]:
     shards = expert_shards(model)
     state = {}
     for name, t in model.state_dict().items():
-        state[name] = _gather_experts(t, ep_group) if name in shards else t
+        state[name] = _gather_experts(t, ep_group) if name in shards else t.detach().cpu()
     return state
 
 
@@ -93,6 +94,7 @@ def full_optimizer_state(optimizer, model: nn.Module, ep_group) -> tuple[dict, l
                 value = safe_get_full_optimizer_state(p, key)
                 if value is not None:
                     tensors[f"{key}/{name}"] = _gather_experts(value, ep_group if name in shards else None)
+                    del value
             if steps:
                 tensors[f"step/{name}"] = step.clone()
         groups_source = list(zip(base.param_groups, optimizer.bit16_groups))  # flat partitions -> model params

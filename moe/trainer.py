@@ -272,7 +272,10 @@ class Trainer:
 
     def _micro_batch(self, step: int, micro: int) -> dict:
         t = self.cfg.train
-        return self.data.train_batch(t.seed, step * t.grad_accum + micro, t.batch_size, self.rank, self.world)
+        return self._on_device(self.data.train_batch(t.seed, step * t.grad_accum + micro, t.batch_size, self.rank, self.world))
+
+    def _on_device(self, batch: dict) -> dict:
+        return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
     @staticmethod
     def _tokens(batch: dict) -> int:
@@ -307,7 +310,7 @@ class Trainer:
             layer.router.update_bias(reduce)
         a2a_bytes = self.traffic.reset()
         if reduce is not None:  # report the global batch's loss: the mean of equal-sized shards
-            sums = torch.tensor([loss_sum, aux_sum, float(a2a_bytes)], dtype=torch.float64)
+            sums = torch.tensor([loss_sum, aux_sum, float(a2a_bytes)], dtype=torch.float64, device=self.engine.device)
             reduce(sums)
             loss_sum, aux_sum = (float(v) / self.world for v in sums[:2])
             a2a_bytes = int(sums[2])
@@ -335,14 +338,15 @@ class Trainer:
                 # Nothing left for this rank, but its experts still serve the other ranks' tokens:
                 # run a stand-in row through the model and count nothing from it.
                 with stats_paused(self.model):
-                    self.engine(**next(self.data.eval_batches(t.eval_batches, 1, 0, 1)))
+                    self.engine(**self._on_device(next(self.data.eval_batches(t.eval_batches, 1, 0, 1))))
                 continue
+            batch = self._on_device(batch)
             out = self.engine(**batch)
             loss_sum += float(out.loss) * n
             count += n
             if self.cfg.task == "classification":
                 correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-        totals = torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64)
+        totals = torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64, device=self.engine.device)
         if self.world > 1:
             torch.distributed.all_reduce(totals)
         result = {"loss": float(totals[0] / totals[2])}
@@ -389,7 +393,7 @@ class Trainer:
             if done % t.log_every == 0 or done == t.steps:
                 elapsed = time.perf_counter() - window_start
                 row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
-                row.update(_moe_log_fields(self.model))
+                row.update(_moe_log_fields(self.model, self._all_reduce_sum if self.world > 1 else None))
                 self.metrics.write(done, "train", row)
                 window_tokens, window_start = 0, time.perf_counter()
                 if bar is not None:
@@ -465,8 +469,10 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 9_973 + rank) % (2**63 - 1)
 
 
-def _moe_log_fields(model: torch.nn.Module) -> dict:
-    """Per-layer load since the last log, then reset: max/mean load and dropped assignments."""
+def _moe_log_fields(model: torch.nn.Module, reduce=None) -> dict:
+    """Per-layer load of all ranks since the last log, then reset: max/mean load and dropped assignments."""
+    if reduce is not None:
+        reduce_stats(model, reduce)
     fields = {}
     for i, row in enumerate(layer_balance(model)):
         fields[f"moe{i}_max_over_mean"] = row.max_over_mean

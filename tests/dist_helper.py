@@ -22,7 +22,7 @@ def clean_env() -> dict:
     return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -49,7 +49,7 @@ def run_workers(fn, world: int, timeout: float = 120, **kwargs) -> list:
     """Run ``fn(rank, world, **kwargs)`` in ``world`` processes; returns the results by rank."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, kwargs, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()

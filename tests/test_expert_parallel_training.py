@@ -88,3 +88,21 @@ def test_checkpoints_reshard_across_expert_parallel_sizes(tmp_path):
         got = train_metrics(resumed.parent)
         for step in (5, 6):
             assert got[step] == pytest.approx(reference[step], abs=1e-4), (nproc, step)
+
+
+def test_the_deepspeed_launcher_runs_expert_parallel_training(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dist_helper import clean_env, free_port
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {**clean_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()), "--module",
+           "launch.cli", "train", "debug_tiny", "--quiet", "--run-dir", str(tmp_path), "--set", "parallel.ep_size=2",
+           "--set", "train.steps=4", "--set", "train.warmup_steps=1", "--set", "train.log_every=1"]
+    out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(train_metrics(tmp_path)) == [1, 2, 3, 4]
+    assert all(v > 0 for v in train_metrics(tmp_path, key="all_to_all_bytes").values())
