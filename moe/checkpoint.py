@@ -15,7 +15,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 

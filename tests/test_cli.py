@@ -1,6 +1,5 @@
 """The `moe` command line, run as a user would: a subprocess, exit codes, what it prints."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
