@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script (python evals/...): make the re
 
 from moe.config import MoEConfig, RouterConfig
 from moe.cpu_runtime import keep_large_allocations
-from moe.trainer import init_distributed
+from moe.deepspeed_setup import init_distributed
 from moe.layer import MoELayer
 
 FLOP_NOTE = (

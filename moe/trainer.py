@@ -1,7 +1,7 @@
 """The trainer: one loop on the DeepSpeed engine for every model and task.
 
-DeepSpeed is imported here and nowhere else in ``moe/``, lazily, after the accelerator is chosen
-(``DS_ACCELERATOR=cpu`` when no GPU is present; gloo on CPU). ``moe train`` runs one process;
+DeepSpeed is imported only here and in ``moe/deepspeed_setup.py``, lazily, after the accelerator
+is chosen (``DS_ACCELERATOR=cpu`` when no GPU is present; gloo on CPU). ``moe train`` runs one process;
 under a standard launcher (torchrun, deepspeed) each process runs this same loop.
 
 Reproducibility: the batch and the random state of every step are functions of (seed, step), the
@@ -14,13 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import platform
-import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +28,8 @@ from moe import checkpoint as ckpt
 from moe.config import ConfigError, RunConfig, to_dict
 from moe.cpu_runtime import keep_large_allocations
 from moe.data import build_data
-from moe.expert_parallel import TrafficCounter, is_expert_param, shard_experts
+from moe.deepspeed_setup import clip_gradients_, deepspeed_recognises, global_grad_norm, init_distributed, param_groups
+from moe.expert_parallel import TrafficCounter, shard_experts
 from moe.layer import MoELayer
 from moe.train_state import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from moe.metrics import MetricsWriter
@@ -57,28 +55,6 @@ def lr_at(step: int, cfg) -> float:
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(backend: str):
-    """Prepare the environment DeepSpeed expects, then import it and start the process group."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import deepspeed
-
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    return deepspeed
 
 
 def _code_version() -> str:
@@ -108,44 +84,6 @@ def _fill_from_data(cfg: RunConfig, data) -> RunConfig:
     return dataclasses.replace(cfg, model=model)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float, expert_group: str | None):
-    """AdamW groups: matrices decay; norms, biases and embeddings do not. Expert parameters form a
-    group of their own, marked the way DeepSpeed's ZeRO expects (``moe``, ``name``), so ZeRO
-    partitions them over the expert-data-parallel group."""
-    decay, no_decay, experts = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if expert_group is not None and is_expert_param(p):
-            experts.append(p)
-        elif p.dim() >= 2 and "emb" not in name:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if experts:
-        groups.append({"params": experts, "weight_decay": weight_decay, "moe": True, "name": expert_group})
-    return groups
-
-
-@contextmanager
-def _deepspeed_recognises(layer_cls):
-    """Let DeepSpeed's engine treat ``layer_cls`` modules as its MoE layers while it is built.
-
-    The engine switches on its expert-parallel machinery (expert-data-parallel gradient
-    reduction and broadcast, MoE-aware ZeRO partitioning) only when it finds an instance of its
-    own ``MoE`` class; it reads nothing from the module but ``num_experts``.
-    """
-    import deepspeed.runtime.engine as engine_module
-
-    original = engine_module.MoE
-    engine_module.MoE = (original, layer_cls)
-    try:
-        yield
-    finally:
-        engine_module.MoE = original
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, *, run_dir: str | None = None, resume: str | None = None, progress: bool = True):
         if cfg.train.threads:
@@ -168,7 +106,7 @@ class Trainer:
         self.traffic = TrafficCounter()
         self.ep_group, expert_group = self._shard_experts()
         self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, self.cfg.train.weight_decay, expert_group), lr=self.cfg.train.lr,
+            param_groups(self.model, self.cfg.train.weight_decay, expert_group), lr=self.cfg.train.lr,
             betas=self.cfg.train.betas,
         )
         t = self.cfg.train
@@ -185,7 +123,7 @@ class Trainer:
         }
         if self.cfg.parallel.zero_stage == 2:
             ds_config["zero_optimization"]["contiguous_gradients"] = True  # required by ZeRO-2 with MoE
-        with _deepspeed_recognises(MoELayer):
+        with deepspeed_recognises(MoELayer):
             self.engine, _, _, _ = self.deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=ds_config)
         self.start_step = 0
         if resume is not None:
@@ -438,31 +376,6 @@ def _config_diff(a, b) -> str:
                 yield f"model.{prefix}{key}: {x[key]!r} there, {y[key]!r} here"
 
     return "; ".join(list(walk(da, db, ""))[:3])
-
-
-def global_grad_norm(model: torch.nn.Module, ep_group) -> float:
-    """L2 norm of the whole model's gradient: replicated parameters once, expert shards summed over
-    the expert-parallel group, so every rank gets the norm one device would compute."""
-    shared = torch.zeros((), dtype=torch.float64)
-    experts = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is not None:
-            sq = p.grad.detach().double().square().sum()
-            if is_expert_param(p):
-                experts += sq
-            else:
-                shared += sq
-    if ep_group is not None and torch.distributed.get_world_size(ep_group) > 1:
-        torch.distributed.all_reduce(experts, group=ep_group)
-    return float((shared + experts).sqrt())
-
-
-def clip_gradients_(model: torch.nn.Module, max_norm: float, total_norm: float) -> None:
-    coef = max_norm / (total_norm + 1e-6)
-    if coef < 1.0:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef)
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:

@@ -1,0 +1,98 @@
+"""DeepSpeed set-up for the trainer: the process group, optimizer groups, the engine's view of
+MoE layers, and gradient clipping over sharded experts. The only module besides the trainer that
+imports DeepSpeed, and it does so lazily."""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+
+import torch
+
+from moe.expert_parallel import is_expert_param
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str):
+    """Prepare the environment DeepSpeed expects, then import it and start the process group."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return deepspeed
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, expert_group: str | None):
+    """AdamW groups: matrices decay; norms, biases and embeddings do not. Expert parameters form a
+    group of their own, marked the way DeepSpeed's ZeRO expects (``moe``, ``name``), so ZeRO
+    partitions them over the expert-data-parallel group."""
+    decay, no_decay, experts = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if expert_group is not None and is_expert_param(p):
+            experts.append(p)
+        elif p.dim() >= 2 and "emb" not in name:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if experts:
+        groups.append({"params": experts, "weight_decay": weight_decay, "moe": True, "name": expert_group})
+    return groups
+
+
+@contextmanager
+def deepspeed_recognises(layer_cls):
+    """Let DeepSpeed's engine treat ``layer_cls`` modules as its MoE layers while it is built.
+
+    The engine switches on its expert-parallel machinery (expert-data-parallel gradient
+    reduction and broadcast, MoE-aware ZeRO partitioning) only when it finds an instance of its
+    own ``MoE`` class; it reads nothing from the module but ``num_experts``.
+    """
+    import deepspeed.runtime.engine as engine_module
+
+    original = engine_module.MoE
+    engine_module.MoE = (original, layer_cls)
+    try:
+        yield
+    finally:
+        engine_module.MoE = original
+
+
+def global_grad_norm(model: torch.nn.Module, ep_group) -> float:
+    """L2 norm of the whole model's gradient: replicated parameters once, expert shards summed over
+    the expert-parallel group, so every rank gets the norm one device would compute."""
+    shared = torch.zeros((), dtype=torch.float64)
+    experts = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            sq = p.grad.detach().double().square().sum()
+            if is_expert_param(p):
+                experts += sq
+            else:
+                shared += sq
+    if ep_group is not None and torch.distributed.get_world_size(ep_group) > 1:
+        torch.distributed.all_reduce(experts, group=ep_group)
+    return float((shared + experts).sqrt())
+
+
+def clip_gradients_(model: torch.nn.Module, max_norm: float, total_norm: float) -> None:
+    coef = max_norm / (total_norm + 1e-6)
+    if coef < 1.0:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
