@@ -99,7 +99,6 @@ class AllToAllDispatcher:
         self.num_experts = num_experts
         self.group = group
         self.ep_size = dist.get_world_size(group)
-        self.ep_rank = dist.get_rank(group)
         self.num_local = num_experts // self.ep_size
         self.traffic = traffic
 
