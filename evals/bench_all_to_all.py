@@ -21,18 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from evals.report import hardware_info, write_json
 from moe.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,22 +123,6 @@ def measure(args, world: int, out_dir: Path) -> dict:
     }
 
 
-def hardware_info() -> dict:
-    model = ""
-    try:  # platform.processor() is often empty on Linux; /proc/cpuinfo names the CPU
-        model = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for package in ("torch", "deepspeed"):  # metadata, not import: the parent never needs either
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu_model": model,
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), **versions}
-
-
 def _load(avg) -> str:
     return f"{avg[0]:.1f}" if avg else "?"
 
@@ -207,11 +190,7 @@ def main(argv=None) -> dict:
         "load_average_1_5_15": {"before": load_before, "after": load_after},
         "rows": rows,
     }
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(f"wrote {path}")
+    write_json(result, args.json)
     return result
 
 

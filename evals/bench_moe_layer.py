@@ -12,10 +12,8 @@ off so both routers make the same top-k choices.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +25,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from evals.report import hardware_info, write_json
 from moe.config import MoEConfig, RouterConfig
 from moe.cpu_runtime import keep_large_allocations
 from moe.deepspeed_setup import init_distributed
@@ -99,16 +98,6 @@ def time_steps(step, params, iters: int, warmup: int) -> list[float]:
         if i >= warmup:
             times.append(elapsed * 1e3)
     return times
-
-
-def hardware_info() -> dict:
-    model = ""
-    try:  # platform.processor() is often empty on Linux; /proc/cpuinfo names the CPU
-        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"processor": platform.processor(), "cpu_model": model, "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -197,7 +186,7 @@ def main(argv=None) -> dict:
     vs_dropless = ds_dropless / ours_ms
     vs_capacity = by_name[f"deepspeed capacity {cf:g}"]["median_ms"] / ours_ms
 
-    hardware = hardware_info()
+    hardware = {**hardware_info(), "torch_threads": torch.get_num_threads()}
     routing = "balanced (crafted inputs)" if args.balanced else "learned router on N(0,1) inputs"
     print(f"MoE layer fwd+bwd, CPU: T={T} d={d} f={f} E={E} k={k}, {args.iters} iters after {args.warmup} warm-up, "
           f"threads={hardware['torch_threads']}, routing: {routing}")
@@ -234,11 +223,7 @@ def main(argv=None) -> dict:
         "summary": {"dynamoe_dropless_vs_deepspeed_dropless": vs_dropless,
                     "dynamoe_dropless_vs_deepspeed_capacity": vs_capacity},
     }
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(f"wrote {path}")
+    write_json(result, args.json)
     return result
 
 
