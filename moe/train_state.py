@@ -30,14 +30,20 @@ def expert_shards(model: nn.Module) -> dict[str, tuple[int, int]]:
     return shards
 
 
-def _gather_experts(t: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate the expert shards of ``t`` (dim 0) across the expert-parallel group, in rank order,
-    on the host: only one parameter's gathered copy is on the accelerator at a time."""
-    if group is None or dist.get_world_size(group) == 1:
-        return t.detach().cpu()
-    pieces = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(pieces, t.contiguous(), group=group)
-    return torch.cat([p.cpu() for p in pieces])
+def _for_writer(t: torch.Tensor, group, is_expert: bool) -> torch.Tensor | None:
+    """``t`` in global form on the host of global rank 0, which writes checkpoints; None elsewhere.
+
+    Expert shards are gathered over the expert-parallel group that holds rank 0 only (the other
+    groups hold replicas of the same experts), so no other rank ever holds the whole model.
+    """
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    if not is_expert or group is None or dist.get_world_size(group) == 1:
+        return t.detach().cpu() if writer else None
+    if 0 not in dist.get_process_group_ranks(group):
+        return None
+    pieces = [torch.empty_like(t) for _ in range(dist.get_world_size(group))] if writer else None
+    dist.gather(t.detach().contiguous(), gather_list=pieces, dst=0, group=group)
+    return torch.cat([p.cpu() for p in pieces]) if writer else None
 
 
 def _local(full: torch.Tensor, name: str, shards: dict) -> torch.Tensor:
@@ -48,10 +54,13 @@ def _local(full: torch.Tensor, name: str, shards: dict) -> torch.Tensor:
 
 
 def full_model_state(model: nn.Module, ep_group) -> dict[str, torch.Tensor]:
+    """The whole model in global form on rank 0 (an empty dict elsewhere)."""
     shards = expert_shards(model)
     state = {}
     for name, t in model.state_dict().items():
-        state[name] = _gather_experts(t, ep_group) if name in shards else t.detach().cpu()
+        value = _for_writer(t, ep_group, name in shards)
+        if value is not None:
+            state[name] = value
     return state
 
 
@@ -73,7 +82,8 @@ def _is_zero(optimizer) -> bool:
 
 
 def full_optimizer_state(optimizer, model: nn.Module, ep_group) -> tuple[dict, list]:
-    """Optimizer state as {"<key>/<parameter name>": global tensor} and JSON parameter groups.
+    """Optimizer state as {"<key>/<parameter name>": global tensor} (on rank 0; empty elsewhere) and
+    JSON parameter groups.
 
     ``optimizer`` is the engine's optimizer: a torch optimizer (ZeRO 0) or DeepSpeed's ZeRO 1/2
     optimizer, whose partitions are assembled with DeepSpeed's fragment API.
@@ -91,10 +101,11 @@ def full_optimizer_state(optimizer, model: nn.Module, ep_group) -> tuple[dict, l
         step = torch.as_tensor(steps[0] if steps else 0.0, dtype=torch.float32)
         for name, p in model.named_parameters():
             for key in ADAM_MOMENTS:
-                value = safe_get_full_optimizer_state(p, key)
+                value = safe_get_full_optimizer_state(p, key)  # collective over p's data-parallel group
                 if value is not None:
-                    tensors[f"{key}/{name}"] = _gather_experts(value, ep_group if name in shards else None)
-                    del value
+                    value = _for_writer(value, ep_group, name in shards)
+                if value is not None:
+                    tensors[f"{key}/{name}"] = value
             if steps:
                 tensors[f"step/{name}"] = step.clone()
         groups_source = list(zip(base.param_groups, optimizer.bit16_groups))  # flat partitions -> model params
@@ -102,9 +113,9 @@ def full_optimizer_state(optimizer, model: nn.Module, ep_group) -> tuple[dict, l
         for name, p in model.named_parameters():
             for key, value in optimizer.state.get(p, {}).items():
                 t = value if torch.is_tensor(value) else torch.tensor(value)
-                if t.dim() and name in shards:
-                    t = _gather_experts(t, ep_group)
-                tensors[f"{key}/{name}"] = t.detach().cpu().contiguous()
+                t = _for_writer(t, ep_group, name in shards and t.dim() > 0)
+                if t is not None:
+                    tensors[f"{key}/{name}"] = t
         groups_source = [(g, g["params"]) for g in optimizer.param_groups]
     groups = []
     for group, params in groups_source:
