@@ -1,6 +1,8 @@
 """The ``moe`` command line.
 
     moe train CONFIG [--set key=value ...] [--resume [PATH]] [--run-dir DIR]
+    moe launch CONFIG --workers N [--ep-size E] [--gpus-per-worker G] [--address ADDR]
+    moe launch --eval RUN_DIR --workers N
     moe bench layer [...]        MoE layer vs DeepSpeed's MoE on this machine
     moe export RUN_OR_CHECKPOINT OUT.safetensors   the whole model in one file
     moe configs                  list the shipped configs
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -33,6 +36,16 @@ def _bench(args: argparse.Namespace) -> int:
         bench_layer(args.rest)
         return 0
     raise AssertionError(args.what)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from launch.ray_launcher import main as launch_main
+
+    if args.config is None:
+        if args.eval is None:
+            raise SystemExit("moe launch: error: give a CONFIG, or --eval RUN_DIR")
+        args.config = str(Path(args.eval) / "config.yaml")
+    return launch_main(args)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -65,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="run folder (default: train.run_dir from the config)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("launch", help="run training (or --eval) on Ray Train workers: a local Ray by default")
+    p.add_argument("config", nargs="?", default=None,
+                   help="a YAML path or shipped config name (with --eval: defaults to the run's config.yaml)")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (processes)")
+    p.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (sets parallel.ep_size)")
+    p.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (0: CPU and gloo)")
+    p.add_argument("--address", default=None,
+                   help="an existing Ray cluster: auto, host:port or ray://host:port (default: start one here)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--run-dir", default=None, help="run folder (default: train.run_dir from the config)")
+    p.add_argument("--eval", default=None, metavar="RUN_DIR", help="evaluate a run folder's newest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_launch)
 
     p = sub.add_parser("bench", help="benchmarks that print tables and write JSON")
     p.add_argument("what", choices=["layer"], help="layer: MoE layer forward+backward vs DeepSpeed's MoE")

@@ -224,6 +224,22 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True)
+class LaunchConfig:
+    """How `moe launch` runs the job on Ray (``launch``)."""
+
+    _section: ClassVar[str] = "launch"
+
+    max_failures: int = 0  # worker-group restarts from the last committed checkpoint before giving up
+    cpus_per_worker: int = 1
+
+    def __post_init__(self) -> None:
+        s = self._section
+        _require_positive(s, self, "cpus_per_worker")
+        if self.max_failures < 0:
+            _fail(f"{s}.max_failures", f"must be >= 0, got {self.max_failures}", "use 0 to fail on the first error")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """A whole training run; checks the rules that span sections."""
 
@@ -231,6 +247,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self) -> None:
         num_experts = self.model.moe.num_experts

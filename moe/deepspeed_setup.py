@@ -30,8 +30,9 @@ def init_distributed(backend: str):
 
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    # Also when a launcher (Ray Train) already started the torch process group: DeepSpeed then
+    # wraps the existing group instead of creating one.
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return deepspeed
 
 

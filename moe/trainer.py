@@ -37,6 +37,19 @@ from moe.stats import format_balance_table, layer_balance, moe_layers, reduce_st
 from moe.transformer import build_model
 
 
+class TrainerHooks:
+    """Seams for a launcher, called on every rank in the same order (so they may be collective)."""
+
+    def on_log(self, step: int, metrics: dict) -> None:
+        """After the training metrics of ``step`` are logged."""
+
+    def on_checkpoint(self, step: int, folder: Path | None) -> None:
+        """After a committed checkpoint of ``step`` (``folder`` on rank 0, None elsewhere)."""
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step ``step`` (counted from 1) and its logging and checkpoint."""
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -85,7 +98,10 @@ def _fill_from_data(cfg: RunConfig, data) -> RunConfig:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, *, run_dir: str | None = None, resume: str | None = None, progress: bool = True):
+    def __init__(self, cfg: RunConfig, *, run_dir: str | None = None, resume: str | None = None, progress: bool = True,
+                 hooks: TrainerHooks | None = None):
+        self.hooks = hooks or TrainerHooks()
+        self._run_dir_given = run_dir is not None
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         if not torch.cuda.is_available():
@@ -201,7 +217,8 @@ class Trainer:
             )
         load_full_optimizer_state(self.engine.optimizer, self.model, optim, state["optimizer_groups"])
         self.start_step = state["step"]
-        self.run_dir = folder.parent.parent  # continue in the run folder the checkpoint belongs to
+        if not self._run_dir_given:
+            self.run_dir = folder.parent.parent  # continue in the run folder the checkpoint belongs to
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _truncate_metrics(self.run_dir, self.start_step)
@@ -333,6 +350,7 @@ class Trainer:
                 row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
                 row.update(_moe_log_fields(self.model, self._all_reduce_sum if self.world > 1 else None))
                 self.metrics.write(done, "train", row)
+                self.hooks.on_log(done, row)
                 window_tokens, window_start = 0, time.perf_counter()
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -342,7 +360,8 @@ class Trainer:
                 if bar is not None:
                     bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in last_eval.items()))
             if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
-                self.save(done)
+                self.hooks.on_checkpoint(done, self.save(done))
+            self.hooks.after_step(done)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -355,7 +374,7 @@ class Trainer:
             reduce_stats(self.model, self._all_reduce_sum)
         balance = layer_balance(self.model)
         self.metrics.write(t.steps, "eval", final)
-        self.save(t.steps)
+        self.hooks.on_checkpoint(t.steps, self.save(t.steps))
         baseline = self.data.unigram_loss() if self.cfg.task == "lm" else None
         if self.is_main:
             summary = {"final_eval": final, "train_wall_s": wall, "steps": t.steps, "unigram_baseline_loss": baseline,

@@ -1,0 +1,231 @@
+"""`moe launch`: the trainer on Ray Train workers, on an embedded local cluster or an existing one.
+
+Ray Train's ``TorchTrainer`` starts one worker per process and the torch process group that
+DeepSpeed then wraps; each worker runs the same :class:`moe.trainer.Trainer` as `moe train`.
+Checkpoints are the trainer's own (safetensors + manifest); each is reported to Ray Train when it
+is written, and the worker waits until Ray has committed it before going on, so that after a
+failure the restarted workers resume from the newest checkpoint Ray knows, with the step counter
+and the data position it implies. The job directory is the run folder; Ray's copies of the
+checkpoints live in its ``ray/`` subfolder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+from moe.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+from moe.trainer import TrainerHooks, resolve_run_dir
+
+REPO = Path(__file__).resolve().parent.parent
+# Test aid: the worker of this rank exits abruptly after this step, once per run folder.
+KILL_AT_STEP_ENV = "DYNAMOE_KILL_WORKER_AT_STEP"
+KILL_RANK_ENV = "DYNAMOE_KILL_WORKER_RANK"
+
+
+class LaunchError(RuntimeError):
+    """The job could not be started or did not finish; the message says why and what to do."""
+
+
+class _RayTrainHooks(TrainerHooks):
+    def __init__(self, run_dir: Path, rank: int):
+        self.run_dir, self.rank = run_dir, rank
+
+    def on_log(self, step: int, metrics: dict) -> None:
+        import ray.train
+
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"step": step})
+
+    def on_checkpoint(self, step: int, folder: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
+        ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:08d}")
+        # report() only queues the upload: wait until Ray has committed it, or a failure right after
+        # this point would restart from the checkpoint before.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+    def after_step(self, step: int) -> None:
+        if os.environ.get(KILL_AT_STEP_ENV) != str(step) or os.environ.get(KILL_RANK_ENV, "1") != str(self.rank):
+            return
+        marker = self.run_dir / f".killed_at_step_{step}"
+        if not marker.exists():
+            marker.touch()
+            os._exit(17)  # a crash, not an exception: no clean-up, no report
+
+
+def _worker(loop_config: dict) -> None:
+    import ray.train
+
+    from moe.trainer import Trainer
+
+    cfg = from_dict(RunConfig, loop_config["config"])
+    run_dir = Path(loop_config["run_dir"])
+    rank = ray.train.get_context().get_world_rank()
+    hooks = _RayTrainHooks(run_dir, rank)
+    progress = loop_config["progress"] and rank == 0
+    if loop_config.get("eval_only"):
+        _evaluate(cfg, run_dir, rank)
+        return
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        trainer = Trainer(cfg, run_dir=str(run_dir), progress=progress, hooks=hooks)
+    else:
+        with checkpoint.as_directory() as folder:
+            trainer = Trainer(cfg, run_dir=str(run_dir), resume=folder, progress=progress, hooks=hooks)
+    trainer.fit()
+
+
+def _evaluate(cfg: RunConfig, run_dir: Path, rank: int) -> None:
+    import json
+
+    import ray.train
+
+    from moe.stats import format_balance_table, layer_balance, reduce_stats, reset_stats
+    from moe.trainer import Trainer
+
+    trainer = Trainer(cfg, run_dir=str(run_dir), resume=str(run_dir), progress=False)
+    reset_stats(trainer.model)
+    metrics = trainer.evaluate()
+    if trainer.world > 1:
+        reduce_stats(trainer.model, trainer._all_reduce_sum)
+    balance = layer_balance(trainer.model)
+    if rank == 0:
+        out = {"step": trainer.start_step, "eval": metrics, "load_balance": [b.as_dict() for b in balance]}
+        (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
+        print(f"evaluation of {run_dir} at step {trainer.start_step}: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        print(format_balance_table(balance), flush=True)
+    ray.train.report({"step": trainer.start_step, **metrics})
+
+
+def _check_address(address: str) -> None:
+    """Fail within seconds when nothing listens at ``host:port`` (Ray itself retries for minutes)."""
+    if address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise LaunchError(f"--address {address!r} is not host:port, ray://host:port or auto; "
+                          "fix: e.g. --address ray://head-node:10001 or --address auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=3):
+            pass
+    except OSError as err:
+        raise LaunchError(f"no Ray cluster answers at {address} ({err}); fix: start one with `ray start --head` "
+                          "there, check the host and port, or leave --address out to run on this machine") from None
+
+
+def _start_ray(address: str | None, env_vars: dict):
+    import ray
+
+    runtime_env = {"env_vars": env_vars}
+    if address is None:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        _check_address(address)
+        try:
+            ray.init(address=address, runtime_env=runtime_env)
+        except ConnectionError as err:
+            raise LaunchError(f"could not join the Ray cluster at {address} ({err}); "
+                              "fix: check the address, or leave --address out to run on this machine") from None
+    return ray
+
+
+def _check_resources(ray, workers: int, cpus_per_worker: int, gpus_per_worker: float) -> None:
+    available = ray.cluster_resources()
+    need_cpu = workers * cpus_per_worker
+    if need_cpu > available.get("CPU", 0):
+        raise LaunchError(
+            f"{workers} workers x {cpus_per_worker} CPU need {need_cpu} CPUs but the Ray cluster has "
+            f"{available.get('CPU', 0):g}; fix: lower --workers or launch.cpus_per_worker, or add nodes"
+        )
+    need_gpu = workers * gpus_per_worker
+    if need_gpu > available.get("GPU", 0):
+        raise LaunchError(
+            f"{workers} workers x {gpus_per_worker:g} GPU need {need_gpu:g} GPUs but the Ray cluster has "
+            f"{available.get('GPU', 0):g}; fix: lower --workers or --gpus-per-worker"
+        )
+
+
+def launch(config: str, *, overrides=(), workers: int = 1, ep_size: int | None = None, gpus_per_worker: float = 0,
+           address: str | None = None, run_dir: str | None = None, eval_run: str | None = None,
+           progress: bool = True) -> Path:
+    """Run a training job (or, with ``eval_run``, an evaluation of a run folder) on Ray Train."""
+    if workers < 1:
+        raise LaunchError(f"--workers must be at least 1, got {workers}")
+    overrides = list(overrides) + ([f"parallel.ep_size={ep_size}"] if ep_size else [])
+    cfg = load_config(config, overrides)
+    if workers % cfg.parallel.ep_size:
+        raise ConfigError(f"parallel.ep_size: {cfg.parallel.ep_size} does not divide --workers {workers}; "
+                          f"fix: use a multiple of {cfg.parallel.ep_size} workers")
+    folder = Path(eval_run) if eval_run else resolve_run_dir(cfg, run_dir)
+    folder = folder.resolve()
+    env_vars = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                "OMP_NUM_THREADS": str(cfg.launch.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false"}
+    if not gpus_per_worker:
+        env_vars["DS_ACCELERATOR"] = "cpu"
+    for key in (KILL_AT_STEP_ENV, KILL_RANK_ENV):
+        if key in os.environ:
+            env_vars[key] = os.environ[key]
+    ray = _start_ray(address, env_vars)
+    try:
+        _check_resources(ray, workers, cfg.launch.cpus_per_worker, gpus_per_worker)
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        resources = {"CPU": cfg.launch.cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"config": to_dict(cfg), "run_dir": str(folder), "progress": progress,
+                               "eval_only": eval_run is not None},
+            torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
+                                         resources_per_worker=resources),
+            run_config=RayRunConfig(
+                name="eval" if eval_run else "train",
+                storage_path=str(folder / "ray"),
+                failure_config=FailureConfig(max_failures=0 if eval_run else cfg.launch.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            ),
+        )
+        from ray.train import TrainingFailedError
+
+        try:
+            trainer.fit()
+        except TrainingFailedError as err:
+            raise LaunchError(f"the job failed: {err}") from None
+    finally:
+        ray.shutdown()
+    return folder
+
+
+def main(args) -> int:
+    try:
+        folder = launch(args.config, overrides=args.set, workers=args.workers, ep_size=args.ep_size,
+                        gpus_per_worker=args.gpus_per_worker, address=args.address, run_dir=args.run_dir,
+                        eval_run=args.eval, progress=not args.quiet)
+    except LaunchError as err:
+        print(f"moe launch: error: {err}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(summarize(folder, evaluation=args.eval is not None))
+    return 0
+
+
+def summarize(folder: Path, evaluation: bool) -> str:
+    """What the job left in its run folder, for the console."""
+    import json
+
+    from moe.stats import LayerBalance, format_balance_table
+
+    name = "eval.json" if evaluation else "summary.json"
+    summary = json.loads((folder / name).read_text())
+    metrics = summary["eval"] if evaluation else summary["final_eval"]
+    lines = [f"run folder: {folder}", "validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())]
+    if not evaluation:
+        lines.append(f"trained {summary['steps']} steps in {summary['train_wall_s']:.1f} s (this attempt)")
+    balance = [LayerBalance(**row) for row in summary["load_balance"]]
+    return "\n".join(lines + ["load balance per MoE layer:", format_balance_table(balance)])
