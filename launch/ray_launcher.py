@@ -16,6 +16,7 @@ import socket
 import sys
 from pathlib import Path
 
+from moe.checkpoint import list_checkpoints
 from moe.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 from moe.trainer import TrainerHooks, resolve_run_dir
 
@@ -71,7 +72,9 @@ def _worker(loop_config: dict) -> None:
         return
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        trainer = Trainer(cfg, run_dir=str(run_dir), progress=progress, hooks=hooks)
+        # The driver refused a run folder with checkpoints, so any found now are this job's own,
+        # from an attempt that failed before Ray committed them.
+        trainer = Trainer(cfg, run_dir=str(run_dir), progress=progress, hooks=hooks, restart=True)
     else:
         with checkpoint.as_directory() as folder:
             trainer = Trainer(cfg, run_dir=str(run_dir), resume=folder, progress=progress, hooks=hooks)
@@ -163,6 +166,11 @@ def launch(config: str, *, overrides=(), workers: int = 1, ep_size: int | None =
                           f"fix: use a multiple of {cfg.parallel.ep_size} workers")
     folder = Path(eval_run) if eval_run else resolve_run_dir(cfg, run_dir)
     folder = folder.resolve()
+    if eval_run is None and list_checkpoints(folder):
+        raise LaunchError(f"the run folder {folder} already holds checkpoints of another run; "
+                          "fix: pass --run-dir for a new folder, or delete it")
+    if eval_run is not None and not list_checkpoints(folder):
+        raise LaunchError(f"{folder} holds no committed checkpoint to evaluate; fix: pass a run folder of a finished run")
     env_vars = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                 "OMP_NUM_THREADS": str(cfg.launch.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false"}
     if not gpus_per_worker:

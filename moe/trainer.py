@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -99,8 +100,11 @@ def _fill_from_data(cfg: RunConfig, data) -> RunConfig:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, *, run_dir: str | None = None, resume: str | None = None, progress: bool = True,
-                 hooks: TrainerHooks | None = None):
+                 hooks: TrainerHooks | None = None, restart: bool = False):
+        """``restart``: a launcher restarts this job with no checkpoint to resume from; checkpoints
+        already in the run folder are this job's own, written but never committed, and are dropped."""
         self.hooks = hooks or TrainerHooks()
+        self._restart = restart
         self._run_dir_given = run_dir is not None
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -184,7 +188,10 @@ class Trainer:
         self.model.load_state_dict(exported.state_dict())
 
     def _prepare_run_dir(self) -> None:
-        if (self.run_dir / "checkpoints").exists() and ckpt.list_checkpoints(self.run_dir):
+        if self._restart:
+            for stale in ckpt.list_checkpoints(self.run_dir):
+                shutil.rmtree(stale)
+        if ckpt.list_checkpoints(self.run_dir):
             raise ConfigError(
                 f"train.run_dir: '{self.run_dir}' already holds checkpoints of another run; "
                 "fix: pass --resume to continue it, --run-dir for a new folder, or delete it"

@@ -88,3 +88,9 @@ def test_more_workers_than_cpus_is_a_clear_error():
     out = moe_launch("debug_tiny", "--workers", str(4 * (os.cpu_count() or 1)), timeout=120)
     assert out.returncode == 1
     assert "CPUs but the Ray cluster has" in out.stderr and "fix:" in out.stderr
+
+
+def test_a_run_folder_with_checkpoints_is_refused_before_ray_starts(ray_run):
+    out = moe_launch(*JOB, "--run-dir", str(ray_run), timeout=60)
+    assert out.returncode == 1
+    assert "already holds checkpoints" in out.stderr

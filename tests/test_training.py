@@ -143,3 +143,13 @@ def test_encoder_classifier_trains_on_sst2(tmp_path):
     assert 0.0 <= result.final_eval["accuracy"] <= 1.0
     assert result.balance[0].tokens > 0
     assert sum(result.balance[0].counts) == 2 * result.balance[0].tokens
+
+
+def test_a_restarted_job_drops_its_own_uncommitted_checkpoints(tmp_path):
+    cfg = load_config("debug_tiny", TINY + ["train.steps=2", "train.warmup_steps=1"])
+    first = train(cfg, run_dir=str(tmp_path / "run"), progress=False)
+    from moe.trainer import Trainer
+
+    restarted = Trainer(cfg, run_dir=str(tmp_path / "run"), progress=False, restart=True).fit()
+    assert restarted.train_losses == first.train_losses
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
