@@ -19,7 +19,6 @@ distribution, since the experts' shares summed over ranks are 1 whatever the imb
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -33,6 +32,7 @@ if __package__ in (None, ""):  # run as a script (python evals/...): make the re
 
 from evals.report import hardware_info, write_json
 from moe.config import load_config
+from moe.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 # torchrun sets these for its children; inherited ones (e.g. from a test process) would make the
@@ -82,11 +82,6 @@ def run_training(config: str, world: int, overrides: list[str], run_dir: Path, t
     return wall
 
 
-def train_rows(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [row for row in map(json.loads, lines) if row["split"] == "train"]
-
-
 def expected_bytes(moe_layers: int, tokens: int, top_k: int, d_model: int, ep_size: int) -> float:
     return 4 * moe_layers * tokens * top_k * d_model * BYTES_PER_ELEMENT * (ep_size - 1) / ep_size
 
@@ -102,7 +97,7 @@ def measure(args, world: int, out_dir: Path) -> dict:
     if run_dir.exists():  # the trainer would refuse a folder with checkpoints; never mix two runs' metrics
         raise SystemExit(f"{run_dir} exists: pass another --out-dir or delete it")
     wall = run_training(args.config, world, overrides, run_dir, args.timeout)
-    steady = [r for r in train_rows(run_dir) if r["step"] > args.warmup]
+    steady = [r for r in read_metrics(run_dir, "train") if r["step"] > args.warmup]
     if not steady:
         raise SystemExit(f"no steps after the {args.warmup} warm-up steps: raise --steps")
     a2a = [r["all_to_all_bytes"] for r in steady]

@@ -86,15 +86,11 @@ def _evaluate(cfg: RunConfig, run_dir: Path, rank: int) -> None:
 
     import ray.train
 
-    from moe.stats import format_balance_table, layer_balance, reduce_stats, reset_stats
+    from moe.stats import format_balance_table
     from moe.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir=str(run_dir), resume=str(run_dir), progress=False)
-    reset_stats(trainer.model)
-    metrics = trainer.evaluate()
-    if trainer.world > 1:
-        reduce_stats(trainer.model, trainer._all_reduce_sum)
-    balance = layer_balance(trainer.model)
+    metrics, balance = trainer.evaluate_with_balance()
     if rank == 0:
         out = {"step": trainer.start_step, "eval": metrics, "load_balance": [b.as_dict() for b in balance]}
         (run_dir / "eval.json").write_text(json.dumps(out, indent=2))

@@ -267,13 +267,12 @@ class Trainer:
             tokens += self._tokens(batch)
         if self.cfg.parallel.zero_stage > 0:
             grad_norm = float(self.engine.get_global_grad_norm())
-        reduce = self._all_reduce_sum if self.world > 1 else None
         for layer in moe_layers(self.model):
-            layer.router.update_bias(reduce)
+            layer.router.update_bias(self.reduce)
         a2a_bytes = self.traffic.reset()
-        if reduce is not None:  # report the global batch's loss: the mean of equal-sized shards
+        if self.reduce is not None:  # report the global batch's loss: the mean of equal-sized shards
             sums = torch.tensor([loss_sum, aux_sum, float(a2a_bytes)], dtype=torch.float64, device=self.engine.device)
-            reduce(sums)
+            self.reduce(sums)
             loss_sum, aux_sum = (float(v) / self.world for v in sums[:2])
             a2a_bytes = int(sums[2])
         return {
@@ -285,9 +284,18 @@ class Trainer:
             "all_to_all_bytes": a2a_bytes,  # token rows sent between ranks, all ranks, fwd + bwd
         }
 
-    @staticmethod
-    def _all_reduce_sum(t: torch.Tensor) -> None:
-        torch.distributed.all_reduce(t)
+    @property
+    def reduce(self):
+        """Sum a tensor over all ranks in place; None in a single process, where there is nothing to sum."""
+        return torch.distributed.all_reduce if self.world > 1 else None
+
+    def evaluate_with_balance(self) -> tuple[dict, list]:
+        """Validation metrics and the per-layer load balance of exactly that pass, over all ranks."""
+        reset_stats(self.model)
+        metrics = self.evaluate()
+        if self.reduce is not None:
+            reduce_stats(self.model, self.reduce)
+        return metrics, layer_balance(self.model)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -309,8 +317,8 @@ class Trainer:
             if self.cfg.task == "classification":
                 correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
         totals = torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64, device=self.engine.device)
-        if self.world > 1:
-            torch.distributed.all_reduce(totals)
+        if self.reduce is not None:
+            self.reduce(totals)
         result = {"loss": float(totals[0] / totals[2])}
         if self.cfg.task == "classification":
             result["accuracy"] = float(totals[1] / totals[2])
@@ -355,7 +363,7 @@ class Trainer:
             if done % t.log_every == 0 or done == t.steps:
                 elapsed = time.perf_counter() - window_start
                 row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
-                row.update(_moe_log_fields(self.model, self._all_reduce_sum if self.world > 1 else None))
+                row.update(_moe_log_fields(self.model, self.reduce))
                 self.metrics.write(done, "train", row)
                 self.hooks.on_log(done, row)
                 window_tokens, window_start = 0, time.perf_counter()
@@ -374,12 +382,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         wall = time.perf_counter() - started
-        # Final evaluation doubles as the load-balance pass: statistics of exactly this pass.
-        reset_stats(self.model)
-        final = self.evaluate()
-        if self.world > 1:
-            reduce_stats(self.model, self._all_reduce_sum)
-        balance = layer_balance(self.model)
+        # Final evaluation doubles as the load-balance pass.
+        final, balance = self.evaluate_with_balance()
         self.metrics.write(t.steps, "eval", final)
         self.hooks.on_checkpoint(t.steps, self.save(t.steps))
         baseline = self.data.unigram_loss() if self.cfg.task == "lm" else None

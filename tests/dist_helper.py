@@ -85,8 +85,6 @@ def torchrun_train(nproc: int, *args: str, timeout: float = 300) -> None:
 
 
 def train_metrics(run_dir, split: str = "train", key: str = "loss") -> dict:
-    import json
-    from pathlib import Path
+    from moe.metrics import read_metrics
 
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows if r["split"] == split}
+    return {r["step"]: r[key] for r in read_metrics(run_dir, split)}
