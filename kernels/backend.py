@@ -9,7 +9,7 @@ made per call from the main input tensor, so model code never branches on hardwa
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

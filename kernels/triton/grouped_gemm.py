@@ -1,0 +1,355 @@
+"""Triton grouped GEMMs: X_sorted [N, d] times W [E, d, f] with variable group sizes, no padding.
+
+Forward and input gradient share one M-grouped kernel (the input gradient reads W through
+transposed strides). Its grid is an upper bound on the row tiles, ceil(N / BLOCK_M) + E, so it is
+known on the host without reading the group sizes back; each program finds its expert and tile in
+a cumulative tile table built on device, and programs past the real tile count do nothing. The
+weight gradient is K-grouped: one program per (expert, d tile, f tile) sums over that expert's rows.
+
+Options used by the fused MoE MLP: ``gather`` reads A's rows through an index (the token of each
+sorted row, so X is never permuted in memory), ``scale`` multiplies each output row by a weight
+in the epilogue (the combine weight). Accumulation is fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.triton._jit import (
+    acc_is_f64,
+    cdiv,
+    check_device,
+    kernel,
+    next_pow2,
+    tl,
+    triton_interpreted,
+    upcast_for_dot,
+)
+from kernels.triton.autotune import (
+    GPU_DEFAULT,
+    GPU_TILES,
+    INTERPRETER_TILE,
+    Tile,
+    choose_tile,
+    cuda_measure,
+    shape_bucket,
+)
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@kernel
+def _gmm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    group_end_ptr,
+    tile_end_ptr,
+    gather_ptr,
+    scale_ptr,
+    num_m_tiles,
+    N,
+    K,
+    E,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    HAS_GATHER: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ACC64: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row tiles sweep the column tiles together, so a W column panel is
+    # reused from L2 by neighbouring programs instead of being re-read from memory.
+    in_group = GROUP_M * num_n_tiles
+    first_m = (pid // in_group) * GROUP_M
+    group_rows = tl.minimum(num_m_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_rows
+    pid_n = (pid % in_group) // group_rows
+
+    experts = tl.arange(0, BLOCK_E)
+    tile_end = tl.load(tile_end_ptr + experts, mask=experts < E, other=2147483647)
+    total_tiles = tl.load(tile_end_ptr + E - 1)
+    if pid_m < total_tiles:
+        e = tl.sum((tile_end <= pid_m).to(tl.int64), axis=0)
+        tiles_before = tl.load(tile_end_ptr + e - 1, mask=e > 0, other=0).to(tl.int64)
+        row_start = tl.load(group_end_ptr + e - 1, mask=e > 0, other=0).to(tl.int64)
+        row_end = tl.load(group_end_ptr + e).to(tl.int64)
+        rows = row_start + (pid_m - tiles_before) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        if HAS_GATHER:
+            src = tl.load(gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        else:
+            src = rows
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + src[:, None] * stride_am + ks[None, :] * stride_ak
+        b_ptrs = b_ptr + e * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        if ACC64:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+            else:
+                k_ok = (k0 + ks) < K
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+            acc = acc * s.to(acc.dtype)[:, None]
+        c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@kernel
+def _gmm_dw_kernel(
+    x_ptr,
+    dy_ptr,
+    dw_ptr,
+    group_end_ptr,
+    gather_ptr,
+    scale_ptr,
+    D,
+    F,
+    stride_xm,
+    stride_xk,
+    stride_ym,
+    stride_yn,
+    stride_we,
+    stride_wd,
+    stride_wf,
+    HAS_GATHER: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    ACC64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    d_tiles = tl.cdiv(D, BLOCK_M)
+    f_tiles = tl.cdiv(F, BLOCK_N)
+    per_expert = d_tiles * f_tiles
+    e = pid // per_expert
+    t = pid % per_expert
+    in_group = GROUP_M * f_tiles
+    first_m = (t // in_group) * GROUP_M
+    group_rows = tl.minimum(d_tiles - first_m, GROUP_M)
+    pid_m = first_m + (t % in_group) % group_rows
+    pid_n = (t % in_group) // group_rows
+    row_start = tl.load(group_end_ptr + e - 1, mask=e > 0, other=0).to(tl.int64)
+    row_end = tl.load(group_end_ptr + e).to(tl.int64)
+    dcols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    fcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    d_ok = dcols < D
+    f_ok = fcols < F
+    if ACC64:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # K-grouped: the reduction runs over this expert's rows only; an empty expert writes zeros.
+    for r0 in range(row_start, row_end, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        r_ok = rows < row_end
+        if HAS_GATHER:
+            src = tl.load(gather_ptr + rows, mask=r_ok, other=0).to(tl.int64)
+        else:
+            src = rows
+        xt = tl.load(
+            x_ptr + src[None, :] * stride_xm + dcols[:, None] * stride_xk, mask=d_ok[:, None] & r_ok[None, :], other=0.0
+        )
+        g = tl.load(
+            dy_ptr + rows[:, None] * stride_ym + fcols[None, :] * stride_yn,
+            mask=r_ok[:, None] & f_ok[None, :],
+            other=0.0,
+        )
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + rows, mask=r_ok, other=0.0)
+            g = (g.to(tl.float32) * s.to(tl.float32)[:, None]).to(g.dtype)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+            g = g.to(tl.float32)
+        acc = tl.dot(xt, g, acc)
+    w_ptrs = dw_ptr + e * stride_we + dcols[:, None] * stride_wd + fcols[None, :] * stride_wf
+    tl.store(w_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=d_ok[:, None] & f_ok[None, :])
+
+
+def _check_operands(x: torch.Tensor, w: torch.Tensor, op: str) -> None:
+    if x.dtype != w.dtype:
+        raise ValueError(f"{op}: x is {x.dtype} but w is {w.dtype}; cast w to x's dtype (w.to(x.dtype))")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: dtype {x.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    if x.device != w.device:
+        raise ValueError(f"{op}: x is on {x.device} but w on {w.device}; put both on one device")
+    check_device(x, op)
+
+
+def _tile_table(group_end: torch.Tensor, block_m: int) -> torch.Tensor:
+    """Cumulative row-tile count per expert [E] int32, from the group ends, on device."""
+    ends = group_end.to(torch.int64)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    return torch.cumsum(torch.div(counts + block_m - 1, block_m, rounding_mode="floor"), 0).to(torch.int32)
+
+
+def _device_name(t: torch.Tensor) -> str:
+    return torch.cuda.get_device_name(t.device) if t.is_cuda else "interpreter"
+
+
+def _pick(op: str, a: torch.Tensor, dims: tuple, launch) -> Tile:
+    if triton_interpreted() or not a.is_cuda:
+        return INTERPRETER_TILE
+    key = f"{op}|{str(a.dtype).removeprefix('torch.')}|{shape_bucket(*dims)}"
+    return choose_tile(key, _device_name(a), GPU_TILES, GPU_DEFAULT, cuda_measure(launch))
+
+
+def gmm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    group_end: torch.Tensor,
+    *,
+    trans_b: bool = False,
+    gather: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """C[r] = scale[r] * A[gather[r]] @ op(B[e(r)]) for rows r of group e; op = transpose if ``trans_b``.
+
+    a [rows of A, K], b [E, K, N] (or [E, N, K] with ``trans_b``), group_end [E] int32; C has
+    group_end[-1] rows (= len(gather) when gathering, else a's rows).
+    """
+    E = b.shape[0]
+    K, N = (b.shape[2], b.shape[1]) if trans_b else (b.shape[1], b.shape[2])
+    M = gather.shape[0] if gather is not None else a.shape[0]
+    c = torch.empty(M, N, dtype=out_dtype or a.dtype, device=a.device)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    sb = (b.stride(0), b.stride(2), b.stride(1)) if trans_b else (b.stride(0), b.stride(1), b.stride(2))
+    BLOCK_E = next_pow2(E)
+
+    def launch(tile: Tile) -> None:
+        table = _tile_table(group_end, tile.BLOCK_M)
+        m_tiles = cdiv(M, tile.BLOCK_M) + E  # upper bound: each group wastes at most one partial tile
+        grid = (m_tiles * cdiv(N, tile.BLOCK_N),)
+        _gmm_kernel.on(a.device)[grid](
+            a,
+            b,
+            c,
+            group_end,
+            table,
+            gather if gather is not None else group_end,
+            scale if scale is not None else group_end,
+            m_tiles,
+            N,
+            K,
+            E,
+            a.stride(0),
+            a.stride(1),
+            *sb,
+            c.stride(0),
+            c.stride(1),
+            HAS_GATHER=gather is not None,
+            HAS_SCALE=scale is not None,
+            UPCAST=upcast_for_dot(a.dtype),
+            ACC64=acc_is_f64(a),
+            EVEN_K=K % tile.BLOCK_K == 0,
+            BLOCK_E=BLOCK_E,
+            **tile.launch_kwargs(),
+        )
+
+    flags = ("g" if gather is not None else "") + ("s" if scale is not None else "") + ("t" if trans_b else "")
+    launch(_pick(f"gmm{flags}", a, (M, K, N, E), launch))
+    return c
+
+
+def gmm_weight_grad(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    group_end: torch.Tensor,
+    num_experts: int,
+    *,
+    gather: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """dW[e] = X[rows of e]^T @ (scale * dY)[rows of e] as [E, d, f]; X rows read through ``gather``."""
+    D, F = x.shape[1], dy.shape[1]
+    dw = torch.empty(num_experts, D, F, dtype=out_dtype or x.dtype, device=x.device)
+    if dw.numel() == 0:
+        return dw
+    if dy.shape[0] == 0:
+        return dw.zero_()
+
+    def launch(tile: Tile) -> None:
+        grid = (num_experts * cdiv(D, tile.BLOCK_M) * cdiv(F, tile.BLOCK_N),)
+        _gmm_dw_kernel.on(x.device)[grid](
+            x,
+            dy,
+            dw,
+            group_end,
+            gather if gather is not None else group_end,
+            scale if scale is not None else group_end,
+            D,
+            F,
+            x.stride(0),
+            x.stride(1),
+            dy.stride(0),
+            dy.stride(1),
+            dw.stride(0),
+            dw.stride(1),
+            dw.stride(2),
+            HAS_GATHER=gather is not None,
+            HAS_SCALE=scale is not None,
+            UPCAST=upcast_for_dot(x.dtype),
+            ACC64=acc_is_f64(x),
+            **tile.launch_kwargs(),
+        )
+
+    flags = ("g" if gather is not None else "") + ("s" if scale is not None else "")
+    launch(_pick(f"gmm_dw{flags}", x, (dy.shape[0], D, F, num_experts), launch))
+    return dw
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, group_end):
+        ctx.save_for_backward(x, w, group_end)
+        return gmm(x, w, group_end)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, group_end = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = gmm(dy, w, group_end, trans_b=True) if ctx.needs_input_grad[0] else None
+        dw = gmm_weight_grad(x, dy, group_end, w.shape[0]) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Triton implementation of the ``grouped_mm`` op (offsets already validated, int32 [E])."""
+    _check_operands(x, w, "grouped_mm")
+    return _GroupedMM.apply(x.contiguous(), w.contiguous(), offsets.to(device=x.device, dtype=torch.int32).contiguous())

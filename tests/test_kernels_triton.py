@@ -1,0 +1,410 @@
+"""The Triton kernels against their PyTorch references, in Triton's interpreter on CPU (on CUDA when
+there is a GPU): routing, dispatch, grouped GEMMs, the fused expert MLP, the MoE layer on top.
+
+Triton fixes interpreter mode when it is imported, so this module sets ``TRITON_INTERPRET=1``
+before importing it and restores the variable right away; an autouse fixture sets it again only
+around each test here, so other test modules in the same process keep the reference path.
+Every op's outputs are allocated poisoned (NaN, or a garbage integer) so an unwritten element fails.
+
+Tolerances (max abs error against a float64 reference; bf16/fp16 also against PyTorch's own op):
+    fp64: 1e-12   fp32: 1e-5 * scale   bf16, fp16: at most 2x PyTorch's error in the same dtype
+    plus 1 ulp of the output (the kernel rounds once, after an fp32 sum in a different order).
+bf16 GEMM operands are widened to fp32 before tl.dot in the interpreter (numpy has no bf16), so
+interpreter runs check bf16 loads, stores and rounding, not the tensor-core bf16 product.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+_saved = os.environ.get("TRITON_INTERPRET")
+if not CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+try:
+    triton = pytest.importorskip("triton")
+    from kernels.triton._jit import triton_interpreted
+finally:
+    if _saved is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+
+if not CUDA and not triton_interpreted():
+    pytest.skip(
+        "triton was imported earlier in this process without TRITON_INTERPRET=1; "
+        "run this file in its own pytest process",
+        allow_module_level=True,
+    )
+
+import kernels
+from kernels.dispatch import permute_ref, unpermute_ref
+from kernels.grouped_gemm import grouped_mm_ref
+from kernels.routing import topk_route_ref
+from kernels.triton import autotune
+from kernels.triton.grouped_gemm import _tile_table
+
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    """Select the Triton backend for CPU tensors for this test only, and poison fresh outputs."""
+    monkeypatch.delenv("DYNAMOE_KERNEL_BACKEND", raising=False)
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    real_empty = torch.empty
+
+    def poisoned_empty(*size, **kw):
+        t = real_empty(*size, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(-987654)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+def _gen(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
+
+
+def _ulp(t: torch.Tensor, dtype: torch.dtype | None = None) -> float:
+    """One unit in the last place of ``dtype`` (default: t's) at t's largest magnitude."""
+    return float(t.detach().abs().max()) * torch.finfo(dtype or t.dtype).eps if t.numel() else 0.0
+
+
+def assert_close_lowp(out, ref64, torch_out, what):
+    """out's error vs the fp64 reference at most twice PyTorch's own (same dtype), plus one output ulp."""
+    if out.numel() == 0:
+        return
+    err = (out.double() - ref64).abs().max().item()
+    torch_err = (torch_out.double() - ref64).abs().max().item()
+    bound = 2 * torch_err + _ulp(ref64.to(out.dtype)) + 1e-6
+    assert math.isfinite(err) and err <= bound, (
+        f"{what}: error {err:.3g} > bound {bound:.3g} (torch's error {torch_err:.3g})"
+    )
+
+
+def test_backend_is_triton_here_and_reference_without_interpreter(monkeypatch):
+    x = torch.zeros(2, device=DEV)
+    for op in ("topk_route", "permute", "unpermute", "grouped_mm", "moe_mlp"):
+        assert kernels.backend_for(x, op) == "triton"
+    monkeypatch.setenv("DYNAMOE_KERNEL_BACKEND", "reference")
+    assert kernels.backend_for(x, "grouped_mm") == "reference" and not kernels.fused_moe_available(x)
+    if not CUDA:
+        monkeypatch.delenv("DYNAMOE_KERNEL_BACKEND")
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert kernels.backend_for(x, "permute") == "reference"
+
+
+# ----------------------------------------------------------------------------------- routing
+
+ROUTE_CASES = [(1, 1, 1), (7, 4, 1), (7, 4, 4), (600, 9, 2), (600, 9, 9), (33, 64, 6), (20, 256, 8)]
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("T,E,k", ROUTE_CASES)
+def test_topk_route_matches_reference(T, E, k, score, normalize):
+    g = _gen("route", T, E, k, score, normalize)
+    logits = torch.randn(T, E, generator=g).to(DEV).requires_grad_()
+    bias = (0.1 * torch.randn(E, generator=g)).to(DEV) if E > 1 else None
+    w, ex, counts = kernels.topk_route(logits, k, score=score, bias=bias, normalize=normalize)
+    rw, rex, rcounts = topk_route_ref(logits, k, score=score, bias=bias, normalize=normalize)
+    assert (w.dtype, ex.dtype, counts.dtype) == (torch.float32, torch.int64, torch.int64)
+    assert torch.equal(ex, rex) and torch.equal(counts, rcounts)
+    torch.testing.assert_close(w, rw, atol=1e-6, rtol=1e-6)
+    up = torch.randn(T, k, generator=g).to(DEV)
+    (grad,) = torch.autograd.grad((w * up).sum(), logits)
+    (rgrad,) = torch.autograd.grad((rw * up).sum(), logits)
+    torch.testing.assert_close(grad, rgrad, atol=1e-6, rtol=1e-5)
+
+
+def test_topk_route_ties_and_bf16_logits():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 3.0, 0.0], [2.0] * 5, [0.0, 5.0, 0.0, 5.0, 0.0]], device=DEV)
+    for k in (1, 2, 3, 5):
+        for score in ("softmax", "sigmoid"):
+            ex = kernels.topk_route(logits, k, score=score)[1]
+            assert torch.equal(ex, topk_route_ref(logits, k, score=score)[1])
+    assert kernels.topk_route(logits, 2)[1].tolist() == [[1, 2], [0, 1], [1, 3]]
+    x = torch.randn(37, 8, generator=_gen("bf16")).bfloat16().to(DEV)
+    w, ex, c = kernels.topk_route(x, 3, normalize=True)
+    rw, rex, rc = topk_route_ref(x, 3, normalize=True)
+    assert torch.equal(ex, rex) and torch.equal(c, rc)
+    torch.testing.assert_close(w, rw, atol=1e-6, rtol=1e-6)
+
+
+def test_topk_route_errors():
+    with pytest.raises(ValueError, match="exceed the kernel's limit"):
+        kernels.topk_route(torch.randn(2, 300, device=DEV), 2)
+    with pytest.raises(ValueError, match="k=9 must be between 1"):
+        kernels.topk_route(torch.randn(2, 8, device=DEV), 9)
+
+
+# ------------------------------------------------------------------------- permute/unpermute
+
+
+def _assignments(T, E, k, g, drop=0.25):
+    """[T, k] distinct experts per token; experts 1 and E-1 starved (E > 2), ~25% of slots dropped."""
+    ex = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    if E > 2:
+        ex[(ex == E - 1) | (ex == 1)] = -1
+    ex[torch.rand(T, k, generator=g) < drop] = -1
+    return ex
+
+
+DISPATCH_CASES = [(1, 1, 1), (7, 4, 1), (7, 4, 4), (600, 9, 1), (600, 9, 9), (37, 64, 8)]
+
+
+# d = 12 and 300 (neither a multiple of the 256-wide column block); the 600-token, wide case in fp32 only.
+DISPATCH_PARAMS = [
+    (T, E, k, d, dtype)
+    for T, E, k in DISPATCH_CASES
+    for d in (12, 300)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16)
+    if not (T == 600 and d == 300 and (dtype != torch.float32 or k == 9))
+]
+
+
+@pytest.mark.parametrize("T,E,k,d,dtype", DISPATCH_PARAMS)
+def test_permute_unpermute_match_reference(T, E, k, d, dtype):
+    g = _gen("perm", T, E, k, d, str(dtype))
+    experts = _assignments(T, E, k, g).to(DEV)
+    x = torch.randn(T, d, generator=g).to(DEV, dtype).requires_grad_()
+    weights = torch.rand(T, k, generator=g).to(DEV).requires_grad_()
+    xs, row_map = kernels.permute(x, experts, E)
+    rxs, rrow_map = permute_ref(x, experts, E)
+    assert torch.equal(row_map, rrow_map) and torch.equal(xs, rxs)  # a copy: bit-exact in every dtype
+    y_sorted = torch.tanh(xs.float()).to(dtype) * 2  # something non-linear and differentiable per row
+    ry_sorted = torch.tanh(rxs.float()).to(dtype) * 2
+    y = kernels.unpermute(y_sorted, row_map, weights)
+    ry = unpermute_ref(ry_sorted, rrow_map, weights)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    up = torch.randn(T, d, generator=g).to(DEV, dtype)
+    gx, gw = torch.autograd.grad(y, (x, weights), up, allow_unused=True)
+    rgx, rgw = torch.autograd.grad(ry, (x, weights), up, allow_unused=True)
+    atol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 0.0}[dtype]
+    # bf16: the same fp32 sums rounded once; the order of the k terms may differ, and the interpreter's
+    # fp32 -> bf16 conversion may round differently from PyTorch's: allow 2 ulps.
+    ulp = 0.0 if dtype != torch.bfloat16 else 2 * _ulp(ry)
+    torch.testing.assert_close(y.double(), ry.double(), atol=atol + ulp, rtol=0)
+    torch.testing.assert_close(gx.double(), rgx.double(), atol=atol + 2 * ulp, rtol=0)
+    torch.testing.assert_close(gw, rgw, atol=1e-5 * d if dtype != torch.float64 else 1e-12, rtol=1e-5)
+    assert torch.all(gw[experts < 0] == 0)
+
+
+def test_permute_num_rows_hint_and_all_dropped():
+    experts = torch.tensor([[2, 0], [0, 1], [1, 2]], device=DEV)
+    x = torch.arange(6.0, device=DEV).view(3, 2)
+    xs, rm = kernels.permute(x, experts, 3, num_rows=6)
+    assert rm.tolist() == [[4, 0], [1, 2], [3, 5]] and torch.equal(xs, x[[0, 1, 1, 2, 0, 2]])
+    x = torch.randn(3, 5, device=DEV, requires_grad=True)
+    dropped = torch.full((3, 2), -1, device=DEV)
+    xs, rm = kernels.permute(x, dropped, 4)
+    assert xs.shape == (0, 5) and torch.equal(rm, dropped)
+    w = torch.rand(3, 2, device=DEV, requires_grad=True)
+    y = kernels.unpermute(xs, rm, w)
+    assert torch.equal(y, torch.zeros(3, 5, device=DEV))
+    gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    assert torch.equal(gx, torch.zeros_like(gx)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+# -------------------------------------------------------------------------------- grouped_mm
+
+COUNT_CASES = {
+    "mixed": [3, 0, 5, 0, 9],
+    "one_expert": [0, 0, 17, 0, 0],
+    "last": [0, 0, 0, 0, 4],
+    "single": [1, 1, 0, 1, 0],
+    "none": [0, 0, 0],
+    "many": [0, 101, 7, 0, 33, 0, 64, 1, 394],  # 600 rows, several partial tiles
+}
+TOL32 = 1e-5
+
+
+GMM_PARAMS = [
+    (name, d, f, dtype)
+    for name in COUNT_CASES
+    for d, f in ((32, 16), (13, 10), (70, 33))  # block multiples, and widths that are not
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if name != "many" or (d, f) == (70, 33)
+]
+
+
+@pytest.mark.parametrize("counts_name,d,f,dtype", GMM_PARAMS)
+def test_grouped_mm_matches_reference(counts_name, d, f, dtype):
+    g = _gen("gmm", counts_name, d, f, str(dtype))
+    counts = torch.tensor(COUNT_CASES[counts_name])
+    N, E = int(counts.sum()), len(counts)
+    x64 = torch.randn(N, d, generator=g, dtype=torch.float64)
+    w64 = torch.randn(E, d, f, generator=g, dtype=torch.float64) / math.sqrt(d)
+    up64 = torch.randn(N, f, generator=g, dtype=torch.float64)
+    x = x64.to(DEV, dtype).requires_grad_()
+    w = w64.to(DEV, dtype).requires_grad_()
+    offsets = kernels.offsets_from_counts(counts).to(DEV)
+    y = kernels.grouped_mm(x, w, offsets=offsets)
+    assert y.dtype == dtype and y.shape == (N, f) and "GroupedMM" in type(y.grad_fn).__name__
+    gx, gw = torch.autograd.grad(y, (x, w), up64.to(DEV, dtype))
+    # fp64 reference from the same (rounded) inputs; PyTorch's own loop in this dtype for the bound.
+    xr, wr = x.detach().double().cpu().requires_grad_(), w.detach().double().cpu().requires_grad_()
+    ry = grouped_mm_ref(xr, wr, offsets.cpu())
+    rgx, rgw = torch.autograd.grad(ry, (xr, wr), up64.to(dtype).double()) if N else (xr * 0, wr * 0)
+    assert torch.all(gw[counts.to(DEV) == 0] == 0)  # empty experts: exact zeros, not poison
+    if dtype == torch.float32:
+        for out, ref in ((y, ry), (gx, rgx), (gw, rgw)):
+            torch.testing.assert_close(out.double().cpu(), ref, atol=TOL32 * max(1, math.sqrt(N)), rtol=TOL32)
+        return
+    xt, wt = x.detach().cpu().requires_grad_(), w.detach().cpu().requires_grad_()
+    ty = grouped_mm_ref(xt, wt, offsets.cpu())
+    tgx, tgw = torch.autograd.grad(ty, (xt, wt), up64.to(dtype)) if N else (xt * 0, wt * 0)
+    for name, out, ref, tout in (("y", y, ry, ty), ("dx", gx, rgx, tgx), ("dw", gw, rgw, tgw)):
+        assert_close_lowp(out.cpu(), ref, tout, name)
+
+
+def test_grouped_mm_float64_exact_enough_and_tile_table():
+    counts = torch.tensor([0, 5, 0, 40, 1])
+    x = torch.randn(46, 9, dtype=torch.float64, device=DEV, requires_grad=True)
+    w = torch.randn(5, 9, 7, dtype=torch.float64, device=DEV, requires_grad=True)
+    y = kernels.grouped_mm(x, w, counts=counts.to(DEV))
+    ry = grouped_mm_ref(x, w, kernels.offsets_from_counts(counts))
+    torch.testing.assert_close(y, ry, atol=1e-12, rtol=1e-12)
+    ends = kernels.offsets_from_counts(counts)
+    assert _tile_table(ends, 32).tolist() == [0, 1, 1, 3, 4]  # cumulative ceil(count / 32)
+    assert _tile_table(ends, 32)[-1] <= math.ceil(46 / 32) + 5  # within the launch grid's bound
+
+
+def test_grouped_mm_errors():
+    x, w = torch.randn(6, 8, device=DEV), torch.randn(2, 8, 4, device=DEV)
+    with pytest.raises(ValueError, match="cast w to x's dtype"):
+        kernels.grouped_mm(x, w.double(), counts=torch.tensor([3, 3], device=DEV))
+    with pytest.raises(ValueError, match="not supported"):
+        kernels.grouped_mm(x.int(), w.int(), counts=torch.tensor([3, 3], device=DEV))
+
+
+# -------------------------------------------------------------------- fused MLP and MoE layer
+
+MLP_CASES = [(1, 1, 1, "gelu"), (7, 4, 4, "swiglu"), (7, 4, 2, "gelu"), (200, 9, 2, "swiglu"), (60, 16, 6, "gelu")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,E,k,activation", MLP_CASES)
+def test_fused_moe_mlp_matches_unfused_reference(T, E, k, activation, dtype):
+    g = _gen("mlp", T, E, k, activation, str(dtype))
+    d, f = 24, 20
+    experts = _assignments(T, E, k, g, drop=0.2 if k > 1 else 0.0).to(DEV)
+    counts = torch.bincount(experts[experts >= 0].cpu(), minlength=E).to(DEV)
+    width = 2 * f if activation == "swiglu" else f
+    x = torch.randn(T, d, generator=g).to(DEV, dtype).requires_grad_()
+    weights = torch.rand(T, k, generator=g).to(DEV).requires_grad_()
+    w1 = (torch.randn(E, d, width, generator=g) / math.sqrt(d)).to(DEV, dtype).requires_grad_()
+    w2 = (torch.randn(E, f, d, generator=g) / math.sqrt(f)).to(DEV, dtype).requires_grad_()
+    args = (experts, weights, counts, w1, w2)
+    y = kernels.moe_mlp(x, *args, activation=activation)
+    ry = kernels.moe_mlp_ref(x, *args, activation=activation)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    up = torch.randn(T, d, generator=g).to(DEV, dtype)
+    inputs = (x, weights, w1, w2)
+    grads = torch.autograd.grad(y, inputs, up)
+    rgrads = torch.autograd.grad(ry, inputs, up)
+    if dtype == torch.float32:
+        tol = {"atol": 2e-5, "rtol": 1e-4}
+    else:  # the fused path rounds w * (a @ W2) once, the unfused a @ W2 then w * (...): a few ulps apart
+        tol = {"atol": 4 * _ulp(ry) + 1e-3, "rtol": 2e-2}
+    torch.testing.assert_close(y.float(), ry.float(), **tol)
+    for name, a, b in zip(("dx", "dweights", "dw1", "dw2"), grads, rgrads):
+        scale = max(1.0, float(b.float().abs().max()))
+        torch.testing.assert_close(a.float() / scale, b.float() / scale, **tol, msg=lambda m, n=name: f"{n}: {m}")
+    assert torch.all(grads[1][experts < 0] == 0)
+
+
+def _layer(activation, capacity_factor=None, k=2, score="softmax"):
+    from moe.config import MoEConfig, RouterConfig
+    from moe.layer import MoELayer
+
+    torch.manual_seed(0)
+    router = RouterConfig(
+        top_k=k,
+        score=score,
+        capacity_factor=capacity_factor,
+        aux_loss_coef=0.01,
+        z_loss_coef=0.001,
+        aux_free_bias=score == "sigmoid",
+    )
+    cfg = MoEConfig(num_experts=6, d_expert=16, activation=activation, num_shared_experts=1, router=router)
+    layer = MoELayer(cfg, 20, init_std=0.3)
+    with torch.no_grad():
+        layer.router.gate.weight.normal_(0, 0.5)
+        if score == "sigmoid":  # a selection bias that changes choices (aux-loss-free balancing)
+            layer.router.expert_bias.copy_(torch.linspace(-0.2, 0.2, 6))
+    return layer.to(DEV)
+
+
+@pytest.mark.parametrize("activation,capacity_factor,score", [("gelu", None, "softmax"), ("swiglu", 1.0, "sigmoid")])
+def test_moe_layer_triton_path_equals_reference_path(monkeypatch, activation, capacity_factor, score):
+    layer = _layer(activation, capacity_factor, score=score)
+    x = torch.randn(3, 11, 20, generator=_gen("layer", activation)).to(DEV)
+
+    def run():
+        xx = x.clone().requires_grad_()
+        y, aux = layer(xx)
+        loss = (y * torch.linspace(-1, 1, y.numel(), device=DEV).view_as(y)).sum() + aux.loss
+        grads = torch.autograd.grad(loss, [xx, *layer.parameters()])
+        return y.detach(), aux, grads
+
+    y, aux, grads = run()
+    assert layer.dispatcher.fuses(x.reshape(-1, 20))  # the fused Triton MLP ran
+    monkeypatch.setenv("DYNAMOE_KERNEL_BACKEND", "reference")
+    ry, raux, rgrads = run()
+    torch.testing.assert_close(y, ry, atol=2e-5, rtol=1e-4)
+    assert torch.equal(aux.counts, raux.counts) and torch.equal(aux.dropped, raux.dropped)
+    if capacity_factor is not None:
+        assert int(aux.dropped) > 0  # the capacity path (dropped slots) is exercised
+    for a, b in zip(grads, rgrads):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ tile cache
+
+
+def test_tile_cache_measures_once_and_persists(tmp_path, monkeypatch):
+    path = tmp_path / "tiles.json"
+    monkeypatch.setenv("DYNAMOE_TRITON_TUNE_CACHE", str(path))
+    monkeypatch.delenv("DYNAMOE_TRITON_TUNE", raising=False)
+    calls = []
+    cands = (autotune.Tile(64, 64, 32), autotune.Tile(128, 64, 32), autotune.Tile(32, 32, 32))
+
+    def measure(tile):
+        calls.append(tile)
+        if tile.BLOCK_M == 32:
+            raise RuntimeError("out of shared memory")  # a failing tile is skipped, not fatal
+        return {64: 2.0, 128: 1.0}[tile.BLOCK_M]
+
+    key = "gmm|bfloat16|" + autotune.shape_bucket(3000, 4096, 1024, 64)
+    assert key.endswith("4096x4096x1024x64")  # rows round up to a power of two
+    best = autotune.choose_tile(key, "GPU-A", cands, cands[0], measure)
+    assert best == cands[1] and len(calls) == 3
+    assert autotune.choose_tile(key, "GPU-A", cands, cands[0], measure) == cands[1] and len(calls) == 3
+    assert "GPU-A|" + key in path.read_text() and "RuntimeError" in path.read_text()
+    assert autotune.choose_tile(key, "GPU-B", cands, cands[0], None) == cands[0]  # other device, no measuring
+    monkeypatch.setenv("DYNAMOE_TRITON_TUNE_CACHE", str(tmp_path / "other.json"))
+    monkeypatch.setenv("DYNAMOE_TRITON_TUNE", "0")
+    assert autotune.choose_tile(key, "GPU-A", cands, cands[2], measure) == cands[2] and len(calls) == 3
+    monkeypatch.setenv("DYNAMOE_TRITON_TUNE_CACHE", str(path))  # back to the first file: read from disk
+    assert autotune.choose_tile(key, "GPU-A", cands, cands[0], None) == cands[1]
+
+
+def test_registration_needs_triton(monkeypatch):
+    import importlib.util
+
+    import kernels.triton as backend
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert backend.register() is False
