@@ -34,3 +34,11 @@ class LocalDispatcher:
 
     def combine(self, y_sorted: torch.Tensor, state: DispatchState) -> torch.Tensor:
         return kernels.unpermute(y_sorted, state.row_map, state.weights)
+
+    def fuses(self, x_TD: torch.Tensor) -> bool:
+        """Whether :meth:`fused` applies: a backend with a fused expert MLP (Triton) runs on ``x_TD``."""
+        return kernels.fused_moe_available(x_TD)
+
+    def fused(self, x_TD: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
+        """dispatch -> experts -> combine in one op: the permuted copy of x is never materialised."""
+        return experts.forward_tokens(x_TD, routing.experts, routing.weights, routing.counts, routing.num_rows)

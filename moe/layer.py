@@ -60,9 +60,12 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         routing = self.router(x_TD)
-        x_sorted, counts_E, state = self.dispatcher.dispatch(x_TD, routing)
-        y_sorted = self.experts(x_sorted, counts_E)
-        y_TD = self.dispatcher.combine(y_sorted, state)
+        if isinstance(self.dispatcher, LocalDispatcher) and self.dispatcher.fuses(x_TD):
+            y_TD = self.dispatcher.fused(x_TD, routing, self.experts)
+        else:
+            x_sorted, counts_E, state = self.dispatcher.dispatch(x_TD, routing)
+            y_sorted = self.experts(x_sorted, counts_E)
+            y_TD = self.dispatcher.combine(y_sorted, state)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         with torch.no_grad():
