@@ -4,6 +4,7 @@
     moe launch CONFIG --workers N [--ep-size E] [--gpus-per-worker G] [--address ADDR]
     moe launch --eval RUN_DIR --workers N
     moe bench layer [...]        MoE layer vs DeepSpeed's MoE on this machine
+    moe bench kernels [...]      routing, dispatch, grouped GEMMs and layers vs peers (see --help)
     moe export RUN_OR_CHECKPOINT OUT.safetensors   the whole model in one file
     moe configs                  list the shipped configs
 
@@ -34,6 +35,11 @@ def _bench(args: argparse.Namespace) -> int:
         from evals.bench_moe_layer import main as bench_layer
 
         bench_layer(args.rest)
+        return 0
+    if args.what == "kernels":
+        from evals.bench_kernels import main as bench_kernels
+
+        bench_kernels(args.rest)
         return 0
     raise AssertionError(args.what)
 
@@ -94,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_launch)
 
     p = sub.add_parser("bench", help="benchmarks that print tables and write JSON")
-    p.add_argument("what", choices=["layer"], help="layer: MoE layer forward+backward vs DeepSpeed's MoE")
+    p.add_argument("what", choices=["layer", "kernels"],
+                   help="layer: MoE layer forward+backward vs DeepSpeed's MoE; kernels: MoE kernel ops vs peers")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark (see `moe bench layer --help`)")
     p.set_defaults(func=_bench)
 
