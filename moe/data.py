@@ -1,4 +1,4 @@
-"""Datasets through Hugging Face ``datasets``: language modelling and sentence classification.
+"""Datasets: language modelling, sentence classification (through Hugging Face ``datasets``) and images.
 
 Known names read a local copy when one is found (``data.path``, ``$DYNAMOE_DATA_DIR`` or the
 shared data folder beside the repository) and the Hugging Face hub otherwise; any other name is
@@ -212,45 +212,96 @@ def load_lm(cfg: DataConfig) -> LMData:
 # --- classification -----------------------------------------------------------------------------
 
 
-@dataclass
-class ClassificationData:
-    """Padded token ids, masks and labels for a train and a validation split."""
+def _shuffled_rows(n: int, seed: int, index: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """Rows of micro-batch ``index`` of process ``rank``: epoch-wise shuffled, a function of
+    (seed, index, rank) alone."""
+    start = (index * world + rank) * batch_size
+    positions = torch.arange(start, start + batch_size)
+    epochs = positions // n
+    idx = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch)))
+        sel = epochs == epoch
+        idx[sel] = perm[positions[sel] % n]
+    return idx
 
-    train: dict  # input_ids [n, S], attention_mask [n, S], labels [n]
+
+def _trim_padding(batch: dict) -> dict:
+    """Cut the padding columns no row of the batch uses (the model masks them anyway), so short
+    sentences cost short sequences."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.numel() == 0:
+        return batch
+    used = int(mask.sum(1).max())
+    return {k: (v[:, :used] if v.dim() == 2 and k in ("input_ids", "attention_mask") else v) for k, v in batch.items()}
+
+
+@dataclass
+class _SplitData:
+    """Tensors of a train, a validation and a calibration split (each a dict of equal-length
+    tensors, ``labels`` among them)."""
+
+    train: dict
     val: dict
-    tokenizer: Tokenizer
     num_classes: int
-    seq_len: int
+    calib: dict | None = None  # held-out rows for choosing exit thresholds; None: use val
+
+    def _finish(self, batch: dict) -> dict:
+        return batch
+
+    def train_batch(self, seed: int, index: int, batch_size: int, rank: int = 0, world: int = 1) -> dict:
+        """Micro-batch ``index`` (step * grad_accum + micro) of process ``rank``."""
+        idx = _shuffled_rows(self.train["labels"].numel(), seed, index, batch_size, rank, world)
+        return self._finish({k: v[idx] for k, v in self.train.items()})
+
+    def eval_batches(self, num_batches: int | None, batch_size: int, rank: int = 0, world: int = 1, split: str = "val"):
+        """The whole ``split`` (``num_batches`` is ignored: these sets are small) in global batches
+        of ``world * batch_size``, each rank taking its slice. Every rank gets the same number of
+        batches; near the end a rank's slice may be empty (zero rows)."""
+        rows = self.split(split)
+        n = rows["labels"].numel()
+        step = world * batch_size
+        for start in range(0, n, step):
+            lo = min(n, start + rank * batch_size)
+            hi = min(n, lo + batch_size)
+            yield self._finish({k: v[lo:hi] for k, v in rows.items()})
+
+    def split(self, name: str) -> dict:
+        if name == "calib":
+            return self.calib if self.calib is not None else self.val
+        if name not in ("train", "val"):
+            raise ValueError(f"unknown split {name!r}; choose train, val or calib")
+        return getattr(self, name)
+
+    def unigram_loss(self) -> None:
+        return None
+
+
+@dataclass
+class ClassificationData(_SplitData):
+    """Padded token ids, masks and labels; batches are cut to their longest row."""
+
+    tokenizer: Tokenizer | None = None
+    seq_len: int = 0
     task: str = "classification"
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
-    def train_batch(self, seed: int, index: int, batch_size: int, rank: int = 0, world: int = 1) -> dict:
-        """Micro-batch ``index`` (step * grad_accum + micro) of process ``rank``: epoch-wise shuffled,
-        its sample positions a function of (index, rank) alone."""
-        n = self.train["labels"].numel()
-        start = (index * world + rank) * batch_size
-        positions = torch.arange(start, start + batch_size)
-        epochs = positions // n
-        idx = torch.empty(batch_size, dtype=torch.long)
-        for epoch in epochs.unique().tolist():
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, epoch)))
-            sel = epochs == epoch
-            idx[sel] = perm[positions[sel] % n]
-        return {k: v[idx] for k, v in self.train.items()}
+    def _finish(self, batch: dict) -> dict:
+        return _trim_padding(batch)
 
-    def eval_batches(self, num_batches: int | None, batch_size: int, rank: int = 0, world: int = 1):
-        """The whole validation split (``num_batches`` is ignored: dev sets here are small) in global
-        batches of ``world * batch_size``, each rank taking its slice. Every rank gets the same
-        number of batches; near the end a rank's slice may be empty (zero rows)."""
-        n = self.val["labels"].numel()
-        step = world * batch_size
-        for start in range(0, n, step):
-            lo = min(n, start + rank * batch_size)
-            hi = min(n, lo + batch_size)
-            yield {k: v[lo:hi] for k, v in self.val.items()}
+
+@dataclass
+class ImageData(_SplitData):
+    """Normalised images ``pixel_values`` [n, C, H, W] and labels."""
+
+    task: str = "image_classification"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train["pixel_values"].shape[1:])
 
 
 def _encode_split(texts: list[str], labels: list[int], tokenizer: Tokenizer, seq_len: int) -> dict:
@@ -263,26 +314,48 @@ def _encode_split(texts: list[str], labels: list[int], tokenizer: Tokenizer, seq
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=torch.long)}
 
 
-def _read_sst2_local(folder: Path) -> tuple[dict, dict]:
+def _read_sst2_local(folder: Path) -> tuple[dict, dict, dict | None]:
+    """train.tsv, dev.tsv, and test.tsv when it has labels (the calibration split)."""
     import datasets
 
-    def read(name: str) -> dict:
+    def read(name: str, required: bool = True) -> dict | None:
         file = folder / name
         if not file.exists():
+            if not required:
+                return None
             raise DataError(f"SST-2 folder '{folder}' has no {name}; fix: point data.path at a folder with train.tsv and dev.tsv")
         ds = datasets.load_dataset("csv", data_files=str(file), delimiter="\t", split="train", quoting=3)
+        if "label" not in ds.column_names:
+            return None
         text_col = "sentence" if "sentence" in ds.column_names else "content"  # dev.tsv names it 'content'
         return {"text": [str(t) for t in ds[text_col]], "label": [int(x) for x in ds["label"]]}
 
-    return read("train.tsv"), read("dev.tsv")
+    test = read("test.tsv", required=False)
+    if test is not None and min(test["label"]) < 0:  # GLUE's unlabelled test set
+        test = None
+    return read("train.tsv"), read("dev.tsv"), test
+
+
+def _hold_out(rows: dict, fraction: float, seed: int) -> tuple[dict, dict]:
+    """Split off a fixed random ``fraction`` of ``rows`` (lists or tensors): (kept, held out)."""
+    n = len(rows["label"]) if "label" in rows else rows["labels"].shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = n - max(1, int(round(n * fraction)))
+    keep, out = sorted(perm[:cut]), sorted(perm[cut:])
+
+    def take(v, idx):
+        return v[torch.tensor(idx)] if isinstance(v, torch.Tensor) else [v[i] for i in idx]
+
+    return {k: take(v, keep) for k, v in rows.items()}, {k: take(v, out) for k, v in rows.items()}
 
 
 def load_classification(cfg: DataConfig) -> ClassificationData:
     local = _local_copy(cfg)
+    calib = None
     if local is not None:
         if not local.is_dir():
             raise DataError(f"data.path '{local}' must be a folder with train.tsv and dev.tsv for classification")
-        train, val = _read_sst2_local(local)
+        train, val, calib = _read_sst2_local(local)
     else:
         layout = _LOCAL_LAYOUT.get(cfg.dataset.lower())
         hub_name, text_field = (layout[1], layout[2]) if layout else (cfg.dataset, cfg.text_field)
@@ -291,18 +364,85 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
         train, val = (
             {"text": list(ds[s][text_field]), "label": [int(x) for x in ds[s][cfg.label_field]]} for s in ("train", val_split)
         )
+    if calib is None:
+        train, calib = _hold_out(train, cfg.calib_fraction, seed=1234)
     if cfg.max_train_samples is not None:
         train = {k: v[: cfg.max_train_samples] for k, v in train.items()}
     tokenizer = char_tokenizer("".join(train["text"]), reserve_special=True) if cfg.tokenizer == "char" else hf_tokenizer(cfg.tokenizer)
     num_classes = max(train["label"] + val["label"]) + 1
     return ClassificationData(
-        _encode_split(train["text"], train["label"], tokenizer, cfg.seq_len),
-        _encode_split(val["text"], val["label"], tokenizer, cfg.seq_len),
-        tokenizer,
-        num_classes,
-        cfg.seq_len,
+        train=_encode_split(train["text"], train["label"], tokenizer, cfg.seq_len),
+        val=_encode_split(val["text"], val["label"], tokenizer, cfg.seq_len),
+        num_classes=num_classes,
+        calib=_encode_split(calib["text"], calib["label"], tokenizer, cfg.seq_len),
+        tokenizer=tokenizer,
+        seq_len=cfg.seq_len,
     )
 
 
+# --- images -------------------------------------------------------------------------------------
+
+
+def _normalise(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Per-channel standardisation with the training split's statistics."""
+    mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return [(x - mean) / std for x in (train_x, *others)]
+
+
+def load_digits_data(cfg: DataConfig) -> ImageData:
+    """scikit-learn's 8x8 handwritten digits (bundled with scikit-learn, no download): a fixed,
+    stratified 80/20 train/test split; the calibration rows are held out of the training split."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise DataError("dataset 'digits' needs scikit-learn; fix: pip install scikit-learn") from None
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    tr, te = train_test_split(list(range(len(y))), test_size=0.2, random_state=0, stratify=digits.target)
+    train = {"pixel_values": x[tr], "labels": y[tr]}
+    val = {"pixel_values": x[te], "labels": y[te]}
+    train, calib = _hold_out(train, cfg.calib_fraction, seed=1234)
+    train["pixel_values"], val["pixel_values"], calib["pixel_values"] = _normalise(
+        train["pixel_values"], val["pixel_values"], calib["pixel_values"])
+    return ImageData(train=train, val=val, num_classes=10, calib=calib)
+
+
+def load_hub_images(cfg: DataConfig) -> ImageData:
+    """An image-classification dataset from the hub (``cifar10`` is ``uoft-cs/cifar10``), with
+    ``data.text_field`` naming the image column when it is not ``img`` or ``image``."""
+    import numpy as np
+
+    name = {"cifar10": "uoft-cs/cifar10"}.get(cfg.dataset.lower(), cfg.dataset)
+    ds = _load_hub(name, cfg)
+    val_split = "test" if "test" in ds else "validation"
+    columns = ds["train"].column_names
+    image_col = next((c for c in (cfg.text_field, "img", "image") if c in columns), None)
+    label_col = cfg.label_field if cfg.label_field in columns else next((c for c in columns if "label" in c), None)
+    if image_col is None or label_col is None:
+        raise DataError(f"dataset '{name}' has columns {columns}; fix: set data.text_field to the image column "
+                        "and data.label_field to the label column")
+
+    def tensors(split) -> dict:
+        images = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in split[image_col]])
+        return {"pixel_values": torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0,
+                "labels": torch.tensor(split[label_col], dtype=torch.long)}
+
+    train, val = tensors(ds["train"]), tensors(ds[val_split])
+    if cfg.max_train_samples is not None:
+        train = {k: v[: cfg.max_train_samples] for k, v in train.items()}
+    train, calib = _hold_out(train, cfg.calib_fraction, seed=1234)
+    train["pixel_values"], val["pixel_values"], calib["pixel_values"] = _normalise(
+        train["pixel_values"], val["pixel_values"], calib["pixel_values"])
+    num_classes = int(max(train["labels"].max(), val["labels"].max())) + 1
+    return ImageData(train=train, val=val, num_classes=num_classes, calib=calib)
+
+
 def build_data(cfg: DataConfig, task: str):
-    return load_lm(cfg) if task == "lm" else load_classification(cfg)
+    if task == "lm":
+        return load_lm(cfg)
+    if task == "image_classification":
+        return load_digits_data(cfg) if cfg.dataset.lower() == "digits" else load_hub_images(cfg)
+    return load_classification(cfg)

@@ -36,21 +36,25 @@ def init_distributed(backend: str):
     return deepspeed
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, expert_group: str | None):
+def param_groups(model: torch.nn.Module, weight_decay: float, expert_group: str | None,
+                 early_exit: set[int] | frozenset = frozenset()):
     """AdamW groups: matrices decay; norms, biases and embeddings do not. Expert parameters form a
     group of their own, marked the way DeepSpeed's ZeRO expects (``moe``, ``name``), so ZeRO
-    partitions them over the expert-data-parallel group."""
-    decay, no_decay, experts = [], [], []
+    partitions them over the expert-data-parallel group. Parameters whose id is in ``early_exit``
+    get groups of their own, marked ``early_exit`` (two-stage exit training sets their rate apart)."""
+    decay, no_decay, experts, exit_decay, exit_no_decay = [], [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if expert_group is not None and is_expert_param(p):
             experts.append(p)
         elif p.dim() >= 2 and "emb" not in name:
-            decay.append(p)
+            (exit_decay if id(p) in early_exit else decay).append(p)
         else:
-            no_decay.append(p)
+            (exit_no_decay if id(p) in early_exit else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [g for g in ({"params": exit_decay, "weight_decay": weight_decay, "early_exit": True},
+                           {"params": exit_no_decay, "weight_decay": 0.0, "early_exit": True}) if g["params"]]
     if experts:
         groups.append({"params": experts, "weight_decay": weight_decay, "moe": True, "name": expert_group})
     return groups

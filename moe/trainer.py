@@ -38,6 +38,12 @@ from moe.stats import format_balance_table, layer_balance, moe_layers, reduce_st
 from moe.transformer import build_model
 
 
+def early_exit_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters that belong to early exits (the final head is the backbone's)."""
+    return {id(p) for name in ("exit_heads", "exit_norms", "exit_predictors")
+            for p in getattr(model, name, torch.nn.ModuleList()).parameters()}
+
+
 class TrainerHooks:
     """Seams for a launcher, called on every rank in the same order (so they may be collective)."""
 
@@ -86,6 +92,18 @@ def resolve_run_dir(cfg: RunConfig, override: str | None) -> Path:
 
 def _fill_from_data(cfg: RunConfig, data) -> RunConfig:
     model = cfg.model
+    if cfg.task == "image_classification":
+        C, H, W = data.image_shape
+        cnn = dataclasses.replace(model.cnn, in_channels=model.cnn.in_channels or C, image_size=model.cnn.image_size or H)
+        if cnn.in_channels != C or cnn.image_size != H:
+            raise ConfigError(f"model.cnn: in_channels={cnn.in_channels}, image_size={cnn.image_size} do not fit the data's "
+                              f"{C}x{H}x{W} images; fix: remove them to take them from the data")
+        model = dataclasses.replace(model, cnn=cnn, num_classes=model.num_classes or data.num_classes)
+        return dataclasses.replace(cfg, model=model)
+    if model.kind == "hf_encoder":
+        from moe.hf_encoder import fill_from_pretrained
+
+        model = fill_from_pretrained(model)
     if model.vocab_size is None:
         model = dataclasses.replace(model, vocab_size=data.vocab_size)
     elif model.vocab_size < data.vocab_size:
@@ -126,7 +144,8 @@ class Trainer:
         self.traffic = TrafficCounter()
         self.ep_group, expert_group = self._shard_experts()
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, self.cfg.train.weight_decay, expert_group), lr=self.cfg.train.lr,
+            param_groups(self.model, self.cfg.train.weight_decay, expert_group, early_exit_parameters(self.model)),
+            lr=self.cfg.train.lr,
             betas=self.cfg.train.betas,
         )
         t = self.cfg.train
@@ -241,16 +260,40 @@ class Trainer:
 
     @staticmethod
     def _tokens(batch: dict) -> int:
+        """Tokens (text) or samples (images) in a batch."""
         mask = batch.get("attention_mask")
-        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if mask is not None:
+            return int(mask.sum())
+        return batch["input_ids"].numel() if "input_ids" in batch else batch["labels"].shape[0]
+
+    def _set_learning_rates(self, step: int) -> None:
+        """The schedule, and two-stage exit training: first the backbone and final head (early
+        exits frozen), then the early exits on a frozen backbone, each stage with its own
+        warm-up and decay. A learning rate of 0 leaves AdamW's weights exactly as they are."""
+        t = self.cfg.train
+        exits = self.cfg.model.exits
+        if not (exits.enabled and exits.training == "two_stage"):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(step, t)
+            self.model.exit_phase = "joint"
+            return
+        first = max(1, int(t.steps * exits.stage_one_fraction))
+        in_first = step < first
+        stage = dataclasses.replace(t, steps=first if in_first else t.steps - first,
+                                    warmup_steps=min(t.warmup_steps, first if in_first else t.steps - first))
+        lr = lr_at(step if in_first else step - first, stage)
+        for group in self.optimizer.param_groups:
+            trains = group.get("early_exit", False) != in_first
+            group["lr"] = lr if trains else 0.0
+        self.model.exit_phase = "backbone" if in_first else "exits"
 
     def train_step(self, step: int) -> dict:
         t = self.cfg.train
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, t)
+        self._set_learning_rates(step)
         torch.manual_seed(_step_seed(t.seed, step, self.rank))  # dropout and jitter depend on the step only
         self.engine.train()
         loss_sum = aux_sum = 0.0
+        exit_sums = None
         tokens = 0
         for micro in range(t.grad_accum):
             batch = self._micro_batch(step, micro)
@@ -264,6 +307,9 @@ class Trainer:
             self.engine.step()
             loss_sum += out.loss.item()
             aux_sum += out.aux_loss.item() if out.aux_loss is not None else 0.0
+            if out.exit_losses:
+                values = torch.stack(out.exit_losses).double().cpu()
+                exit_sums = values if exit_sums is None else exit_sums + values
             tokens += self._tokens(batch)
         if self.cfg.parallel.zero_stage > 0:
             grad_norm = float(self.engine.get_global_grad_norm())
@@ -275,7 +321,11 @@ class Trainer:
             self.reduce(sums)
             loss_sum, aux_sum = (float(v) / self.world for v in sums[:2])
             a2a_bytes = int(sums[2])
+        row = {}
+        if exit_sums is not None:  # each exit's cross-entropy; with several processes, rank 0's
+            row = {f"exit{j}_loss": float(v) / t.grad_accum for j, v in enumerate(exit_sums)}
         return {
+            **row,
             "loss": loss_sum / t.grad_accum,
             "aux_loss": aux_sum / t.grad_accum,
             "lr": lr_at(step, t),
@@ -302,6 +352,9 @@ class Trainer:
         self.engine.eval()
         t = self.cfg.train
         loss_sum, correct, count = 0.0, 0, 0
+        classify = self.cfg.task != "lm"
+        n_exits = len(self.cfg.model.exits.layers) + 1 if self.cfg.model.exits.enabled else 0
+        exit_totals = torch.zeros(n_exits, dtype=torch.float64)  # correct (classification) or loss sums (LM)
         for batch in self.data.eval_batches(t.eval_batches, t.batch_size, self.rank, self.world):
             n = batch["labels"].shape[0]
             if n == 0:
@@ -312,16 +365,27 @@ class Trainer:
                 continue
             batch = self._on_device(batch)
             out = self.engine(**batch)
-            loss_sum += float(out.loss) * n
+            labels = batch["labels"]
+            # The loss reported is the final head's, comparable with a model without exits.
+            final_loss = out.exit_losses[-1] if out.exit_losses else out.loss
+            loss_sum += float(final_loss) * n
             count += n
-            if self.cfg.task == "classification":
-                correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-        totals = torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64, device=self.engine.device)
+            if classify:
+                correct += int((out.logits.argmax(-1) == labels).sum())
+                for j, head in enumerate(out.exits[:n_exits]):
+                    exit_totals[j] += float((head.logits.argmax(-1) == labels).sum())
+            else:
+                for j, value in enumerate(out.exit_losses[:n_exits]):
+                    exit_totals[j] += float(value) * n
+        totals = torch.cat([torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64), exit_totals])
+        totals = totals.to(self.engine.device)
         if self.reduce is not None:
             self.reduce(totals)
         result = {"loss": float(totals[0] / totals[2])}
-        if self.cfg.task == "classification":
+        if classify:
             result["accuracy"] = float(totals[1] / totals[2])
+        for j in range(n_exits):
+            result[f"exit{j}_{'accuracy' if classify else 'loss'}"] = float(totals[3 + j] / totals[2])
         return result
 
     def save(self, step: int) -> Path | None:

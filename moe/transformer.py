@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe import flops as F_
 from moe.config import ModelConfig
+from moe.early_exit import MultiExitModel, State
+from moe.exits import ExitHead, HeadOutput, PolicyState, exit_loss, exit_score, thresholds_for
 from moe.experts import DenseMLP
 from moe.layer import MoEAux, MoELayer
 
@@ -26,6 +29,8 @@ class ModelOutput:
     loss: torch.Tensor | None = None  # task loss (cross-entropy), None without targets
     aux_loss: torch.Tensor | None = None  # summed router losses of all MoE layers
     moe: list[MoEAux] = field(default_factory=list)  # one entry per MoE layer, in depth order
+    exits: list[HeadOutput] = field(default_factory=list)  # every exit's output, the final head last
+    exit_losses: list[torch.Tensor] = field(default_factory=list)  # each exit's cross-entropy (detached)
 
     @property
     def total_loss(self) -> torch.Tensor:
@@ -96,13 +101,16 @@ class _Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, self.causal) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
 
-    def hidden(self, idx_BS: torch.Tensor, key_mask_BS: torch.Tensor | None = None):
-        """Final hidden states [B, S, D] and the MoE layers' aux records."""
+    def _embed(self, idx_BS: torch.Tensor) -> torch.Tensor:
         S = idx_BS.shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         pos = torch.arange(S, device=idx_BS.device)
-        x = self.drop(self.tok_emb(idx_BS) + self.pos_emb(pos))
+        return self.drop(self.tok_emb(idx_BS) + self.pos_emb(pos))
+
+    def hidden(self, idx_BS: torch.Tensor, key_mask_BS: torch.Tensor | None = None):
+        """Final hidden states [B, S, D] and the MoE layers' aux records."""
+        x = self._embed(idx_BS)
         records = []
         for block in self.blocks:
             x, aux = block(x, key_mask_BS)
@@ -116,6 +124,14 @@ class _Backbone(nn.Module):
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
+
+    def layer_flops(self, i: int, batch: int, seq: int) -> int:
+        """FLOPs of block ``i`` on ``batch`` sequences of ``seq`` tokens (dropless routing)."""
+        cfg = self.cfg
+        tokens = batch * seq
+        ffn = (F_.moe_ffn_flops(tokens, cfg.d_model, cfg.moe) if self.blocks[i].is_moe
+               else F_.dense_ffn_flops(tokens, cfg.d_model, cfg.d_ff, cfg.moe.activation))
+        return F_.attention_flops(batch, seq, cfg.d_model) + ffn
 
 
 class TransformerLM(_Backbone):
@@ -131,17 +147,90 @@ class TransformerLM(_Backbone):
         else:
             nn.init.normal_(self.head.weight, std=0.02)
 
+        # Per-token early exits: a norm per exit in front of the shared output projection.
+        self.exit_cfg = cfg.exits
+        self.exit_norms = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in cfg.exits.layers)
+        self.exit_predictors = nn.ModuleList(
+            nn.Linear(cfg.d_model, 1) for _ in (cfg.exits.layers if cfg.exits.policy == "learned" else [])
+        )
+
+    def _exit_head(self, j: int, x_BSD: torch.Tensor) -> HeadOutput:
+        if j == len(self.exit_norms):
+            return HeadOutput(self.head(self.ln_f(x_BSD)))
+        h = self.exit_norms[j](x_BSD)
+        pred = self.exit_predictors[j](h.detach()).squeeze(-1) if len(self.exit_predictors) else None
+        return HeadOutput(self.head(h), pred)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
-        h_BSD, records = self.hidden(input_ids)
-        logits_BSV = self.head(h_BSD)
-        loss = None
+        if not self.exit_cfg.enabled:
+            h_BSD, records = self.hidden(input_ids)
+            logits_BSV = self.head(h_BSD)
+            loss = None
+            if labels is not None:
+                loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+            return ModelOutput(logits_BSV, loss, self._aux_total(records), records)
+        x = self._embed(input_ids)
+        heads, records = [], []
+        exit_after = {layer - 1: j for j, layer in enumerate(self.exit_cfg.layers)}
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x)
+            if aux is not None:
+                records.append(aux)
+            if i in exit_after:
+                heads.append(self._exit_head(exit_after[i], x))
+        heads.append(self._exit_head(len(self.exit_norms), x))
+        loss, per_exit = None, []
         if labels is not None:
-            loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return ModelOutput(logits_BSV, loss, self._aux_total(records), records)
+            flat = [HeadOutput(h.logits.flatten(0, 1), None if h.predictor is None else h.predictor.flatten()) for h in heads]
+            loss, per_exit = exit_loss(self.exit_cfg, flat, labels.flatten(), getattr(self, "exit_phase", "joint"))
+        return ModelOutput(heads[-1].logits, loss, self._aux_total(records), records, heads, per_exit)
+
+    @torch.no_grad()
+    def generate_exit_eval(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, policy: str | None = None, thresholds: list[float] | None = None
+    ) -> dict:
+        """Per-token early exit on a whole sequence, with state copying (CALM): a token that exits
+        keeps its hidden state for the later layers, which still read it as a key and value, so the
+        causal computation stays well defined. Returns the loss of the exits the tokens chose and
+        the layers each token ran; the FLOPs saved are those of a KV-cache decoder that skips the
+        exited tokens' later layers (this dense pass computes them and discards them)."""
+        cfg = self.exit_cfg
+        policy = policy or cfg.policy
+        thresholds = thresholds_for(cfg) if thresholds is None else thresholds
+        x = self._embed(input_ids)
+        B, S = input_ids.shape
+        active = torch.ones(B, S, dtype=torch.bool, device=x.device)
+        chosen = torch.zeros(B, S, self.cfg.vocab_size, device=x.device)
+        layers = torch.full((B, S), self.cfg.n_layers, dtype=torch.long, device=x.device)
+        exit_after = {layer - 1: j for j, layer in enumerate(cfg.layers)}
+        pstate = PolicyState()
+        for i, block in enumerate(self.blocks):
+            y, _ = block(x)
+            x = torch.where(active.unsqueeze(-1), y, x)
+            if i in exit_after:
+                j = exit_after[i]
+                head = self._exit_head(j, x)
+                flat = HeadOutput(head.logits.flatten(0, 1), None if head.predictor is None else head.predictor.flatten())
+                score, pstate = exit_score(policy, flat, pstate)
+                leave = (score.view(B, S) >= thresholds[j]) & active
+                chosen[leave] = head.logits[leave].float()
+                layers[leave] = i + 1
+                active &= ~leave
+        final = self._exit_head(len(self.exit_norms), x)
+        chosen[active] = final.logits[active].float()
+        loss = F.cross_entropy(chosen.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return {"loss": float(loss), "layers_per_token": layers.float(), "mean_layers": float(layers.float().mean())}
 
 
-class TransformerClassifier(_Backbone):
-    """BERT-style encoder with a pooled classification head."""
+def masked_mean(h_BSD: torch.Tensor, mask_BS: torch.Tensor | None) -> torch.Tensor:
+    if mask_BS is None:
+        return h_BSD.mean(dim=1)
+    m = mask_BS.unsqueeze(-1).to(h_BSD.dtype)
+    return (h_BSD * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class TransformerClassifier(_Backbone, MultiExitModel):
+    """BERT-style encoder with a pooled classification head, and optional early exits."""
 
     causal = False
 
@@ -150,22 +239,72 @@ class TransformerClassifier(_Backbone):
         if cfg.num_classes is None:
             raise ValueError("model.num_classes is unset: build the data first (it sets the classes) or set it")
         self.classifier = nn.Linear(cfg.d_model, cfg.num_classes)
+        self.exit_cfg = cfg.exits
+        # The residual stream of a pre-LN model is not normalised: each exit gets its own norm.
+        self.exit_norms = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in cfg.exits.layers)
+        self.exit_heads = nn.ModuleList(
+            ExitHead(cfg.d_model, cfg.num_classes, cfg.exits.head_hidden, cfg.dropout, cfg.exits.policy == "learned")
+            for _ in cfg.exits.layers
+        )
+
+    @property
+    def num_stages(self) -> int:
+        return self.cfg.n_layers
+
+    def begin(self, batch: dict) -> State:
+        return {"x": self._embed(batch["input_ids"]), "mask": batch.get("attention_mask")}
+
+    def run_stage(self, i: int, state: State) -> tuple[State, list]:
+        x, aux = self.blocks[i](state["x"], state["mask"])
+        return {**state, "x": x}, ([] if aux is None else [aux])
+
+    def _pool(self, h_BSD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return h_BSD[:, 0] if self.cfg.pooling == "first" else masked_mean(h_BSD, mask)
+
+    def run_head(self, j: int, state: State) -> HeadOutput:
+        if j == len(self.exit_heads):
+            return HeadOutput(self.classifier(self._pool(self.ln_f(state["x"]), state["mask"])))
+        return self.exit_heads[j](self._pool(self.exit_norms[j](state["x"]), state["mask"]))
+
+    def stage_flops(self, i: int, state: State) -> float:
+        B, S = state["x"].shape[:2]
+        return float(self.layer_flops(i, B, S))
+
+    def head_flops(self, j: int, state: State) -> float:
+        B = state["x"].shape[0]
+        if j == len(self.exit_heads):
+            return float(F_.linear_flops(B, self.cfg.d_model, self.cfg.num_classes))
+        return float(B * self.exit_heads[j].flops())
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> ModelOutput:
-        h_BSD, records = self.hidden(input_ids, attention_mask)
-        if self.cfg.pooling == "first":
-            pooled_BD = h_BSD[:, 0]
-        elif attention_mask is None:
-            pooled_BD = h_BSD.mean(dim=1)
+        heads, records = self.forward_heads({"input_ids": input_ids, "attention_mask": attention_mask})
+        return classification_output(self, heads, records, labels)
+
+
+def classification_output(model: MultiExitModel, heads: list[HeadOutput], records: list, labels) -> ModelOutput:
+    """The ModelOutput of a multi-exit classifier: final logits, the exits' loss, router losses."""
+    loss, per_exit = None, []
+    if labels is not None:
+        if model.exit_cfg.enabled:
+            loss, per_exit = exit_loss(model.exit_cfg, heads, labels, model.exit_phase)
         else:
-            m = attention_mask.unsqueeze(-1).to(h_BSD.dtype)
-            pooled_BD = (h_BSD * m).sum(1) / m.sum(1).clamp_min(1.0)
-        logits_BC = self.classifier(pooled_BD)
-        loss = None if labels is None else F.cross_entropy(logits_BC.float(), labels)
-        return ModelOutput(logits_BC, loss, self._aux_total(records), records)
+            loss = F.cross_entropy(heads[-1].logits.float(), labels)
+    return ModelOutput(heads[-1].logits, loss, _Backbone._aux_total(records), records, heads, per_exit)
 
 
-def build_model(cfg: ModelConfig) -> _Backbone:
-    return TransformerLM(cfg) if cfg.kind == "decoder" else TransformerClassifier(cfg)
+def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.kind == "decoder":
+        return TransformerLM(cfg)
+    if cfg.kind == "encoder":
+        return TransformerClassifier(cfg)
+    if cfg.kind == "hf_encoder":
+        from moe.hf_encoder import HFExitClassifier
+
+        return HFExitClassifier(cfg)
+    if cfg.kind == "cnn":
+        from moe.cnn import ResNetExits
+
+        return ResNetExits(cfg)
+    raise ValueError(f"unknown model.kind {cfg.kind!r}")

@@ -1,0 +1,142 @@
+"""A ResNet-style image classifier whose blocks can carry MoE and whose stages carry early exits.
+
+Stages of basic residual blocks (two 3x3 convolutions); every stage after the first halves the
+feature map and widens it. A block marked MoE adds, on the residual, a pointwise MoE over the
+feature-map positions: every (sample, row, column) is a token of width C, routed through the
+same :class:`MoELayer` (and kernels) as the Transformers' tokens. Exits sit after chosen stages:
+global average pooling, then an :class:`ExitHead`. BatchNorm runs on running statistics at
+inference, so each sample's output is independent of the others and compaction is exact.
+Shape legend: B batch, C channels, H/W feature-map height/width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moe import flops as F_
+from moe.config import ModelConfig
+from moe.early_exit import MultiExitModel, State
+from moe.exits import ExitHead, HeadOutput
+from moe.layer import MoELayer
+from moe.transformer import ModelOutput, classification_output
+
+
+class PointwiseMoE(nn.Module):
+    """Pre-norm MoE over feature-map positions, added on the residual."""
+
+    def __init__(self, cfg: ModelConfig, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.moe = MoELayer(cfg.moe, channels)
+
+    def forward(self, x_BCHW: torch.Tensor):
+        tokens = x_BCHW.permute(0, 2, 3, 1)  # channels last: one token per position
+        y, aux = self.moe(self.norm(tokens))
+        return x_BCHW + y.permute(0, 3, 1, 2), aux
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.shortcut is None else self.shortcut(x)))
+
+    def flops(self, batch: int, h_in: int, w_in: int) -> int:
+        c_in, c_out = self.conv1.in_channels, self.conv1.out_channels
+        h, w = (h_in + 2 - 3) // self.stride + 1, (w_in + 2 - 3) // self.stride + 1
+        total = F_.conv2d_flops(batch, c_in, c_out, 3, h, w) + F_.conv2d_flops(batch, c_out, c_out, 3, h, w)
+        if self.shortcut is not None:
+            total += F_.conv2d_flops(batch, c_in, c_out, 1, h, w)
+        return total
+
+
+class ResNetExits(MultiExitModel):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = cfg.cnn
+        if cfg.num_classes is None or c.in_channels is None or c.image_size is None:
+            raise ValueError("model.num_classes, model.cnn.in_channels and model.cnn.image_size must be set "
+                             "(building the data sets them)")
+        self.cfg = cfg
+        self.exit_cfg = cfg.exits
+        self.stem = nn.Sequential(nn.Conv2d(c.in_channels, c.channels[0], 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(c.channels[0]), nn.ReLU())
+        self.stages = nn.ModuleList()
+        self.moes = nn.ModuleDict()  # "stage_block" -> PointwiseMoE
+        c_in, block_no = c.channels[0], 0
+        for s, width in enumerate(c.channels):
+            blocks = nn.ModuleList()
+            for b in range(c.blocks_per_stage):
+                blocks.append(BasicBlock(c_in, width, 2 if (s > 0 and b == 0) else 1))
+                c_in = width
+                block_no += 1
+                if c.moe_every and block_no % c.moe_every == 0:
+                    self.moes[f"{s}_{b}"] = PointwiseMoE(cfg, width)
+            self.stages.append(blocks)
+        learned = cfg.exits.policy == "learned"
+        self.head = ExitHead(c.channels[-1], cfg.num_classes, cfg.exits.head_hidden, cfg.dropout)
+        self.exit_heads = nn.ModuleList(
+            ExitHead(c.channels[layer - 1], cfg.num_classes, cfg.exits.head_hidden, cfg.dropout, learned)
+            for layer in cfg.exits.layers
+        )
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def begin(self, batch: dict) -> State:
+        return {"x": batch["pixel_values"]}
+
+    def run_stage(self, i: int, state: State) -> tuple[State, list]:
+        x = state["x"]
+        if i == 0:
+            x = self.stem(x)
+        records = []
+        for b, block in enumerate(self.stages[i]):
+            x = block(x)
+            moe = self.moes[f"{i}_{b}"] if f"{i}_{b}" in self.moes else None
+            if moe is not None:
+                x, aux = moe(x)
+                records.append(aux)
+        return {"x": x}, records
+
+    def _head(self, j: int) -> ExitHead:
+        return self.head if j == len(self.exit_heads) else self.exit_heads[j]
+
+    def run_head(self, j: int, state: State) -> HeadOutput:
+        return self._head(j)(state["x"].mean(dim=(2, 3)))
+
+    def stage_flops(self, i: int, state: State) -> float:
+        x = state["x"]
+        B, _, H, W = x.shape
+        total = 0
+        if i == 0:
+            total += F_.conv2d_flops(B, self.cfg.cnn.in_channels, self.cfg.cnn.channels[0], 3, H, W)
+        for b, block in enumerate(self.stages[i]):
+            total += block.flops(B, H, W)
+            H, W = (H - 1) // block.stride + 1, (W - 1) // block.stride + 1
+            if f"{i}_{b}" in self.moes:
+                total += F_.moe_ffn_flops(B * H * W, block.conv2.out_channels, self.cfg.moe)
+        return float(total)
+
+    def head_flops(self, j: int, state: State) -> float:
+        return float(state["x"].shape[0] * self._head(j).flops())
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [m.moe for m in self.moes.values()]
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        heads, records = self.forward_heads({"pixel_values": pixel_values})
+        return classification_output(self, heads, records, labels)

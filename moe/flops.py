@@ -1,0 +1,43 @@
+"""Analytic FLOP counts of the building blocks, as executed (not as a dense equivalent).
+
+Conventions match ``torch.utils.flop_counter.FlopCounterMode``: a multiply-add is 2 FLOPs, and
+only matrix products, convolutions and attention are counted (norms, activations, softmax and
+pooling are not). Counts are for the rows actually given: pass the number of tokens or samples
+that really go through a block.
+"""
+
+from __future__ import annotations
+
+from moe.config import MoEConfig
+
+
+def linear_flops(rows: int, d_in: int, d_out: int) -> int:
+    return 2 * rows * d_in * d_out
+
+
+def attention_flops(batch: int, seq: int, d_model: int) -> int:
+    """QKV and output projections plus the two attention products (scores, weighted values)."""
+    projections = linear_flops(batch * seq, d_model, 3 * d_model) + linear_flops(batch * seq, d_model, d_model)
+    products = 2 * 2 * batch * seq * seq * d_model
+    return projections + products
+
+
+def dense_ffn_flops(tokens: int, d_model: int, d_hidden: int, activation: str = "gelu") -> int:
+    up = 2 if activation == "swiglu" else 1  # SwiGLU has a gate and an up projection
+    return linear_flops(tokens, d_model, up * d_hidden) + linear_flops(tokens, d_hidden, d_model)
+
+
+def moe_ffn_flops(tokens: int, d_model: int, cfg: MoEConfig, assignments: int | None = None) -> int:
+    """Router, routed experts (``assignments`` token-expert pairs, default tokens * top_k, fewer when
+    tokens are dropped) and shared experts."""
+    k = cfg.router.top_k
+    assignments = tokens * k if assignments is None else assignments
+    total = linear_flops(tokens, d_model, cfg.num_experts)
+    total += dense_ffn_flops(assignments, d_model, cfg.d_expert, cfg.activation)
+    if cfg.num_shared_experts:
+        total += dense_ffn_flops(tokens, d_model, cfg.num_shared_experts * (cfg.d_shared or cfg.d_expert), cfg.activation)
+    return total
+
+
+def conv2d_flops(batch: int, c_in: int, c_out: int, kernel: int, h_out: int, w_out: int) -> int:
+    return 2 * batch * c_in * c_out * kernel * kernel * h_out * w_out

