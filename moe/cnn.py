@@ -85,31 +85,35 @@ class ResNetExits(MultiExitModel):
                 if c.moe_every and block_no % c.moe_every == 0:
                     self.moes[f"{s}_{b}"] = PointwiseMoE(cfg, width)
             self.stages.append(blocks)
+        # Blocks in depth order as (stage, block within the stage): the units compaction works in.
+        self.units = [(s, b) for s in range(len(c.channels)) for b in range(c.blocks_per_stage)]
         learned = cfg.exits.policy == "learned"
         self.head = ExitHead(c.channels[-1], cfg.num_classes, cfg.exits.head_hidden, cfg.dropout)
         self.exit_heads = nn.ModuleList(
-            ExitHead(c.channels[layer - 1], cfg.num_classes, cfg.exits.head_hidden, cfg.dropout, learned)
-            for layer in cfg.exits.layers
+            ExitHead(c.channels[self.units[unit][0]], cfg.num_classes, cfg.exits.head_hidden, cfg.dropout, learned)
+            for unit in self.exit_stages[:-1]
         )
 
     @property
     def num_stages(self) -> int:
-        return len(self.stages)
+        return len(self.units)
+
+    @property
+    def exit_stages(self) -> list[int]:
+        per = self.cfg.cnn.blocks_per_stage if self.cfg.cnn.exit_after == "stage" else 1
+        return [layer * per - 1 for layer in self.exit_cfg.layers] + [self.num_stages - 1]
 
     def begin(self, batch: dict) -> State:
         return {"x": batch["pixel_values"]}
 
     def run_stage(self, i: int, state: State) -> tuple[State, list]:
-        x = state["x"]
-        if i == 0:
-            x = self.stem(x)
+        s, b = self.units[i]
+        x = self.stem(state["x"]) if i == 0 else state["x"]
+        x = self.stages[s][b](x)
         records = []
-        for b, block in enumerate(self.stages[i]):
-            x = block(x)
-            moe = self.moes[f"{i}_{b}"] if f"{i}_{b}" in self.moes else None
-            if moe is not None:
-                x, aux = moe(x)
-                records.append(aux)
+        if f"{s}_{b}" in self.moes:
+            x, aux = self.moes[f"{s}_{b}"](x)
+            records.append(aux)
         return {"x": x}, records
 
     def _head(self, j: int) -> ExitHead:
@@ -119,16 +123,16 @@ class ResNetExits(MultiExitModel):
         return self._head(j)(state["x"].mean(dim=(2, 3)))
 
     def stage_flops(self, i: int, state: State) -> float:
-        x = state["x"]
-        B, _, H, W = x.shape
+        s, b = self.units[i]
+        block = self.stages[s][b]
+        B, _, H, W = state["x"].shape
         total = 0
         if i == 0:
             total += F_.conv2d_flops(B, self.cfg.cnn.in_channels, self.cfg.cnn.channels[0], 3, H, W)
-        for b, block in enumerate(self.stages[i]):
-            total += block.flops(B, H, W)
+        total += block.flops(B, H, W)
+        if f"{s}_{b}" in self.moes:
             H, W = (H - 1) // block.stride + 1, (W - 1) // block.stride + 1
-            if f"{i}_{b}" in self.moes:
-                total += F_.moe_ffn_flops(B * H * W, block.conv2.out_channels, self.cfg.moe)
+            total += F_.moe_ffn_flops(B * H * W, block.conv2.out_channels, self.cfg.moe)
         return float(total)
 
     def head_flops(self, j: int, state: State) -> float:

@@ -173,6 +173,8 @@ class CNNConfig:
     # Blocks whose output also passes through a pointwise MoE over feature-map positions:
     # every ``moe_every``-th block (1-based, counted over the whole network); 0 for none.
     moe_every: int = 0
+    # Exits (model.exits.layers) count stages, or blocks for finer exits; compaction follows suit.
+    exit_after: Literal["stage", "block"] = "stage"
     image_size: Optional[int] = None  # None: taken from the data
     in_channels: Optional[int] = None  # None: taken from the data
 
@@ -223,9 +225,11 @@ class ModelConfig:
         if self.kind == "hf_encoder" and self.moe_every:
             _fail(f"{s}.moe_every", "turning a pretrained encoder's FFNs into experts (upcycling) is not supported yet",
                   "set model.moe_every: 0 for hf_encoder models")
-        depth = len(self.cnn.channels) if self.kind == "cnn" else self.n_layers
+        depth, unit = self.n_layers, "layers"
+        if self.kind == "cnn":
+            depth = len(self.cnn.channels) * (self.cnn.blocks_per_stage if self.cnn.exit_after == "block" else 1)
+            unit = f"{self.cnn.exit_after}s"
         if self.exits.layers and self.exits.layers[-1] >= depth and self.kind != "hf_encoder":
-            unit = "stages" if self.kind == "cnn" else "layers"
             _fail(f"{s}.exits.layers", f"early exits must sit before the last of the {depth} {unit}, got {self.exits.layers}",
                   f"use {unit} 1..{depth - 1}: the final {unit[:-1]} always carries the model's own head")
         _require_positive(s, self, "vocab_size", "num_classes", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")

@@ -196,3 +196,16 @@ def test_moe_calibrate_command(tmp_path, capsys):
     assert "validation split" in capsys.readouterr().out
     assert main(["calibrate", str(tmp_path / "run"), "--budget", "0.01"]) == 2
     assert "below the cheapest" in capsys.readouterr().err
+
+
+def test_unknown_pretrained_encoder_fails_clearly(monkeypatch, tmp_path):
+    from moe.config import ConfigError
+    from moe.hf_encoder import fill_from_pretrained
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = from_dict(ModelConfig, {"kind": "hf_encoder", "pretrained": "no-such-org/no-such-bert", "moe_every": 0})
+    with pytest.raises(ConfigError, match="no-such-org/no-such-bert"):
+        fill_from_pretrained(cfg)
+    with pytest.raises(ConfigError, match="before the encoder's last layer"):
+        fill_from_pretrained(from_dict(ModelConfig, {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0,
+                                                     "exits": {"layers": [6]}}))

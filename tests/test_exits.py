@@ -324,3 +324,19 @@ def test_hf_encoder_config_errors():
     with pytest.raises(ConfigError, match="data.tokenizer"):
         from_dict(RunConfig, {"model": {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0},
                               "data": {"dataset": "sst2", "tokenizer": "char"}})
+
+
+def test_cnn_exits_after_blocks():
+    torch.manual_seed(6)
+    cfg = from_dict(ModelConfig, {"kind": "cnn", "num_classes": 10,
+                                  "cnn": {"in_channels": 1, "image_size": 8, "exit_after": "block", "moe_every": 3},
+                                  "moe": {"num_experts": 4, "d_expert": 16}, "exits": {"layers": [1, 3, 4], "head_hidden": 0}})
+    model = build_model(cfg).eval()
+    assert model.num_stages == 6 and model.exit_stages == [0, 2, 3, 5]
+    assert [h.out.in_features for h in model.exit_heads] == [16, 32, 32]
+    batch = {"pixel_values": torch.randn(10, 1, 8, 8)}
+    with torch.no_grad():
+        scores = all_exit_scores("entropy", model.forward_heads(batch)[0])
+    _check_compaction(model, batch, "entropy", scores[:, :-1].median(0).values.tolist())
+    with pytest.raises(ConfigError, match="before the last of the 6 blocks"):
+        from_dict(ModelConfig, {"kind": "cnn", "cnn": {"exit_after": "block"}, "exits": {"layers": [6]}})
