@@ -73,6 +73,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         return 2
     print(format_calibration(out))
     print(f"wrote {out['written']}")
+    values = ", ".join(f"{t:.6g}" for t in out["thresholds"])
+    print(f"to run with them: --set model.exits.policy={out['policy']} --set 'model.exits.thresholds=[{values}]'")
     return 0
 
 
