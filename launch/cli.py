@@ -7,6 +7,7 @@
     moe bench kernels [...]      routing, dispatch, grouped GEMMs and layers vs peers (see --help)
     moe export RUN_OR_CHECKPOINT OUT.safetensors   the whole model in one file
     moe calibrate RUN_DIR --budget 0.6 [--unit layers|flops] [--policy P]   exit thresholds for a budget
+    moe eval RUN_DIR|CHECKPOINT [--report report.html]   load balance, compute per token, plots
     moe configs                  list the shipped configs
 
 CONFIG is a YAML path or the name of a shipped config (``moe train quickstart``).
@@ -78,6 +79,20 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from evals.model_eval import evaluate, format_summary
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = evaluate(args.source, config=args.config, compare=args.compare, batches=args.batches,
+                      batch_size=args.batch_size, out_dir=args.out, report=args.report)
+    print(format_summary(result))
+    print(f"wrote {result['json']}" + (f" and {result['report']}" if "report" in result else ""))
+    return 0
+
+
 def _configs(args: argparse.Namespace) -> int:
     from moe.config import shipped_configs
 
@@ -135,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit criterion (default: the run's model.exits.policy)")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("eval", help="load balance, compute per token, accuracy vs compute; JSON, plots, HTML report")
+    p.add_argument("source", help="a run folder, a checkpoint folder, or an exported .safetensors (with --config)")
+    p.add_argument("--config", default=None, help="config for the data (default: the run's config.yaml)")
+    p.add_argument("--compare", default=None,
+                   help="checkpoint for routing stability (default: the run's previous checkpoint, if any)")
+    p.add_argument("--batches", type=int, default=None, help="validation batches (default: all, or train.eval_batches for LMs)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
+    p.add_argument("--report", default=None, metavar="HTML", help="also write a self-contained HTML report (name or path)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("configs", help="list the shipped configs")
     p.set_defaults(func=_configs)

@@ -1,0 +1,114 @@
+"""PNG plots of a `moe eval` result (matplotlib, headless): load over training, load histogram,
+compute by component, exit-layer distribution, accuracy against GFLOPs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
+def load_heatmap(training: dict, path: Path) -> str | None:
+    """Share of each expert's load (colour) per MoE layer, over the training log steps."""
+    layers = training["layers"]
+    if not layers or not training["steps"]:
+        return None
+    fig, axes = plt.subplots(len(layers), 1, figsize=(8, 1.8 + 1.6 * len(layers)), squeeze=False)
+    for i, counts in enumerate(layers):
+        ax = axes[i][0]
+        share = [[c / max(sum(row), 1) for c in row] for row in counts]
+        columns = list(map(list, zip(*share)))  # expert x step
+        im = ax.imshow(columns, aspect="auto", cmap="viridis", interpolation="nearest",
+                       extent=(training["steps"][0], training["steps"][-1], len(columns) - 0.5, -0.5))
+        ax.set_ylabel(f"layer {i}\nexpert")
+        fig.colorbar(im, ax=ax, label="share of tokens")
+    axes[-1][0].set_xlabel("training step")
+    axes[0][0].set_title("expert load over training (layer x expert)")
+    return _save(fig, path)
+
+
+def load_histogram(load: list[dict], path: Path) -> str | None:
+    if not load:
+        return None
+    fig, axes = plt.subplots(1, len(load), figsize=(3.2 * len(load) + 1, 3), squeeze=False)
+    for ax, row in zip(axes[0], load):
+        counts = row["counts"]
+        ax.bar(range(len(counts)), counts, color="C0")
+        mean = sum(counts) / len(counts)
+        ax.axhline(mean, color="C3", linestyle="--", label="mean")
+        ax.set_title(f"layer {row['layer']}: max/mean {row['max_over_mean']:.2f}")
+        ax.set_xlabel("expert")
+    axes[0][0].set_ylabel("assignments (validation)")
+    axes[0][0].legend()
+    return _save(fig, path)
+
+
+def compute_breakdown(compute: dict, path: Path, exit_compute: dict | None) -> str:
+    rows = [("full network", compute["by_component_per_token"])]
+    if exit_compute is not None:
+        rows.append(("early exit", exit_compute["by_component_per_token"]))
+    components = [c for c in rows[0][1] if any(r[1].get(c, 0) for r in rows)]
+    fig, ax = plt.subplots(figsize=(7, 1.4 + 0.8 * len(rows)))
+    for y, (label, values) in enumerate(rows):
+        left = 0.0
+        for k, c in enumerate(components):
+            width = values.get(c, 0.0) / 1e6
+            ax.barh(y, width, left=left, color=f"C{k % 10}", label=c if y == 0 else None)
+            left += width
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+    ax.set_xlabel("MFLOPs per token")
+    ax.set_title("compute per token by component")
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    return _save(fig, path)
+
+
+def exit_distribution(exits: dict, path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    total = sum(exits["exit_counts"]) or 1
+    ax.bar([str(layer) for layer in exits["exit_layers"]], [n / total for n in exits["exit_counts"]], color="C2")
+    ax.set_xlabel("exit after layer")
+    ax.set_ylabel("share of samples")
+    ax.set_title(f"where samples leave ({exits['policy']})")
+    return _save(fig, path)
+
+
+def accuracy_vs_compute(exits: dict, path: Path) -> str:
+    curves = exits["curves"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    b = sorted(curves["budgeted"], key=lambda p: p["gflops_per_sample"])
+    ax.plot([p["gflops_per_sample"] for p in b], [p["accuracy"] for p in b], "-", color="C0", label="budgeted batch")
+    a = curves["anytime"]
+    ax.plot([p["gflops_per_sample"] for p in a], [p["accuracy"] for p in a], "o--", color="C1", label="anytime (one exit)")
+    ax.axvline(curves["full_gflops_per_sample"], color="grey", linestyle=":", label="full network")
+    ax.set_xlabel("GFLOPs per sample")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("accuracy against compute")
+    ax.legend()
+    return _save(fig, path)
+
+
+def write_plots(result: dict, out: Path) -> dict:
+    """Write every plot the result supports into ``out``; returns {name: file name}."""
+    plots = {}
+    for name, make in (
+        ("load_heatmap", lambda p: load_heatmap(result["training_load"], p)),
+        ("load_histogram", lambda p: load_histogram(result["load_balance"], p)),
+        ("compute_breakdown", lambda p: compute_breakdown(result["compute"]["full"], p,
+                                                          result.get("exits", {}).get("compute"))),
+        ("exit_distribution", lambda p: exit_distribution(result["exits"], p) if "exits" in result else None),
+        ("accuracy_vs_compute", lambda p: accuracy_vs_compute(result["exits"], p) if "exits" in result else None),
+    ):
+        written = make(out / f"{name}.png")
+        if written:
+            plots[name] = written
+    return plots

@@ -1,0 +1,70 @@
+"""A self-contained HTML report of a `moe eval` result: tables, and the plots embedded as data
+URIs, so the one file can be mailed or archived without its folder."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+CAPTIONS = {
+    "load_heatmap": "Expert load over training: share of each expert's assignments per MoE layer and log step.",
+    "load_histogram": "Assignments per expert on the validation pass; dashed: perfect balance.",
+    "compute_breakdown": "FLOPs per token by component, full network and early exit.",
+    "exit_distribution": "Share of validation samples leaving at each exit.",
+    "accuracy_vs_compute": "Validation accuracy against GFLOPs per sample: one exit for all (anytime) and "
+                           "a shared threshold swept (budgeted batch).",
+}
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_report(result: dict, plot_dir: Path, path: Path) -> Path:
+    sections = [f"<h1>dynamoe evaluation</h1><p>{html.escape(result['source'])}: {result['task']} "
+                f"({result['model_kind']}), {result['samples']} samples, {result['tokens']} tokens</p>"]
+    sections.append("<h2>Quality</h2>" + _table(["metric", "value"], [[k, v] for k, v in result["metrics"].items()]))
+    c = result["compute"]["full"]
+    rows = [[k, v / 1e6] for k, v in c["by_component_per_token"].items() if v]
+    rows += [["total", c["flops_per_token"] / 1e6],
+             ["dense equivalent", result["compute"]["dense_equivalent_flops_per_token"] / 1e6],
+             ["fraction of dense equivalent", c["fraction_of_dense_equivalent"]]]
+    sections.append("<h2>Compute per token (MFLOPs)</h2>" + _table(["component", "full network"], rows))
+    if result["load_balance"]:
+        rows = [[r["layer"], r["tokens"], r["max_over_mean"], r["cv"], 100 * r["dropped_fraction"],
+                 r["entropy_normalized"], r["specialisation"]["nmi"]] for r in result["load_balance"]]
+        sections.append("<h2>Load balance</h2>" + _table(
+            ["MoE layer", "tokens", "max/mean", "CV", "dropped %", "H/lnE", "specialisation NMI"], rows))
+    if "routing_stability" in result:
+        s = result["routing_stability"]
+        sections.append(f"<p>Routing stability against {html.escape(s['against'])}: top-1 expert changed for "
+                        + ", ".join(f"{100 * f:.1f}%" for f in s["changed_fraction"]) + " of tokens.</p>")
+    if "exits" in result:
+        e = result["exits"]
+        rows = [[layer, n] for layer, n in zip(e["exit_layers"], e["exit_counts"])]
+        sections.append(f"<h2>Early exit</h2><p>policy {e['policy']}, thresholds from {html.escape(e['thresholds_from'])}: "
+                        f"accuracy {e['accuracy']:.4f} at {e['compute']['fraction_of_full']:.3f} of the full network's "
+                        "FLOPs</p>" + _table(["exit after layer", "samples"], rows))
+    figures = []
+    for name, file in result.get("plots", {}).items():
+        data = base64.b64encode((plot_dir / file).read_bytes()).decode()
+        figures.append(f'<figure id="{name}"><img alt="{name}" src="data:image/png;base64,{data}">'
+                       f"<figcaption>{html.escape(CAPTIONS.get(name, name))}</figcaption></figure>")
+    sections.append("<h2>Plots</h2>" + "".join(figures))
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:90%}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>dynamoe eval</title><style>{style}</style>"
+            f"</head><body>{''.join(sections)}</body></html>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path

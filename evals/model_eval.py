@@ -1,0 +1,288 @@
+"""`moe eval`: load balance, compute per token and accuracy against compute for a run or checkpoint.
+
+    moe eval RUN_DIR|CHECKPOINT|EXPORT.safetensors [--config CONFIG] [--compare OTHER] [--report report.html]
+
+One JSON (``eval.json``) with every figure, PNG plots and, with ``--report``, a self-contained
+HTML page embedding them, all in ``--out`` (default: ``RUN_DIR/eval/``).
+
+- Load balance per MoE layer from a dedicated pass over the validation split (tokens per expert,
+  max/mean, coefficient of variation, routing entropy, dropped fraction), specialisation (what
+  the top-1 expert says about a token's id, or its sample's class), routing stability against
+  another checkpoint (``--compare``, by default the run's previous checkpoint), and the same
+  load over training from the run's ``metrics.jsonl``.
+- Compute: FLOPs executed per token and per sample by component (``moe.compute.ComputeLedger``),
+  for the full network and, for models with early exits, for compacted early-exit inference at
+  the thresholds in ``calibration.json`` (or the config's); the dense-equivalent model (every
+  expert on every token) and the fractions.
+- Accuracy (or loss) against GFLOPs: the exits' anytime and budgeted-batch curves.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from evals.report import hardware_info
+from evals.routing_metrics import RoutingRecorder, load_summary, routing_stability, specialisation
+from moe.compute import ComputeLedger
+
+
+def load_source(source: str | Path, config: str | None = None):
+    """(RunConfig, model in eval mode, data, run folder or None) of a run folder, checkpoint folder or export."""
+    import yaml
+
+    from moe.checkpoint import CheckpointError, load_model, resolve_resume
+    from moe.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+    from moe.data import build_data
+
+    source = Path(source)
+    if not source.exists():
+        raise CheckpointError(f"'{source}' does not exist; fix: pass a run folder, a checkpoint folder or an exported file")
+    run_dir = None
+    if source.is_file():
+        model_cfg, model = load_model(source)
+        if config is None:
+            raise ConfigError("an exported model carries no data settings; fix: pass --config with the run's config "
+                              "(a YAML path or a shipped config name)")
+        cfg = load_config(config)
+        cfg = from_dict(RunConfig, {**to_dict(cfg), "model": to_dict(model_cfg)})
+    else:
+        folder = resolve_resume(source)
+        run_dir = folder.parent.parent
+        config_file = Path(config) if config else run_dir / "config.yaml"
+        if not config_file.is_file():
+            raise ConfigError(f"'{config_file}' not found; fix: pass a run folder written by `moe train` or --config")
+        cfg = from_dict(RunConfig, yaml.safe_load(config_file.read_text()))
+        _, model = load_model(folder)
+    return cfg, model.eval(), build_data(cfg.data, cfg.task), run_dir
+
+
+def _eval_batches(cfg, data, batches: int | None, batch_size: int):
+    if cfg.task == "lm":
+        return list(data.eval_batches(batches or cfg.train.eval_batches, batch_size))
+    out = list(data.eval_batches(None, batch_size))
+    return out[:batches] if batches else out
+
+
+def _keys(cfg, batch: dict) -> torch.Tensor:
+    """What specialisation is measured against: token ids (LM), else the sample's class."""
+    if cfg.task == "lm":
+        return batch["input_ids"]
+    if "attention_mask" in batch:  # every token of a sentence carries its class; padding is ignored
+        return torch.where(batch["attention_mask"].bool(), batch["labels"][:, None], torch.full_like(batch["input_ids"], -1))
+    return batch["labels"]
+
+
+def _model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+@torch.no_grad()
+def full_pass(cfg, model, batches: list[dict]) -> dict:
+    """Every layer for every sample: loss/accuracy, FLOPs by component, routing records, MoE load."""
+    from moe.stats import moe_layers, reset_stats
+
+    reset_stats(model)
+    recorder = RoutingRecorder(model)
+    loss_sum, correct, count = 0.0, 0, 0
+    with ComputeLedger(model) as ledger, recorder:
+        for batch in batches:
+            recorder.set_keys(_keys(cfg, batch))
+            ledger.count_batch(batch)
+            if hasattr(model, "exit_stages"):  # multi-exit: run the plain network (final head only)
+                logits = _final_logits(model, batch)
+                loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
+            else:
+                out = model(**batch)
+                logits = out.logits
+                loss = out.exit_losses[-1] if out.exit_losses else out.loss
+            n = batch["labels"].shape[0]
+            loss_sum += float(loss) * n
+            count += n
+            if cfg.task != "lm":
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    layers = []
+    for i, layer in enumerate(moe_layers(model)):
+        router = layer.cfg.router
+        slots = 1 if router.kind == "expert_choice" else router.top_k
+        row = load_summary(layer.stat_counts.cpu(), int(layer.stat_tokens), slots, float(layer.stat_dropped),
+                           float(layer.stat_entropy_sum))
+        top1, keys = recorder.result(i)
+        row["specialisation"] = specialisation(top1, keys, layer.num_experts)
+        layers.append({"layer": i, **row})
+    metrics = {"loss": loss_sum / count}
+    if cfg.task != "lm":
+        metrics["accuracy"] = correct / count
+    return {"metrics": metrics, "ledger": ledger, "layers": layers, "recorder": recorder}
+
+
+def _final_logits(model, batch: dict) -> torch.Tensor:
+    state = model.begin(_model_inputs(batch))
+    for i in range(model.num_stages):
+        state, _ = model.run_stage(i, state)
+    return model.run_head(len(model.exit_stages) - 1, state).logits
+
+
+def _thresholds(model, run_dir: Path | None) -> tuple[str, list[float], str]:
+    from moe.exits import thresholds_for
+
+    if run_dir is not None and (run_dir / "calibration.json").is_file():
+        cal = json.loads((run_dir / "calibration.json").read_text())
+        return cal["policy"], cal["thresholds"], f"calibration.json (budget {cal['budget']} of {cal['unit']})"
+    return model.exit_cfg.policy, thresholds_for(model.exit_cfg), "model.exits config"
+
+
+@torch.no_grad()
+def exit_pass(cfg, model, batches: list[dict], policy: str, thresholds: list[float]) -> dict:
+    """Compacted early-exit inference: accuracy, exit distribution, FLOPs executed by component."""
+    from moe.early_exit import infer
+
+    correct, count = 0, 0
+    exits = torch.zeros(len(model.exit_stages), dtype=torch.long)
+    with ComputeLedger(model) as ledger:
+        for batch in batches:
+            ledger.count_batch(batch)
+            result = infer(model, _model_inputs(batch), policy, thresholds)
+            correct += int((result.predictions == batch["labels"]).sum())
+            count += batch["labels"].shape[0]
+            exits += torch.bincount(result.exit_index.cpu(), minlength=exits.numel())
+    return {"accuracy": correct / count, "exit_counts": exits.tolist(), "ledger": ledger}
+
+
+def _compute_block(ledger: ComputeLedger, full: ComputeLedger) -> dict:
+    return {
+        "flops_total": ledger.total,
+        "flops_per_sample": ledger.total / max(ledger.samples, 1),
+        "flops_per_token": ledger.total / max(ledger.tokens, 1),
+        "by_component_per_token": {k: v / max(ledger.tokens, 1) for k, v in ledger.by_component().items()},
+        "fraction_of_full": ledger.total / full.total if full.total else 1.0,
+        "fraction_of_dense_equivalent": ledger.total / full.dense_equivalent if full.dense_equivalent else 1.0,
+    }
+
+
+def training_load(run_dir: Path | None) -> dict:
+    """Per MoE layer, the tokens per expert logged at each training log step."""
+    from moe.metrics import read_metrics
+
+    if run_dir is None:
+        return {"steps": [], "layers": []}
+    rows = [r for r in read_metrics(run_dir, "train") if "moe0_counts" in r]
+    steps = [r["step"] for r in rows]
+    layers = []
+    i = 0
+    while rows and f"moe{i}_counts" in rows[0]:
+        layers.append([r[f"moe{i}_counts"] for r in rows])
+        i += 1
+    return {"steps": steps, "layers": layers}
+
+
+def _previous_checkpoint(run_dir: Path | None, current: Path) -> Path | None:
+    from moe.checkpoint import list_checkpoints
+
+    if run_dir is None:
+        return None
+    found = [c for c in list_checkpoints(run_dir) if c.resolve() != current.resolve()]
+    return found[-1] if found else None
+
+
+def evaluate(source: str, *, config: str | None = None, compare: str | None = None, batches: int | None = None,
+             batch_size: int = 64, out_dir: str | None = None, report: str | None = None) -> dict:
+    from moe.checkpoint import load_model, resolve_resume
+    from moe.early_exit import MultiExitModel
+
+    cfg, model, data, run_dir = load_source(source, config)
+    out = Path(out_dir) if out_dir else (run_dir / "eval" if run_dir is not None else Path(source).with_suffix("") / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    eval_batches = _eval_batches(cfg, data, batches, batch_size)
+    full = full_pass(cfg, model, eval_batches)
+    result = {
+        "source": str(source), "task": cfg.task, "model_kind": cfg.model.kind, "samples": full["ledger"].samples,
+        "tokens": full["ledger"].tokens, "metrics": full["metrics"], "load_balance": full["layers"],
+        "hardware": hardware_info(),
+    }
+    ledger = full["ledger"]
+    result["compute"] = {
+        "full": _compute_block(ledger, ledger),
+        "dense_equivalent_flops_per_token": ledger.dense_equivalent / max(ledger.tokens, 1),
+        "dense_equivalent_flops_per_sample": ledger.dense_equivalent / max(ledger.samples, 1),
+    }
+    # Routing stability against another checkpoint, on exactly the same tokens.
+    other = Path(compare) if compare else (_previous_checkpoint(run_dir, resolve_resume(Path(source))) if run_dir else None)
+    if other is not None and full["layers"]:
+        _, other_model = load_model(other)
+        other_full = full_pass(cfg, other_model.eval(), eval_batches)
+        result["routing_stability"] = {
+            "against": str(other),
+            "changed_fraction": [routing_stability(full["recorder"].result(i)[0], other_full["recorder"].result(i)[0])
+                                 for i in range(len(full["layers"]))],
+        }
+    result["training_load"] = training_load(run_dir)
+    if isinstance(model, MultiExitModel) and model.exit_cfg.enabled:
+        result["exits"] = _exit_section(cfg, model, data, eval_batches, run_dir, ledger)
+    (out / "eval.json").write_text(json.dumps(result, indent=2, default=float))
+    from evals.eval_plots import write_plots
+
+    result["plots"] = write_plots(result, out)
+    (out / "eval.json").write_text(json.dumps(result, indent=2, default=float))
+    if report:
+        from evals.html_report import write_report
+
+        report_path = Path(report) if Path(report).is_absolute() or Path(report).parent != Path(".") else out / report
+        write_report(result, out, report_path)
+        result["report"] = str(report_path)
+    result["json"] = str(out / "eval.json")
+    return result
+
+
+def _exit_section(cfg, model, data, eval_batches, run_dir, full_ledger) -> dict:
+    from moe.calibration import evaluate_thresholds, record_exits
+
+    policy, thresholds, origin = _thresholds(model, run_dir)
+    passed = exit_pass(cfg, model, eval_batches, policy, thresholds)
+    record = record_exits(model, data.split("val"))
+    gflops_full = float(record.full_flops.mean()) / 1e9
+    anytime = []
+    for j, layer in enumerate(model.exit_stages):
+        acc = float(record.correct[:, j].float().mean())
+        cost = float(record.flops[:, j].sum() / record.full_flops.sum())
+        anytime.append({"exit_layer": layer + 1, "accuracy": acc, "gflops_per_sample": cost * gflops_full})
+    scores = record.scores(policy)
+    candidates = torch.quantile(scores[:, :-1].double().flatten(), torch.linspace(0, 1, 60, dtype=torch.float64)).tolist()
+    budgeted = []
+    for t in sorted(set(candidates)) + [float("inf")]:
+        p = evaluate_thresholds(record, policy, [t] * (len(model.exit_stages) - 1), "flops", scores)
+        budgeted.append({"threshold": t, "accuracy": p.accuracy, "gflops_per_sample": p.cost * gflops_full})
+    return {
+        "policy": policy, "thresholds": thresholds, "thresholds_from": origin,
+        "exit_layers": [s + 1 for s in model.exit_stages], "accuracy": passed["accuracy"],
+        "exit_counts": passed["exit_counts"], "compute": _compute_block(passed["ledger"], full_ledger),
+        "curves": {"anytime": anytime, "budgeted": budgeted, "full_gflops_per_sample": gflops_full},
+    }
+
+
+def format_summary(result: dict) -> str:
+    lines = [f"{result['source']}: {result['task']} ({result['model_kind']}), {result['samples']} samples, "
+             f"{result['tokens']} tokens"]
+    lines.append("full network: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+    c = result["compute"]["full"]
+    lines.append(f"compute: {c['flops_per_token'] / 1e6:.3f} MFLOPs per token, {c['flops_per_sample'] / 1e9:.4f} GFLOPs "
+                 f"per sample; dense equivalent {result['compute']['dense_equivalent_flops_per_token'] / 1e6:.3f} "
+                 f"MFLOPs per token ({c['fraction_of_dense_equivalent']:.3f} of it)")
+    parts = [f"{k} {v / 1e6:.3f}" for k, v in c["by_component_per_token"].items() if v]
+    lines.append("  by component (MFLOPs per token): " + ", ".join(parts))
+    for row in result["load_balance"]:
+        lines.append(f"MoE layer {row['layer']}: max/mean {row['max_over_mean']:.3f}, cv {row['cv']:.3f}, "
+                     f"dropped {100 * row['dropped_fraction']:.2f}%, H/lnE {row['entropy_normalized']:.3f}, "
+                     f"specialisation NMI {row['specialisation']['nmi']:.3f}")
+    if "routing_stability" in result:
+        s = result["routing_stability"]
+        lines.append(f"routing stability vs {s['against']}: top-1 changed for "
+                     + ", ".join(f"{100 * f:.1f}%" for f in s["changed_fraction"]) + " of tokens")
+    if "exits" in result:
+        e = result["exits"]
+        lines.append(f"early exit ({e['policy']}, thresholds from {e['thresholds_from']}): accuracy {e['accuracy']:.4f} "
+                     f"at {e['compute']['fraction_of_full']:.3f} of the full network's FLOPs; samples per exit "
+                     + ", ".join(f"L{layer}: {n}" for layer, n in zip(e["exit_layers"], e["exit_counts"])))
+    return "\n".join(lines)
