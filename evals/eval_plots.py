@@ -97,6 +97,16 @@ def accuracy_vs_compute(exits: dict, path: Path) -> str:
     return _save(fig, path)
 
 
+def loss_vs_compute(token_exits: dict, path: Path) -> str:
+    points = sorted(token_exits["curve"], key=lambda p: p["layers_per_token"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["layers_per_token"] for p in points], [p["loss"] for p in points], "o-", color="C0")
+    ax.set_xlabel("layers per token")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"per-token exits: loss against depth ({token_exits['policy']})")
+    return _save(fig, path)
+
+
 def write_plots(result: dict, out: Path) -> dict:
     """Write every plot the result supports into ``out``; returns {name: file name}."""
     plots = {}
@@ -107,6 +117,7 @@ def write_plots(result: dict, out: Path) -> dict:
                                                           result.get("exits", {}).get("compute"))),
         ("exit_distribution", lambda p: exit_distribution(result["exits"], p) if "exits" in result else None),
         ("accuracy_vs_compute", lambda p: accuracy_vs_compute(result["exits"], p) if "exits" in result else None),
+        ("loss_vs_compute", lambda p: loss_vs_compute(result["token_exits"], p) if "token_exits" in result else None),
     ):
         written = make(out / f"{name}.png")
         if written:

@@ -29,8 +29,9 @@ from evals.routing_metrics import RoutingRecorder, load_summary, routing_stabili
 from moe.compute import ComputeLedger
 
 
-def load_source(source: str | Path, config: str | None = None):
-    """(RunConfig, model in eval mode, data, run folder or None) of a run folder, checkpoint folder or export."""
+def load_source(source: str | Path, config: str | None = None, task: str | None = None):
+    """(RunConfig, model in eval mode, data, run folder or None) of a run folder, checkpoint folder or
+    export; ``task`` evaluates on another dataset than the run's (the model must fit it)."""
     import yaml
 
     from moe.checkpoint import CheckpointError, load_model, resolve_resume
@@ -56,7 +57,16 @@ def load_source(source: str | Path, config: str | None = None):
             raise ConfigError(f"'{config_file}' not found; fix: pass a run folder written by `moe train` or --config")
         cfg = from_dict(RunConfig, yaml.safe_load(config_file.read_text()))
         _, model = load_model(folder)
-    return cfg, model.eval(), build_data(cfg.data, cfg.task), run_dir
+    if task is not None and task != cfg.data.dataset:
+        raw = to_dict(cfg)
+        raw["data"] = {**raw["data"], "dataset": task, "path": None}
+        cfg = from_dict(RunConfig, raw)  # re-validated: the model kind must fit the task
+    data = build_data(cfg.data, cfg.task)
+    classes = getattr(data, "num_classes", None)
+    if classes is not None and cfg.model.num_classes is not None and classes > cfg.model.num_classes:
+        raise ConfigError(f"--task {cfg.data.dataset}: the data has {classes} classes but the model predicts "
+                          f"{cfg.model.num_classes}; fix: evaluate on a task with the classes the model was trained on")
+    return cfg, model.eval(), data, run_dir
 
 
 def _eval_batches(cfg, data, batches: int | None, batch_size: int):
@@ -187,12 +197,13 @@ def _previous_checkpoint(run_dir: Path | None, current: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def evaluate(source: str, *, config: str | None = None, compare: str | None = None, batches: int | None = None,
-             batch_size: int = 64, out_dir: str | None = None, report: str | None = None) -> dict:
+def evaluate(source: str, *, config: str | None = None, task: str | None = None, compare: str | None = None,
+             batches: int | None = None, batch_size: int = 64, out_dir: str | None = None,
+             report: str | None = None) -> dict:
     from moe.checkpoint import load_model, resolve_resume
     from moe.early_exit import MultiExitModel
 
-    cfg, model, data, run_dir = load_source(source, config)
+    cfg, model, data, run_dir = load_source(source, config, task)
     out = Path(out_dir) if out_dir else (run_dir / "eval" if run_dir is not None else Path(source).with_suffix("") / "eval")
     out.mkdir(parents=True, exist_ok=True)
     eval_batches = _eval_batches(cfg, data, batches, batch_size)
@@ -221,6 +232,8 @@ def evaluate(source: str, *, config: str | None = None, compare: str | None = No
     result["training_load"] = training_load(run_dir)
     if isinstance(model, MultiExitModel) and model.exit_cfg.enabled:
         result["exits"] = _exit_section(cfg, model, data, eval_batches, run_dir, ledger)
+    elif cfg.model.kind == "decoder" and cfg.model.exits.enabled:
+        result["token_exits"] = _token_exit_curve(model, eval_batches)
     (out / "eval.json").write_text(json.dumps(result, indent=2, default=float))
     from evals.eval_plots import write_plots
 
@@ -262,6 +275,23 @@ def _exit_section(cfg, model, data, eval_batches, run_dir, full_ledger) -> dict:
     }
 
 
+@torch.no_grad()
+def _token_exit_curve(model, batches: list[dict]) -> dict:
+    """Decoder with per-token exits: validation loss against layers per token, a shared threshold
+    swept over the policy's scores (state copying, ``TransformerLM.generate_exit_eval``)."""
+    n_early = len(model.exit_cfg.layers)
+    points = []
+    for t in [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, float("inf")]:
+        loss = layers = 0.0
+        for batch in batches:
+            r = model.generate_exit_eval(batch["input_ids"], batch["labels"], thresholds=[t] * n_early)
+            loss += r["loss"]
+            layers += r["mean_layers"]
+        points.append({"threshold": t, "loss": loss / len(batches), "layers_per_token": layers / len(batches),
+                       "layers_fraction": layers / len(batches) / model.cfg.n_layers})
+    return {"policy": model.exit_cfg.policy, "curve": points}
+
+
 def format_summary(result: dict) -> str:
     lines = [f"{result['source']}: {result['task']} ({result['model_kind']}), {result['samples']} samples, "
              f"{result['tokens']} tokens"]
@@ -285,4 +315,7 @@ def format_summary(result: dict) -> str:
         lines.append(f"early exit ({e['policy']}, thresholds from {e['thresholds_from']}): accuracy {e['accuracy']:.4f} "
                      f"at {e['compute']['fraction_of_full']:.3f} of the full network's FLOPs; samples per exit "
                      + ", ".join(f"L{layer}: {n}" for layer, n in zip(e["exit_layers"], e["exit_counts"])))
+    if "token_exits" in result:
+        lines.append("per-token exits (loss at layers per token): " + ", ".join(
+            f"{p['loss']:.3f}@{p['layers_per_token']:.2f}" for p in result["token_exits"]["curve"]))
     return "\n".join(lines)

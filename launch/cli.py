@@ -86,7 +86,7 @@ def _eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = evaluate(args.source, config=args.config, compare=args.compare, batches=args.batches,
+    result = evaluate(args.source, config=args.config, task=args.task, compare=args.compare, batches=args.batches,
                       batch_size=args.batch_size, out_dir=args.out, report=args.report)
     print(format_summary(result))
     print(f"wrote {result['json']}" + (f" and {result['report']}" if "report" in result else ""))
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="load balance, compute per token, accuracy vs compute; JSON, plots, HTML report")
     p.add_argument("source", help="a run folder, a checkpoint folder, or an exported .safetensors (with --config)")
     p.add_argument("--config", default=None, help="config for the data (default: the run's config.yaml)")
+    p.add_argument("--task", default=None,
+                   help="dataset to evaluate on (default: the run's), e.g. sst2, tinyshakespeare, digits, cifar10")
     p.add_argument("--compare", default=None,
                    help="checkpoint for routing stability (default: the run's previous checkpoint, if any)")
     p.add_argument("--batches", type=int, default=None, help="validation batches (default: all, or train.eval_batches for LMs)")

@@ -184,3 +184,19 @@ def test_moe_eval_language_model(tmp_path):
     spec = result["load_balance"][0]["specialisation"]
     assert 0.0 <= spec["nmi"] <= 1.0 and spec["experts"]
     assert result["compute"]["full"]["flops_per_token"] > 0
+
+
+def test_moe_eval_decoder_with_token_exits_and_another_task(tmp_path):
+    from evals.model_eval import evaluate
+    from moe.config import ConfigError
+    from moe.trainer import Trainer
+
+    cfg = load_config("debug_tiny", ["train.steps=4", "train.warmup_steps=1", "train.eval_every=0", "train.threads=1",
+                                     "model.exits.layers=[1]"])
+    Trainer(cfg, run_dir=str(tmp_path / "lm"), progress=False).fit()
+    result = evaluate(str(tmp_path / "lm"), batches=1, batch_size=2, report="r.html")
+    curve = result["token_exits"]["curve"]
+    assert curve[0]["layers_per_token"] == 1 and curve[-1]["layers_fraction"] == 1.0
+    assert "loss_vs_compute" in result["plots"]
+    with pytest.raises(ConfigError, match="does not fit data task"):
+        evaluate(str(tmp_path / "lm"), task="sst2")
