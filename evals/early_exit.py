@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
               + ", ".join(f"{t:.3f}" for t in result.thresholds))
 
     policy = args.policy or cfg.model.exits.policy
-    chosen = next(r for r in rows if r["policy"] == policy)
+    chosen = next((r for r in rows if r["policy"] == policy), None)
+    if chosen is None:
+        raise SystemExit(f"policy {policy!r} could not be calibrated for this run (see above); pass --policy with another")
     # Compaction must decide exactly as the full pass says it would.
     sim_exit = first_exit(val_rec.scores(policy), chosen["thresholds"])
     sim_pred = val_rec.logits.argmax(-1)[torch.arange(sim_exit.numel()), sim_exit]

@@ -170,10 +170,13 @@ def thresholds_for(cfg: ExitConfig) -> list[float]:
 
 
 def all_exit_scores(policy: str, heads: list[HeadOutput]) -> torch.Tensor:
-    """Scores [N, J] of every exit for every sample, computed as if no sample had left."""
+    """Scores [N, J] of every exit for every sample, computed as if no sample had left. The final
+    head has no exit predictor: under the learned policy its score is 1 (everyone leaves there)."""
     state = PolicyState()
     cols = []
-    for h in heads:
+    for j, h in enumerate(heads):
+        if policy == "learned" and h.predictor is None and j == len(heads) - 1:
+            h = HeadOutput(h.logits, torch.full(h.logits.shape[:1], 1e4, device=h.logits.device))
         score, state = exit_score(policy, h, state)
         cols.append(score)
     return torch.stack(cols, dim=1)

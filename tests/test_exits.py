@@ -340,3 +340,17 @@ def test_cnn_exits_after_blocks():
     _check_compaction(model, batch, "entropy", scores[:, :-1].median(0).values.tolist())
     with pytest.raises(ConfigError, match="before the last of the 6 blocks"):
         from_dict(ModelConfig, {"kind": "cnn", "cnn": {"exit_after": "block"}, "exits": {"layers": [6]}})
+
+
+def test_learned_policy_compaction_and_calibration():
+    torch.manual_seed(7)
+    model = build_model(cnn_cfg(layers=[1, 2], policy="learned")).eval()
+    batch = {"pixel_values": torch.randn(12, 1, 8, 8)}
+    with torch.no_grad():
+        heads = model.forward_heads(batch)[0]
+    assert heads[-1].predictor is None and all(h.predictor is not None for h in heads[:-1])
+    scores = all_exit_scores("learned", heads)
+    assert torch.all(scores[:, -1] == 1.0)
+    _check_compaction(model, batch, "learned", scores[:, :-1].median(0).values.tolist())
+    rec = record_exits(model, {**batch, "labels": torch.randint(0, 10, (12,))})
+    assert calibrate(rec, "learned", 0.8, "flops").cost <= 0.8 + 1e-9
