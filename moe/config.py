@@ -162,6 +162,86 @@ class ExitConfig:
         return bool(self.layers)
 
 
+DEPTH_MODES = ("none", "act", "pondernet", "skip", "mod")
+
+
+@dataclass(kw_only=True)
+class DepthConfig:
+    """Conditional depth (``model.depth``): halting, block skipping or mixture-of-depths routing.
+
+    act: adaptive computation time (Graves 2016) per token (Transformers) or per sample within each
+    stage (CNN). pondernet: the PonderNet halting distribution and loss (decoder). skip: a gate per
+    block decides, per sample, to run it or pass its input on. mod: mixture-of-depths (Raposo et
+    al. 2024), a router sends the top ``capacity`` fraction of each sequence's tokens through the
+    block. ``docs/conditional_depth.md`` has the formulas.
+    """
+
+    _section: ClassVar[str] = "model.depth"
+
+    mode: Literal["none", "act", "pondernet", "skip", "mod"] = "none"
+    # act: a token halts at the first layer where its summed halting probability reaches this (1 - eps).
+    halt_threshold: float = 0.99
+    ponder_cost: float = 0.01  # act: weight of the ponder cost N + R in the loss
+    halt_bias_init: float = -1.0  # act/pondernet: initial bias of the halting units (negative: halt late)
+    # pondernet: geometric prior over the halting layer with this per-layer halting probability,
+    # weight of the KL term, and the quantile of the halting distribution used to stop at inference.
+    lambda_p: float = 0.3
+    kl_coef: float = 0.01
+    halt_quantile: float = 0.5
+    # skip: gate MLP width, the execution rate the gates are pulled to, the weight of that pull, and
+    # whether each gated block is pulled to it ("layer") or the FLOPs-weighted mean rate is ("flops").
+    gate_hidden: int = 16
+    target_rate: float = 0.5
+    rate_loss_coef: float = 1.0
+    rate_loss: Literal["layer", "flops"] = "layer"
+    # skip: Gumbel-softmax temperature, annealed linearly over training down to gumbel_temperature_min.
+    gumbel_temperature: float = 1.0
+    gumbel_temperature_min: float = 0.5
+    # mod: share of each sequence's tokens routed through a routed block; every ``mod_every``-th
+    # layer is routed (2: every other layer, as in the paper), the others see every token.
+    capacity: float = 0.5
+    mod_every: int = 2
+    # mod: how the router weight scales the block's update: by sigmoid(score), or by exactly 1 in the
+    # forward pass with the sigmoid's gradient (straight-through), which keeps full-capacity routing
+    # identical to the plain block.
+    router_weight: Literal["sigmoid", "straight_through"] = "sigmoid"
+    predictor_hidden: int = 32  # mod: width of the causal predictor of "in the top-C"
+    predictor_loss_coef: float = 0.1
+
+    def __post_init__(self) -> None:
+        s = self._section
+        if not 0 < self.halt_threshold <= 1:
+            _fail(f"{s}.halt_threshold", f"must be in (0, 1], got {self.halt_threshold}", "use 1 - eps, e.g. 0.99")
+        for name in ("ponder_cost", "kl_coef", "rate_loss_coef", "predictor_loss_coef"):
+            if getattr(self, name) < 0:
+                _fail(f"{s}.{name}", f"must be >= 0, got {getattr(self, name)}", f"set {s}.{name} to 0 or more")
+        for name in ("lambda_p", "halt_quantile"):
+            if not 0 < getattr(self, name) < 1:
+                _fail(f"{s}.{name}", f"must be in (0, 1), got {getattr(self, name)}", "use e.g. 0.3 (lambda_p) or 0.5 (quantile)")
+        if not 0 < self.target_rate <= 1:
+            _fail(f"{s}.target_rate", f"must be in (0, 1], got {self.target_rate}", "use the share of blocks to run, e.g. 0.5")
+        if not 0 < self.capacity <= 1:
+            _fail(f"{s}.capacity", f"must be in (0, 1], got {self.capacity}", "use the share of tokens to route, e.g. 0.5")
+        _require_positive(s, self, "gate_hidden", "gumbel_temperature", "gumbel_temperature_min", "mod_every",
+                          "predictor_hidden")
+        if self.gumbel_temperature_min > self.gumbel_temperature:
+            _fail(f"{s}.gumbel_temperature_min", f"{self.gumbel_temperature_min} exceeds gumbel_temperature="
+                  f"{self.gumbel_temperature}", "anneal downwards: set it <= gumbel_temperature")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+# Which model kinds support each depth mode, and why not the others.
+_DEPTH_KINDS = {
+    "act": (("decoder", "encoder", "cnn"), "use act on a decoder, encoder or cnn"),
+    "pondernet": (("decoder",), "PonderNet needs a prediction at every layer: use it with kind decoder, or use act"),
+    "skip": (("encoder", "cnn"), "a per-sample gate reads the whole sequence, which is not causal: use mod for decoders"),
+    "mod": (("decoder", "encoder"), "mixture-of-depths routes tokens of a sequence: use skip or act for a cnn"),
+}
+
+
 @dataclass(kw_only=True)
 class CNNConfig:
     """A ResNet-style backbone for images (``model.cnn``, with ``model.kind: cnn``)."""
@@ -213,9 +293,20 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     exits: ExitConfig = field(default_factory=ExitConfig)
     cnn: CNNConfig = field(default_factory=CNNConfig)
+    depth: DepthConfig = field(default_factory=DepthConfig)
 
     def __post_init__(self) -> None:
         s = self._section
+        if self.depth.enabled:
+            kinds, fix = _DEPTH_KINDS[self.depth.mode]
+            if self.kind not in kinds:
+                _fail(f"{s}.depth.mode", f"'{self.depth.mode}' is not supported with kind '{self.kind}'", fix)
+            if self.depth.mode == "pondernet" and self.exits.enabled:
+                _fail(f"{s}.depth.mode", "pondernet already trains a prediction at every layer; early exits on top "
+                      "are not supported", "remove model.exits.layers, or use depth.mode: act with exits")
+            if self.depth.mode == "mod" and self.depth.mod_every > self.n_layers:
+                _fail(f"{s}.depth.mod_every", f"{self.depth.mod_every} exceeds n_layers={self.n_layers}, so no layer "
+                      "is routed", "use 2 (every other layer) or 1 (every layer)")
         if self.kind == "hf_encoder" and not self.pretrained:
             _fail(f"{s}.pretrained", "model.kind is hf_encoder but no pretrained encoder is named",
                   "set model.pretrained to 'minilm', a local model folder, or a hub name such as bert-base-uncased")

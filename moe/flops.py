@@ -30,13 +30,29 @@ def dense_ffn_flops(tokens: int, d_model: int, d_hidden: int, activation: str = 
 def moe_ffn_flops(tokens: int, d_model: int, cfg: MoEConfig, assignments: int | None = None) -> int:
     """Router, routed experts (``assignments`` token-expert pairs, default tokens * top_k, fewer when
     tokens are dropped) and shared experts."""
+    return sum(moe_ffn_flops_by_component(tokens, d_model, cfg, assignments).values())
+
+
+def moe_ffn_flops_by_component(tokens, d_model: int, cfg: MoEConfig, assignments=None) -> dict:
+    """:func:`moe_ffn_flops` split into ``moe_router``, ``moe_experts`` and ``moe_shared``."""
     k = cfg.router.top_k
     assignments = tokens * k if assignments is None else assignments
-    total = linear_flops(tokens, d_model, cfg.num_experts)
-    total += dense_ffn_flops(assignments, d_model, cfg.d_expert, cfg.activation)
+    shared = 0
     if cfg.num_shared_experts:
-        total += dense_ffn_flops(tokens, d_model, cfg.num_shared_experts * (cfg.d_shared or cfg.d_expert), cfg.activation)
-    return total
+        shared = dense_ffn_flops(tokens, d_model, cfg.num_shared_experts * (cfg.d_shared or cfg.d_expert), cfg.activation)
+    return {"moe_router": linear_flops(tokens, d_model, cfg.num_experts),
+            "moe_experts": dense_ffn_flops(assignments, d_model, cfg.d_expert, cfg.activation),
+            "moe_shared": shared}
+
+
+def attention_rows_flops(queries, pairs, d_model: int, kv_rows=None):
+    """Attention computed for ``queries`` rows only, with ``pairs`` query-key products in all and K
+    and V projected for ``kv_rows`` rows (default: the queries). Every token a query and a key of
+    every token of its sequence (``pairs = batch * seq**2``) is :func:`attention_flops`; fewer
+    queries or keys is what halting and routing save. Counts may be tensors (no host sync)."""
+    kv_rows = queries if kv_rows is None else kv_rows
+    projections = linear_flops(queries, d_model, 2 * d_model) + linear_flops(kv_rows, d_model, 2 * d_model)
+    return projections + 2 * 2 * pairs * d_model
 
 
 def conv2d_flops(batch: int, c_in: int, c_out: int, kernel: int, h_out: int, w_out: int) -> int:

@@ -29,6 +29,7 @@ from moe import checkpoint as ckpt
 from moe.config import ConfigError, RunConfig, to_dict
 from moe.cpu_runtime import keep_large_allocations
 from moe.data import build_data
+from moe.depth import depth_summary
 from moe.deepspeed_setup import clip_gradients_, deepspeed_recognises, global_grad_norm, init_distributed, param_groups
 from moe.expert_parallel import TrafficCounter, shard_experts
 from moe.layer import MoELayer
@@ -292,7 +293,10 @@ class Trainer:
         self._set_learning_rates(step)
         torch.manual_seed(_step_seed(t.seed, step, self.rank))  # dropout and jitter depend on the step only
         self.engine.train()
-        loss_sum = aux_sum = 0.0
+        if hasattr(self.model, "set_depth_progress"):  # depth schedules (Gumbel temperature) follow the step
+            self.model.set_depth_progress(step / max(1, t.steps - 1))
+        loss_sum = aux_sum = depth_loss_sum = 0.0
+        depth_flops = [0.0, 0.0, 0.0]  # executed block FLOPs, plain-network block FLOPs, rows
         exit_sums = None
         tokens = 0
         for micro in range(t.grad_accum):
@@ -307,6 +311,8 @@ class Trainer:
             self.engine.step()
             loss_sum += out.loss.item()
             aux_sum += out.aux_loss.item() if out.aux_loss is not None else 0.0
+            depth_loss_sum += out.depth_loss.item() if out.depth_loss is not None else 0.0
+            _add_depth(depth_flops, out)
             if out.exit_losses:
                 values = torch.stack(out.exit_losses).double().cpu()
                 exit_sums = values if exit_sums is None else exit_sums + values
@@ -324,6 +330,9 @@ class Trainer:
         row = {}
         if exit_sums is not None:  # each exit's cross-entropy; with several processes, rank 0's
             row = {f"exit{j}_loss": float(v) / t.grad_accum for j, v in enumerate(exit_sums)}
+        if self.cfg.model.depth.enabled:  # rank 0's micro-batches
+            row.update(_depth_fields(depth_flops))
+            row["depth_loss"] = depth_loss_sum / t.grad_accum
         return {
             **row,
             "loss": loss_sum / t.grad_accum,
@@ -355,6 +364,7 @@ class Trainer:
         classify = self.cfg.task != "lm"
         n_exits = len(self.cfg.model.exits.layers) + 1 if self.cfg.model.exits.enabled else 0
         exit_totals = torch.zeros(n_exits, dtype=torch.float64)  # correct (classification) or loss sums (LM)
+        depth_flops = [0.0, 0.0, 0.0]
         for batch in self.data.eval_batches(t.eval_batches, t.batch_size, self.rank, self.world):
             n = batch["labels"].shape[0]
             if n == 0:
@@ -370,6 +380,7 @@ class Trainer:
             final_loss = out.exit_losses[-1] if out.exit_losses else out.loss
             loss_sum += float(final_loss) * n
             count += n
+            _add_depth(depth_flops, out)
             if classify:
                 correct += int((out.logits.argmax(-1) == labels).sum())
                 for j, head in enumerate(out.exits[:n_exits]):
@@ -377,7 +388,8 @@ class Trainer:
             else:
                 for j, value in enumerate(out.exit_losses[:n_exits]):
                     exit_totals[j] += float(value) * n
-        totals = torch.cat([torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64), exit_totals])
+        totals = torch.cat([torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64), exit_totals,
+                            torch.tensor(depth_flops, dtype=torch.float64)])
         totals = totals.to(self.engine.device)
         if self.reduce is not None:
             self.reduce(totals)
@@ -386,6 +398,8 @@ class Trainer:
             result["accuracy"] = float(totals[1] / totals[2])
         for j in range(n_exits):
             result[f"exit{j}_{'accuracy' if classify else 'loss'}"] = float(totals[3 + j] / totals[2])
+        if self.cfg.model.depth.enabled:
+            result.update(_depth_fields(totals[3 + n_exits:].tolist()))
         return result
 
     def save(self, step: int) -> Path | None:
@@ -487,6 +501,21 @@ def _moe_log_fields(model: torch.nn.Module, reduce=None) -> dict:
         fields[f"moe{i}_counts"] = row.counts
     reset_stats(model)
     return fields
+
+
+def _add_depth(sums: list[float], out) -> None:
+    """Add one forward pass's executed and plain-network block FLOPs and rows to ``sums``."""
+    summary = depth_summary(out.depth)
+    if summary:
+        sums[0] += summary["flops"]
+        sums[1] += summary["full_flops"]
+        sums[2] += float(out.depth[0].rows)
+
+
+def _depth_fields(sums: list[float]) -> dict:
+    """Compute per token (sample, for images) of the blocks and its share of the plain network's."""
+    flops, full, rows = sums
+    return {"depth_compute_fraction": flops / full if full else 1.0, "depth_flops_per_token": flops / rows if rows else 0.0}
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:

@@ -17,6 +17,9 @@ from torch import nn
 
 from moe import flops as F_
 from moe.config import ModelConfig
+from moe.depth import DepthAux, depth_loss, split_records
+from moe.depth.halting import expected_steps, halting_distribution, pondernet_loss
+from moe.depth.transformer import TransformerDepth, plain_layer
 from moe.early_exit import MultiExitModel, State
 from moe.exits import ExitHead, HeadOutput, PolicyState, exit_loss, exit_score, thresholds_for
 from moe.experts import DenseMLP
@@ -31,10 +34,13 @@ class ModelOutput:
     moe: list[MoEAux] = field(default_factory=list)  # one entry per MoE layer, in depth order
     exits: list[HeadOutput] = field(default_factory=list)  # every exit's output, the final head last
     exit_losses: list[torch.Tensor] = field(default_factory=list)  # each exit's cross-entropy (detached)
+    depth: list[DepthAux] = field(default_factory=list)  # what each block computed (moe/depth/accounting.py)
+    depth_loss: torch.Tensor | None = None  # ponder cost, skip-rate and MoD predictor losses; None without
 
     @property
     def total_loss(self) -> torch.Tensor:
-        return self.loss if self.aux_loss is None else self.loss + self.aux_loss
+        total = self.loss if self.aux_loss is None else self.loss + self.aux_loss
+        return total if self.depth_loss is None else total + self.depth_loss
 
 
 class SelfAttention(nn.Module):
@@ -58,6 +64,26 @@ class SelfAttention(nn.Module):
             is_causal=self.causal and attn_mask is None,
         )
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+    def attend(self, xq_BQD: torch.Tensor, q_pos_BQ: torch.Tensor, xkv_BKD: torch.Tensor, k_pos_BK: torch.Tensor,
+               k_valid_BK: torch.Tensor | None) -> torch.Tensor:
+        """Attention for some query rows against some key rows, each with its sequence position
+        (causal order by position); ``k_valid`` marks real keys. Only the queries' Q and output
+        projections and the keys' K and V are computed."""
+        B, Q, D = xq_BQD.shape
+        K = xkv_BKD.shape[1]
+        Dh = D // self.n_heads
+        q = F.linear(xq_BQD, self.qkv.weight[:D]).view(B, Q, self.n_heads, Dh).transpose(1, 2)  # (B, H, Q, Dh)
+        k, v = (t.view(B, K, self.n_heads, Dh).transpose(1, 2) for t in F.linear(xkv_BKD, self.qkv.weight[D:]).split(D, -1))
+        allowed = torch.ones(B, Q, K, dtype=torch.bool, device=xq_BQD.device)
+        if self.causal:
+            allowed = k_pos_BK[:, None, :] <= q_pos_BQ[:, :, None]
+        if k_valid_BK is not None:
+            allowed = allowed & k_valid_BK[:, None, :].bool()
+        # A query always sees itself, so padding queries have no empty row (no NaN to mask later).
+        allowed = allowed | (k_pos_BK[:, None, :] == q_pos_BQ[:, :, None])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, Q, D))
 
 
 class Block(nn.Module):
@@ -84,6 +110,32 @@ class Block(nn.Module):
             h = self.ffn(self.ln2(x))
         return x + self.drop(h), aux
 
+    def forward_rows(self, x_BSD: torch.Tensor, q_idx_BQ: torch.Tensor, q_valid_BQ: torch.Tensor,
+                     key_mask_BS: torch.Tensor | None = None, keys: str = "all"):
+        """The block for some tokens only: positions ``q_idx`` of each sequence (``q_valid`` marks
+        real ones; the rest is padding). Keys are every token (``keys="all"``: halting, where halted
+        tokens still serve as keys) or the chosen tokens only (``"queries"``: mixture-of-depths).
+        Returns the chosen tokens' new states [T, D], their flat positions in [B * S] and the MoE
+        aux record (None for a dense FFN); the FFN runs on the T real tokens only."""
+        B, S, D = x_BSD.shape
+        xq = x_BSD.gather(1, q_idx_BQ.unsqueeze(-1).expand(-1, -1, D))  # (B, Q, D)
+        hq = self.ln1(xq)
+        if keys == "all":
+            hkv, k_pos = self.ln1(x_BSD), torch.arange(S, device=x_BSD.device).expand(B, S)
+            k_valid = key_mask_BS
+        else:
+            hkv, k_pos = hq, q_idx_BQ
+            k_valid = q_valid_BQ if key_mask_BS is None else q_valid_BQ & key_mask_BS.gather(1, q_idx_BQ).bool()
+        xq = xq + self.drop(self.attn.attend(hq, q_idx_BQ, hkv, k_pos, k_valid))
+        rows = xq[q_valid_BQ]  # (T, D): real tokens only from here on
+        aux = None
+        if self.is_moe:
+            h, aux = self.ffn(self.ln2(rows))
+        else:
+            h = self.ffn(self.ln2(rows))
+        flat = (torch.arange(B, device=x_BSD.device)[:, None] * S + q_idx_BQ)[q_valid_BQ]
+        return rows + self.drop(h), flat, aux
+
 
 class _Backbone(nn.Module):
     causal: bool
@@ -100,6 +152,7 @@ class _Backbone(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i, self.causal) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.depth = TransformerDepth(cfg, self.causal) if cfg.depth.enabled else None
 
     def _embed(self, idx_BS: torch.Tensor) -> torch.Tensor:
         S = idx_BS.shape[1]
@@ -108,19 +161,39 @@ class _Backbone(nn.Module):
         pos = torch.arange(S, device=idx_BS.device)
         return self.drop(self.tok_emb(idx_BS) + self.pos_emb(pos))
 
-    def hidden(self, idx_BS: torch.Tensor, key_mask_BS: torch.Tensor | None = None):
-        """Final hidden states [B, S, D] and the MoE layers' aux records."""
-        x = self._embed(idx_BS)
+    def start_state(self, x_BSD: torch.Tensor, key_mask_BS: torch.Tensor | None, mod_rule: str = "top_c") -> State:
+        state = {"x": x_BSD, "mask": key_mask_BS}
+        return state if self.depth is None else self.depth.start(state, mod_rule)
+
+    def run_layer(self, i: int, state: State) -> tuple[State, list]:
+        """Layer ``i`` on the state (under the depth mode, if any); returns the new state and the
+        layer's records: its MoE aux record, if any, then its :class:`DepthAux`."""
+        if self.depth is None:
+            return plain_layer(self.cfg, i, self.blocks[i], state)
+        return self.depth.layer(i, self.blocks[i], state)
+
+    def final_state(self, state: State) -> torch.Tensor:
+        """The residual stream the final head reads (ACT: the halting-weighted sum of states)."""
+        return state["x"] if self.depth is None else self.depth.output(state)
+
+    def hidden(self, idx_BS: torch.Tensor, key_mask_BS: torch.Tensor | None = None, mod_rule: str = "top_c"):
+        """Final hidden states [B, S, D] and the records of every layer (MoE, then depth)."""
+        state = self.start_state(self._embed(idx_BS), key_mask_BS, mod_rule)
         records = []
-        for block in self.blocks:
-            x, aux = block(x, key_mask_BS)
-            if aux is not None:
-                records.append(aux)
-        return self.ln_f(x), records
+        for i in range(len(self.blocks)):
+            state, recs = self.run_layer(i, state)
+            records.extend(recs)
+        return self.ln_f(self.final_state(state)), records, state
 
     @staticmethod
     def _aux_total(records: list[MoEAux]) -> torch.Tensor | None:
+        records = [r for r in records if isinstance(r, MoEAux)]
         return sum((r.loss for r in records), start=records[0].loss.new_zeros(())) if records else None
+
+    def set_depth_progress(self, fraction: float) -> None:
+        """Training progress in [0, 1], for schedules inside the depth units (Gumbel temperature)."""
+        if self.depth is not None:
+            self.depth.set_progress(fraction)
 
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if b.is_moe]
@@ -161,29 +234,53 @@ class TransformerLM(_Backbone):
         pred = self.exit_predictors[j](h.detach()).squeeze(-1) if len(self.exit_predictors) else None
         return HeadOutput(self.head(h), pred)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, mod_rule: str = "top_c") -> ModelOutput:
+        """``mod_rule``: mixture-of-depths routing by top-C over the sequence (training, and the
+        reference), or "causal", the decoding rule (each token's predictor decides)."""
+        if self.depth is not None and self.depth.dcfg.mode == "pondernet" and self.training:
+            return self._pondernet_forward(input_ids, labels)
         if not self.exit_cfg.enabled:
-            h_BSD, records = self.hidden(input_ids)
+            h_BSD, records, _ = self.hidden(input_ids, mod_rule=mod_rule)
+            moe, depth = split_records(records)
             logits_BSV = self.head(h_BSD)
             loss = None
             if labels is not None:
                 loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-            return ModelOutput(logits_BSV, loss, self._aux_total(records), records)
-        x = self._embed(input_ids)
+            return ModelOutput(logits_BSV, loss, self._aux_total(moe), moe, depth=depth,
+                               depth_loss=depth_loss(depth, self.cfg.depth))
+        state = self.start_state(self._embed(input_ids), None, mod_rule)
         heads, records = [], []
         exit_after = {layer - 1: j for j, layer in enumerate(self.exit_cfg.layers)}
-        for i, block in enumerate(self.blocks):
-            x, aux = block(x)
-            if aux is not None:
-                records.append(aux)
+        for i in range(len(self.blocks)):
+            state, recs = self.run_layer(i, state)
+            records.extend(recs)
             if i in exit_after:
-                heads.append(self._exit_head(exit_after[i], x))
-        heads.append(self._exit_head(len(self.exit_norms), x))
+                heads.append(self._exit_head(exit_after[i], state["x"]))
+        heads.append(self._exit_head(len(self.exit_norms), self.final_state(state)))
+        moe, depth = split_records(records)
         loss, per_exit = None, []
         if labels is not None:
             flat = [HeadOutput(h.logits.flatten(0, 1), None if h.predictor is None else h.predictor.flatten()) for h in heads]
             loss, per_exit = exit_loss(self.exit_cfg, flat, labels.flatten(), getattr(self, "exit_phase", "joint"))
-        return ModelOutput(heads[-1].logits, loss, self._aux_total(records), records, heads, per_exit)
+        return ModelOutput(heads[-1].logits, loss, self._aux_total(moe), moe, heads, per_exit, depth,
+                           depth_loss(depth, self.cfg.depth))
+
+    def _pondernet_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> ModelOutput:
+        """PonderNet training: every layer on every token; the loss is the task loss expected under
+        each token's halting distribution, plus the KL to the geometric prior (the depth loss)."""
+        _, records, state = self.hidden(input_ids)
+        moe, depth = split_records(records)
+        p_LBS = halting_distribution(state["pn_h"])
+        logits_L = [self.head(self.ln_f(s)) for s in state["pn_states"]]
+        loss = kl = None
+        if labels is not None:
+            ce_LT = torch.stack([F.cross_entropy(lg.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                 reduction="none") for lg in logits_L])
+            d = self.cfg.depth
+            loss, kl = pondernet_loss(p_LBS.flatten(1), ce_LT, labels.flatten() != -100, d.lambda_p, d.kl_coef)
+            depth[-1].loss = kl
+        depth[-1].stats["expected_layers"] = expected_steps(p_LBS.flatten(1)).mean().detach()
+        return ModelOutput(logits_L[-1], loss, self._aux_total(moe), moe, depth=depth, depth_loss=kl)
 
     @torch.no_grad()
     def generate_exit_eval(
@@ -194,6 +291,8 @@ class TransformerLM(_Backbone):
         causal computation stays well defined. Returns the loss of the exits the tokens chose and
         the layers each token ran; the FLOPs saved are those of a KV-cache decoder that skips the
         exited tokens' later layers (this dense pass computes them and discards them)."""
+        if self.depth is not None:
+            raise ValueError("generate_exit_eval runs the plain layers; with model.depth use forward(..., mod_rule=...)")
         cfg = self.exit_cfg
         policy = policy or cfg.policy
         thresholds = thresholds_for(cfg) if thresholds is None else thresholds
@@ -252,21 +351,22 @@ class TransformerClassifier(_Backbone, MultiExitModel):
         return self.cfg.n_layers
 
     def begin(self, batch: dict) -> State:
-        return {"x": self._embed(batch["input_ids"]), "mask": batch.get("attention_mask")}
+        return self.start_state(self._embed(batch["input_ids"]), batch.get("attention_mask"))
 
     def run_stage(self, i: int, state: State) -> tuple[State, list]:
-        x, aux = self.blocks[i](state["x"], state["mask"])
-        return {**state, "x": x}, ([] if aux is None else [aux])
+        return self.run_layer(i, state)
 
     def _pool(self, h_BSD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return h_BSD[:, 0] if self.cfg.pooling == "first" else masked_mean(h_BSD, mask)
 
     def run_head(self, j: int, state: State) -> HeadOutput:
         if j == len(self.exit_heads):
-            return HeadOutput(self.classifier(self._pool(self.ln_f(state["x"]), state["mask"])))
+            return HeadOutput(self.classifier(self._pool(self.ln_f(self.final_state(state)), state["mask"])))
         return self.exit_heads[j](self._pool(self.exit_norms[j](state["x"]), state["mask"]))
 
     def stage_flops(self, i: int, state: State) -> float:
+        if self.depth is not None:
+            return self.depth.unit_flops(i, self.blocks[i], state)
         B, S = state["x"].shape[:2]
         return float(self.layer_flops(i, B, S))
 
@@ -284,14 +384,18 @@ class TransformerClassifier(_Backbone, MultiExitModel):
 
 
 def classification_output(model: MultiExitModel, heads: list[HeadOutput], records: list, labels) -> ModelOutput:
-    """The ModelOutput of a multi-exit classifier: final logits, the exits' loss, router losses."""
+    """The ModelOutput of a multi-exit classifier: final logits, the exits' loss, router losses,
+    and the depth records and losses."""
+    records, depth = split_records(records)
     loss, per_exit = None, []
     if labels is not None:
         if model.exit_cfg.enabled:
             loss, per_exit = exit_loss(model.exit_cfg, heads, labels, model.exit_phase)
         else:
             loss = F.cross_entropy(heads[-1].logits.float(), labels)
-    return ModelOutput(heads[-1].logits, loss, _Backbone._aux_total(records), records, heads, per_exit)
+    cfg = getattr(model, "cfg", None)
+    d_loss = depth_loss(depth, cfg.depth) if depth and cfg is not None else None
+    return ModelOutput(heads[-1].logits, loss, _Backbone._aux_total(records), records, heads, per_exit, depth, d_loss)
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -1,0 +1,11 @@
+"""Conditional depth: halting (ACT, PonderNet), gated block skipping, mixture-of-depths routing.
+
+The per-unit pieces live in ``halting.py``, ``skipping.py`` and ``mixture_of_depths.py``; how they
+run over a Transformer's layers is ``transformer.py`` (the CNN's is in ``moe/cnn.py``). Every
+conditional unit reports what it really computed in a :class:`DepthAux` (``accounting.py``), so
+compute per token is read the same way for every mode, with MoE layers and exits.
+"""
+
+from moe.depth.accounting import DepthAux, depth_loss, depth_summary, split_records
+
+__all__ = ["DepthAux", "depth_loss", "depth_summary", "split_records"]
