@@ -407,3 +407,24 @@ def test_mode_none_adds_no_parameters():
     assert a.depth is None and not any("depth" in k for k in a.state_dict())
     assert math.isclose(sum(r.total_flops for r in a(torch.randint(0, 40, (2, 5))).depth),
                         sum(a.layer_flops(i, 2, 5) for i in range(4)))
+
+
+# --- the results script, end to end --------------------------------------------------------------
+
+
+def test_conditional_depth_eval_quick(tmp_path):
+    import json
+
+    from evals.conditional_depth import main
+
+    result = main(["--quick", "--threads", "1", "--json", str(tmp_path / "r.json"), "--out-dir", str(tmp_path / "runs")])
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["hardware"]["cpu_count"] and [r["name"] for r in saved["lm"]] == ["dense", "mod_50", "act"]
+    dense, mod, act = result["lm"]
+    # Equal training FLOPs: the cheaper models train proportionally more steps.
+    assert mod["steps"] > dense["steps"] and 0.85 < mod["train_flops_vs_dense"] < 1.15
+    assert 0.5 < act["train_flops_vs_dense"] < 1.15
+    assert dense["val_compute_fraction"] == 1.0 and mod["val_compute_fraction"] < 0.8
+    assert 0 <= mod["causal_agreement_with_top_c"] <= 1 and all(math.isfinite(r["val_loss"]) for r in result["lm"])
+    (cnn,) = result["cnn"]
+    assert 0 < cnn["blocks_executed"] <= 1 and 0 <= cnn["accuracy"] <= 1
