@@ -8,8 +8,13 @@ Counts follow ``torch.utils.flop_counter`` conventions (a multiply-add is 2 FLOP
 products, convolutions and attention only), and ``flop_counter_mapping`` supplies the formulas
 FlopCounterMode lacks on CPU (``_grouped_mm``, CPU flash attention) so the two can be compared.
 
-Components: attention, dense_ffn, experts (routed), shared_experts, router, conv, exit_heads,
-head (the final classifier or LM head), halting, gating, other.
+Components: attention, dense_ffn, experts (routed), shared_experts, router (MoE), mod_router
+(mixture-of-depths router and its causal predictor), conv, exit_heads, head (the final
+classifier or LM head), halting, gating, other.
+
+The conditional-depth blocks also report their own compute analytically as they run
+(``moe.depth.accounting.DepthAux``, cheap enough for every training step); the ledger measures
+the same thing independently from the module calls, and a test holds the two to each other.
 """
 
 from __future__ import annotations
@@ -22,15 +27,15 @@ from torch import nn
 
 from moe import flops as F_
 
-COMPONENTS = ("attention", "dense_ffn", "experts", "shared_experts", "router", "conv", "exit_heads", "head",
-              "halting", "gating", "other")
+COMPONENTS = ("attention", "dense_ffn", "experts", "shared_experts", "router", "mod_router", "conv", "exit_heads",
+              "head", "halting", "gating", "other")
 
 
 def _linear_component(name: str) -> str:
     """Component of a linear layer not covered by a dedicated hook, from its module path."""
     lowered = name.lower()
-    for keys, component in ((("halt", "ponder"), "halting"), (("gate", "skip"), "gating"), (("router",), "router"),
-                            (("exit",), "exit_heads")):
+    for keys, component in ((("halt", "ponder"), "halting"), (("gate", "skip"), "gating"),
+                            (("depth.routers",), "mod_router"), (("router",), "router"), (("exit",), "exit_heads")):
         if any(k in lowered for k in keys):
             return component
     return "other"
@@ -87,9 +92,15 @@ class ComputeLedger:
                 covered.update(id(m) for m in module.modules())
                 yield module, hook
 
-    def _attention(self, module, inputs, output):
-        B, S, D = inputs[0].shape
-        self.flops["attention"] += F_.attention_flops(B, S, D)
+    def _attention(self, module, inputs, kwargs, output):
+        x = inputs[0]
+        B, S, D = x.shape
+        rows = kwargs.get("rows")
+        if rows is None:
+            self.flops["attention"] += F_.attention_flops(B, S, D)
+        else:  # S query rows against the K key rows of each sequence (halting, mixture-of-depths)
+            K = rows[1].shape[1]
+            self.flops["attention"] += F_.attention_rows_flops(B * S, B * S * K, D, B * K)
 
     def _hf_layer(self, layer):
         d_ff = layer.intermediate.dense.out_features
@@ -151,7 +162,7 @@ class ComputeLedger:
 
     def __enter__(self) -> ComputeLedger:
         for module, hook in self._hooks():
-            self._handles.append(module.register_forward_hook(hook))
+            self._handles.append(module.register_forward_hook(hook, with_kwargs=hook == self._attention))
         return self
 
     def __exit__(self, *exc) -> None:

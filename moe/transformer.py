@@ -54,7 +54,13 @@ class SelfAttention(nn.Module):
         nn.init.normal_(self.qkv.weight, std=0.02)
         nn.init.normal_(self.proj.weight, std=out_init_std)
 
-    def forward(self, x_BSD: torch.Tensor, key_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, key_mask_BS: torch.Tensor | None = None, *, rows: tuple | None = None
+                ) -> torch.Tensor:
+        """Self-attention over the whole sequence, or, with ``rows = (q_pos, x_kv, k_pos, k_valid)``,
+        for the query rows ``x_BSD`` only against the key rows ``x_kv`` (:meth:`attend`). Both go
+        through the module call, so forward hooks (compute accounting) see every use."""
+        if rows is not None:
+            return self.attend(x_BSD, *rows)
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).split(D, dim=-1)
         q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, S, Dh)
@@ -126,7 +132,7 @@ class Block(nn.Module):
         else:
             hkv, k_pos = hq, q_idx_BQ
             k_valid = q_valid_BQ if key_mask_BS is None else q_valid_BQ & key_mask_BS.gather(1, q_idx_BQ).bool()
-        xq = xq + self.drop(self.attn.attend(hq, q_idx_BQ, hkv, k_pos, k_valid))
+        xq = xq + self.drop(self.attn(hq, rows=(q_idx_BQ, hkv, k_pos, k_valid)))
         rows = xq[q_valid_BQ]  # (T, D): real tokens only from here on
         aux = None
         if self.is_moe:

@@ -200,3 +200,37 @@ def test_moe_eval_decoder_with_token_exits_and_another_task(tmp_path):
     assert "loss_vs_compute" in result["plots"]
     with pytest.raises(ConfigError, match="does not fit data task"):
         evaluate(str(tmp_path / "lm"), task="sst2")
+
+
+def _depth_model(name: str):
+    import dataclasses
+
+    cfg = load_config(name).model
+    if cfg.kind == "cnn":
+        cfg = dataclasses.replace(cfg, num_classes=10, cnn=dataclasses.replace(cfg.cnn, in_channels=1, image_size=8))
+        return build_model(cfg).eval(), {"pixel_values": torch.randn(16, 1, 8, 8)}
+    return build_model(dataclasses.replace(cfg, vocab_size=65)).eval(), {"input_ids": torch.randint(0, 65, (3, 32))}
+
+
+@pytest.mark.parametrize("name", ["shakespeare_dense", "shakespeare_mod", "shakespeare_act", "digits_cnn_skip"])
+def test_ledger_agrees_with_the_depth_records(name):
+    """Two independent counts of conditional depth: the hooks' (what the modules were called on)
+    and the blocks' own analytic records (what they say they ran)."""
+    torch.manual_seed(0)
+    model, batch = _depth_model(name)
+    with torch.no_grad(), ComputeLedger(model) as ledger:
+        out = model(**batch)
+    recorded = sum(float(v) for record in out.depth for v in record.flops.values())
+    parts = ledger.by_component()
+    assert ledger.total - parts["head"] - parts["exit_heads"] == pytest.approx(recorded, rel=1e-9)
+    if name in ("shakespeare_mod", "shakespeare_act"):  # these save compute even untrained
+        assert recorded < sum(r.full_flops for r in out.depth)
+
+
+@pytest.mark.parametrize("name", ["shakespeare_mod", "shakespeare_act"])
+def test_ledger_matches_flop_counter_mode_under_conditional_depth(name):
+    torch.manual_seed(0)
+    model, batch = _depth_model(name)
+    with torch.no_grad(), flop_counter() as counter, ComputeLedger(model) as ledger:
+        model(**batch)
+    assert abs(ledger.total - counter.get_total_flops()) / counter.get_total_flops() < 0.02
