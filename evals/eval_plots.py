@@ -28,8 +28,11 @@ def load_heatmap(training: dict, path: Path) -> str | None:
         ax = axes[i][0]
         share = [[c / max(sum(row), 1) for c in row] for row in counts]
         columns = list(map(list, zip(*share)))  # expert x step
+        first, last = training["steps"][0], training["steps"][-1]
+        if first == last:  # one log step: give the single column some width
+            first, last = first - 0.5, last + 0.5
         im = ax.imshow(columns, aspect="auto", cmap="viridis", interpolation="nearest",
-                       extent=(training["steps"][0], training["steps"][-1], len(columns) - 0.5, -0.5))
+                       extent=(first, last, len(columns) - 0.5, -0.5))
         ax.set_ylabel(f"layer {i}\nexpert")
         fig.colorbar(im, ax=ax, label="share of tokens")
     axes[-1][0].set_xlabel("training step")
@@ -107,6 +110,19 @@ def loss_vs_compute(token_exits: dict, path: Path) -> str:
     return _save(fig, path)
 
 
+def depth_vs_compute(depth: dict, task: str, path: Path) -> str:
+    metric = "loss" if task == "lm" else "accuracy"
+    points = sorted(depth["curve"], key=lambda p: p["flops_per_token"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["flops_per_token"] / 1e6 for p in points], [p[metric] for p in points], "o-", color="C4")
+    for p in points:
+        ax.annotate(str(p["setting"]), (p["flops_per_token"] / 1e6, p[metric]), fontsize=7)
+    ax.set_xlabel("MFLOPs per token (executed)")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"{depth['mode']}: {metric} against compute" + (f" ({depth['knob']} swept)" if depth["knob"] else ""))
+    return _save(fig, path)
+
+
 def write_plots(result: dict, out: Path) -> dict:
     """Write every plot the result supports into ``out``; returns {name: file name}."""
     plots = {}
@@ -118,6 +134,7 @@ def write_plots(result: dict, out: Path) -> dict:
         ("exit_distribution", lambda p: exit_distribution(result["exits"], p) if "exits" in result else None),
         ("accuracy_vs_compute", lambda p: accuracy_vs_compute(result["exits"], p) if "exits" in result else None),
         ("loss_vs_compute", lambda p: loss_vs_compute(result["token_exits"], p) if "token_exits" in result else None),
+        ("depth_vs_compute", lambda p: depth_vs_compute(result["depth"], result["task"], p) if "depth" in result else None),
     ):
         written = make(out / f"{name}.png")
         if written:

@@ -14,6 +14,8 @@ CAPTIONS = {
     "exit_distribution": "Share of validation samples leaving at each exit.",
     "accuracy_vs_compute": "Validation accuracy against GFLOPs per sample: one exit for all (anytime) and "
                            "a shared threshold swept (budgeted batch).",
+    "depth_vs_compute": "Conditional depth: validation quality against executed MFLOPs per token as the mode's "
+                        "inference knob (halting threshold, capacity) is swept.",
     "loss_vs_compute": "Decoder with per-token exits: validation loss against layers per token, threshold swept.",
 }
 

@@ -97,9 +97,12 @@ def full_pass(cfg, model, batches: list[dict]) -> dict:
     reset_stats(model)
     recorder = RoutingRecorder(model)
     loss_sum, correct, count = 0.0, 0, 0
+    # Under conditional depth an MoE layer may see any subset of the tokens or samples, so which
+    # key each routed row carries is not known: specialisation is left out there.
+    keyed = cfg.model.depth.mode == "none"
     with ComputeLedger(model) as ledger, recorder:
         for batch in batches:
-            recorder.set_keys(_keys(cfg, batch))
+            recorder.set_keys(_keys(cfg, batch) if keyed else None)
             ledger.count_batch(batch)
             if hasattr(model, "exit_stages"):  # multi-exit: run the plain network (final head only)
                 logits = _final_logits(model, batch)
@@ -224,16 +227,21 @@ def evaluate(source: str, *, config: str | None = None, task: str | None = None,
     if other is not None and full["layers"]:
         _, other_model = load_model(other)
         other_full = full_pass(cfg, other_model.eval(), eval_batches)
-        result["routing_stability"] = {
-            "against": str(other),
-            "changed_fraction": [routing_stability(full["recorder"].result(i)[0], other_full["recorder"].result(i)[0])
-                                 for i in range(len(full["layers"]))],
-        }
+        try:
+            result["routing_stability"] = {
+                "against": str(other),
+                "changed_fraction": [routing_stability(full["recorder"].result(i)[0], other_full["recorder"].result(i)[0])
+                                     for i in range(len(full["layers"]))],
+            }
+        except ValueError as err:  # conditional depth routed different tokens in the two checkpoints
+            result["routing_stability_unavailable"] = str(err)
     result["training_load"] = training_load(run_dir)
     if isinstance(model, MultiExitModel) and model.exit_cfg.enabled:
         result["exits"] = _exit_section(cfg, model, data, eval_batches, run_dir, ledger)
     elif cfg.model.kind == "decoder" and cfg.model.exits.enabled:
         result["token_exits"] = _token_exit_curve(model, eval_batches)
+    if cfg.model.depth.mode != "none":
+        result["depth"] = _depth_curve(cfg, model, eval_batches)
     (out / "eval.json").write_text(json.dumps(result, indent=2, default=float))
     from evals.eval_plots import write_plots
 
@@ -273,6 +281,46 @@ def _exit_section(cfg, model, data, eval_batches, run_dir, full_ledger) -> dict:
         "exit_counts": passed["exit_counts"], "compute": _compute_block(passed["ledger"], full_ledger),
         "curves": {"anytime": anytime, "budgeted": budgeted, "full_gflops_per_sample": gflops_full},
     }
+
+
+# The knob of each conditional-depth mode that trades quality for compute at inference.
+DEPTH_SWEEPS = {
+    "act": ("halt_threshold", [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999]),
+    "pondernet": ("halt_quantile", [0.1, 0.3, 0.5, 0.7, 0.9]),
+    "mod": ("capacity", [0.125, 0.25, 0.5, 0.75, 1.0]),
+    "skip": (None, [None]),  # gates decide by their argmax: one setting
+}
+
+
+def _set_depth(model, depth_cfg) -> None:
+    """Give the model's depth units another setting (inference only; the weights are unchanged)."""
+    import dataclasses
+
+    model.cfg = dataclasses.replace(model.cfg, depth=depth_cfg)
+    if getattr(model, "depth", None) is not None:  # Transformers keep their depth units apart
+        model.depth.cfg, model.depth.dcfg = model.cfg, depth_cfg
+
+
+@torch.no_grad()
+def _depth_curve(cfg, model, batches: list[dict]) -> dict:
+    """Quality against executed FLOPs per token as the depth mode's knob is swept."""
+    import dataclasses
+
+    trained = cfg.model.depth
+    knob, values = DEPTH_SWEEPS[trained.mode]
+    points = []
+    try:
+        for value in values:
+            setting = trained if knob is None else dataclasses.replace(trained, **{knob: value})
+            _set_depth(model, setting)
+            passed = full_pass(cfg, model, batches)
+            ledger = passed["ledger"]
+            points.append({"setting": value, "trained_setting": knob is None or value == getattr(trained, knob),
+                           **passed["metrics"], "flops_per_token": ledger.total / max(ledger.tokens, 1),
+                           "by_component_per_token": {k: v / max(ledger.tokens, 1) for k, v in ledger.by_component().items() if v}})
+    finally:
+        _set_depth(model, trained)
+    return {"mode": trained.mode, "knob": knob, "curve": points}
 
 
 @torch.no_grad()
@@ -315,6 +363,11 @@ def format_summary(result: dict) -> str:
         lines.append(f"early exit ({e['policy']}, thresholds from {e['thresholds_from']}): accuracy {e['accuracy']:.4f} "
                      f"at {e['compute']['fraction_of_full']:.3f} of the full network's FLOPs; samples per exit "
                      + ", ".join(f"L{layer}: {n}" for layer, n in zip(e["exit_layers"], e["exit_counts"])))
+    if "depth" in result:
+        d = result["depth"]
+        metric = "accuracy" if result["task"] != "lm" else "loss"
+        lines.append(f"conditional depth ({d['mode']}, {d['knob'] or 'trained setting'}): " + ", ".join(
+            f"{p['setting']}: {metric} {p[metric]:.4f} at {p['flops_per_token'] / 1e6:.3f} MFLOPs/token" for p in d["curve"]))
     if "token_exits" in result:
         lines.append("per-token exits (loss at layers per token): " + ", ".join(
             f"{p['loss']:.3f}@{p['layers_per_token']:.2f}" for p in result["token_exits"]["curve"]))

@@ -87,10 +87,10 @@ class RoutingRecorder:
         def hook(module, inputs, routing):
             top1 = routing.probs.argmax(-1).cpu()
             keys = self._batch_keys
-            if keys is None:
+            if keys is not None and keys.dim() == 1 and top1.numel() % keys.shape[0] == 0:
+                keys = keys.repeat_interleave(top1.numel() // keys.shape[0])  # a sample's key for each position
+            if keys is None or keys.numel() != top1.numel():  # a subset of the tokens was routed: keys unknown
                 keys = torch.full_like(top1, -1)
-            elif keys.numel() != top1.numel():  # per-sample keys for every position of the sample
-                keys = keys.repeat_interleave(top1.numel() // keys.shape[0])
             self.top1[index].append(top1)
             self.keys[index].append(keys.reshape(-1).cpu())
 

@@ -234,3 +234,22 @@ def test_ledger_matches_flop_counter_mode_under_conditional_depth(name):
     with torch.no_grad(), flop_counter() as counter, ComputeLedger(model) as ledger:
         model(**batch)
     assert abs(ledger.total - counter.get_total_flops()) / counter.get_total_flops() < 0.02
+
+
+@pytest.mark.parametrize("name,knob", [("shakespeare_mod", "capacity"), ("shakespeare_act", "halt_threshold")])
+def test_moe_eval_depth_curve(tmp_path, name, knob):
+    from evals.model_eval import evaluate
+    from moe.trainer import Trainer
+
+    cfg = load_config(name, ["train.steps=3", "train.warmup_steps=1", "train.eval_every=0", "train.threads=1",
+                             "train.batch_size=4", "train.eval_batches=1", "train.checkpoint_every=0"])
+    Trainer(cfg, run_dir=str(tmp_path / "run"), progress=False).fit()
+    result = evaluate(str(tmp_path / "run"), batches=1, batch_size=2, report="r.html")
+    depth = result["depth"]
+    assert depth["knob"] == knob and len(depth["curve"]) >= 5
+    flops = [p["flops_per_token"] for p in sorted(depth["curve"], key=lambda p: p["setting"])]
+    if knob == "capacity":  # more capacity, more compute
+        assert flops == sorted(flops) and flops[0] < flops[-1]
+    assert "depth_vs_compute" in result["plots"]
+    trained = [p for p in depth["curve"] if p["trained_setting"]]
+    assert len(trained) == 1
