@@ -60,9 +60,9 @@ def train_lm(name: str, config: str, steps: int, common: list[str], out_dir: Pat
     dense_mode = not trainer.cfg.model.depth.enabled
     train_flops, start = 0.0, time.perf_counter()
     tokens_per_step = trainer.cfg.train.batch_size * trainer.cfg.data.seq_len
+    # The plain model's compute does not change from step to step: measure it once, up front.
+    per_token = _forward_flops_per_token(trainer, 0) if dense_mode else 0.0
     for step in range(steps):
-        if dense_mode:  # the plain model's compute does not change: measure it once
-            per_token = _forward_flops_per_token(trainer, step) if step == 0 else per_token
         row = trainer.train_step(step)
         if not dense_mode:
             per_token = row["depth_flops_per_token"]
