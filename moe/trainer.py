@@ -200,12 +200,15 @@ class Trainer:
     def _init_from(self, path: str) -> None:
         """Start from the weights of an exported model (``moe export``), before experts are sharded."""
         exported_cfg, exported = ckpt.load_exported(Path(path))
-        if exported_cfg != self.cfg.model:
+        # Settings that only shape the loss or inference (exit weights, policy thresholds, router
+        # loss coefficients) may change between runs; the weights must fit exactly.
+        try:
+            self.model.load_state_dict(exported.state_dict(), strict=True)
+        except RuntimeError:
             raise ConfigError(
                 f"train.init_from: '{path}' holds a different model ({_config_diff(exported_cfg, self.cfg.model)}); "
                 "fix: use the exported model's settings in the model section"
-            )
-        self.model.load_state_dict(exported.state_dict())
+            ) from None
 
     def _prepare_run_dir(self) -> None:
         if self._restart:

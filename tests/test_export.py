@@ -62,3 +62,13 @@ def test_corrupt_or_foreign_files_are_refused(exported, tmp_path):
         load_exported(foreign)
     with pytest.raises(ConfigError, match="train.init_from"):
         load_config("debug_tiny", ["train.init_from=/no/such/file.safetensors"])
+
+
+def test_init_from_may_change_loss_only_settings(exported, tmp_path):
+    """Loss coefficients are not weights: a run may start from an export with other values."""
+    _, out = exported
+    cfg = load_config("debug_tiny", TINY + [f"train.init_from={out}", "model.moe.router.aux_loss_coef=0.05"])
+    trainer = Trainer(cfg, run_dir=str(tmp_path / "run"), progress=False)
+    _, model = load_exported(out)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
