@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a script (python evals/...): make the re
 
 from evals.report import hardware_info, write_json
 from moe.calibration import calibrate, evaluate_thresholds, load_run, record_exits
+from moe.data import trim_padding
 from moe.early_exit import infer, infer_full
 from moe.exits import first_exit
 
@@ -37,11 +38,7 @@ def _batches(split: dict, batch_size: int) -> list[dict]:
     n = split["labels"].shape[0]
     out = []
     for lo in range(0, n, batch_size):
-        batch = {k: v[lo: lo + batch_size] for k, v in split.items() if k != "labels"}
-        if "attention_mask" in batch:
-            used = int(batch["attention_mask"].sum(1).max())
-            batch = {k: (v[:, :used] if k in ("input_ids", "attention_mask") else v) for k, v in batch.items()}
-        out.append(batch)
+        out.append(trim_padding({k: v[lo: lo + batch_size] for k, v in split.items() if k != "labels"}))
     return out
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from moe.data import trim_padding
 from moe.early_exit import MultiExitModel
 from moe.exits import all_exit_scores, first_exit
 
@@ -83,10 +84,7 @@ def record_exits(model: MultiExitModel, split: dict, batch_size: int = 64) -> Ex
     logits = layers = flops = predictor = None
     full = torch.zeros(n, dtype=torch.float64)
     for rows in _length_batches(split, batch_size):
-        batch = {k: v[rows] for k, v in split.items() if k != "labels"}
-        if "attention_mask" in batch:
-            used = int(batch["attention_mask"].sum(1).max())
-            batch = {k: (v[:, :used] if k in ("input_ids", "attention_mask") else v) for k, v in batch.items()}
+        batch = trim_padding({k: v[rows] for k, v in split.items() if k != "labels"})
         state = model.begin(batch)
         B = rows.numel()
         stages_spent = heads_spent = 0.0

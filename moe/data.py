@@ -232,7 +232,7 @@ def _shuffled_rows(n: int, seed: int, index: int, batch_size: int, rank: int, wo
     return idx
 
 
-def _trim_padding(batch: dict) -> dict:
+def trim_padding(batch: dict) -> dict:
     """Cut the padding columns no row of the batch uses (the model masks them anyway), so short
     sentences cost short sequences."""
     mask = batch.get("attention_mask")
@@ -296,7 +296,7 @@ class ClassificationData(_SplitData):
         return self.tokenizer.vocab_size
 
     def _finish(self, batch: dict) -> dict:
-        return _trim_padding(batch)
+        return trim_padding(batch)
 
 
 @dataclass

@@ -159,10 +159,10 @@ def test_cifar10_without_network_fails_clearly(monkeypatch):
 
 
 def test_classification_batches_are_cut_to_their_longest_row():
-    from moe.data import _trim_padding
+    from moe.data import trim_padding
 
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
-    out = _trim_padding({"input_ids": mask * 7, "attention_mask": mask, "labels": torch.tensor([0, 1])})
+    out = trim_padding({"input_ids": mask * 7, "attention_mask": mask, "labels": torch.tensor([0, 1])})
     assert out["input_ids"].shape == (2, 3) and out["labels"].tolist() == [0, 1]
 
 
