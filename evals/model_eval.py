@@ -258,23 +258,16 @@ def evaluate(source: str, *, config: str | None = None, task: str | None = None,
 
 
 def _exit_section(cfg, model, data, eval_batches, run_dir, full_ledger) -> dict:
-    from moe.calibration import evaluate_thresholds, record_exits
+    from moe.calibration import anytime_curve, record_exits, shared_threshold_sweep
 
     policy, thresholds, origin = _thresholds(model, run_dir)
     passed = exit_pass(cfg, model, eval_batches, policy, thresholds)
     record = record_exits(model, data.split("val"))
     gflops_full = float(record.full_flops.mean()) / 1e9
-    anytime = []
-    for j, layer in enumerate(model.exit_stages):
-        acc = float(record.correct[:, j].float().mean())
-        cost = float(record.flops[:, j].sum() / record.full_flops.sum())
-        anytime.append({"exit_layer": layer + 1, "accuracy": acc, "gflops_per_sample": cost * gflops_full})
-    scores = record.scores(policy)
-    candidates = torch.quantile(scores[:, :-1].double().flatten(), torch.linspace(0, 1, 60, dtype=torch.float64)).tolist()
-    budgeted = []
-    for t in sorted(set(candidates)) + [float("inf")]:
-        p = evaluate_thresholds(record, policy, [t] * (len(model.exit_stages) - 1), "flops", scores)
-        budgeted.append({"threshold": t, "accuracy": p.accuracy, "gflops_per_sample": p.cost * gflops_full})
+    anytime = [{"exit_layer": layer + 1, "accuracy": p.accuracy, "gflops_per_sample": p.cost * gflops_full}
+               for layer, p in zip(model.exit_stages, anytime_curve(record, "flops"))]
+    budgeted = [{"threshold": p.threshold, "accuracy": p.accuracy, "gflops_per_sample": p.cost * gflops_full}
+                for p in shared_threshold_sweep(record, policy, "flops")]
     return {
         "policy": policy, "thresholds": thresholds, "thresholds_from": origin,
         "exit_layers": [s + 1 for s in model.exit_stages], "accuracy": passed["accuracy"],

@@ -177,9 +177,7 @@ def calibrate(record: ExitRecord, policy: str, budget: float, unit: str = "layer
     scores = record.scores(policy)
     J = scores.shape[1]
     early = scores[:, :-1]
-    shared = [evaluate_thresholds(record, policy, [t] * (J - 1), unit, scores) for t in _candidates(early, policy)]
-    for p in shared:
-        p.threshold = p.threshold[0]
+    shared = shared_threshold_sweep(record, policy, unit, scores)
     cheapest = min(p.cost for p in shared)
     if cheapest > budget + 1e-12:
         raise ValueError(f"budget {budget:.3f} is below the cheapest setting ({cheapest:.3f} of the full {unit}: every "
@@ -209,13 +207,28 @@ def calibrate(record: ExitRecord, policy: str, budget: float, unit: str = "layer
             if not changed:
                 break
     cost, full = record.cost(unit)
-    anytime = []
-    for j in range(J):
-        exits = torch.full((scores.shape[0],), j, dtype=torch.long)
-        anytime.append(_point(record, exits, unit, float(j)))
+    anytime = anytime_curve(record, unit)
     frontier = _pareto(shared)
     return Calibration(policy, unit, budget, [float(t) for t in thresholds], best.accuracy, best.cost,
                        float(record.correct[:, -1].float().mean()), anytime, frontier)
+
+
+def shared_threshold_sweep(record: ExitRecord, policy: str, unit: str = "layers",
+                           scores: torch.Tensor | None = None) -> list[CurvePoint]:
+    """One point per shared threshold (the same at every early exit), from "everyone leaves at the
+    first exit" to "nobody leaves early" (the budgeted-batch setting)."""
+    scores = record.scores(policy) if scores is None else scores
+    J = scores.shape[1]
+    points = [evaluate_thresholds(record, policy, [t] * (J - 1), unit, scores) for t in _candidates(scores[:, :-1], policy)]
+    for p in points:
+        p.threshold = p.threshold[0]
+    return points
+
+
+def anytime_curve(record: ExitRecord, unit: str = "layers") -> list[CurvePoint]:
+    """Every sample stopped at the same exit, for each exit (the anytime setting)."""
+    n, J = record.logits.shape[:2]
+    return [_point(record, torch.full((n,), j, dtype=torch.long), unit, float(j)) for j in range(J)]
 
 
 def _pareto(points: list[CurvePoint]) -> list[CurvePoint]:
