@@ -28,6 +28,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _to_bytes(value) -> bytes:
+    """Tensors put on a queue as they are travel as shared-memory file descriptors that the parent
+    fetches from this process later; a worker that has exited by then leaves the parent a dangling
+    socket (FileNotFoundError). Plain bytes are copied into the pipe before the worker exits."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes):
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
 def _worker(rank: int, world: int, port: int, fn, kwargs: dict, results) -> None:
     import torch
     import torch.distributed as dist
@@ -37,7 +58,7 @@ def _worker(rank: int, world: int, port: int, fn, kwargs: dict, results) -> None
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
-        results.put((rank, "ok", fn(rank, world, **kwargs)))
+        results.put((rank, "ok", _to_bytes(fn(rank, world, **kwargs))))
     except BaseException:  # report every failure, including assertion errors, to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -59,7 +80,7 @@ def run_workers(fn, world: int, timeout: float = 120, **kwargs) -> list:
             rank, status, value = results.get(timeout=timeout)
             if status == "error":
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = _from_bytes(value)
     except mp.queues.Empty:
         raise AssertionError(f"workers did not finish within {timeout} s (a hang?); finished: {sorted(out)}") from None
     finally:
