@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget", type=float, default=0.6, help="compute budget as a fraction of the full network")
     p.add_argument("--unit", choices=["layers", "flops"], default="layers")
     p.add_argument("--policy", default=None, help="policy for the speed measurement (default: the run's)")
+    p.add_argument("--per-exit", action="store_true", help="per-exit thresholds after the shared one (moe calibrate --per-exit)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's)")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'policy':10s} {'val acc':>8s} {'Δ vs full':>9s} {'layers':>7s} {'FLOPs':>7s}  thresholds")
     for policy in policies:
         try:
-            result = calibrate(calib_rec, policy, args.budget, args.unit)
+            result = calibrate(calib_rec, policy, args.budget, args.unit, per_exit=args.per_exit)
         except ValueError as err:
             print(f"{policy:10s} {err}")
             continue

@@ -68,7 +68,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from moe.calibration import calibrate_run, format_calibration
 
     try:
-        out = calibrate_run(args.source, args.budget, args.unit, args.policy, args.batch_size)
+        out = calibrate_run(args.source, args.budget, args.unit, args.policy, args.batch_size,
+                            per_exit=args.per_exit)
     except ValueError as err:
         print(f"moe calibrate: error: {err}", file=sys.stderr)
         return 2
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["max_prob", "entropy", "margin", "patience", "learned"], default=None,
                    help="exit criterion (default: the run's model.exits.policy)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--per-exit", action="store_true",
+                   help="refine each exit's threshold after the shared one (fits the calibration split closer, may generalise worse)")
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("eval", help="load balance, compute per token, accuracy vs compute; JSON, plots, HTML report")

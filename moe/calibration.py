@@ -167,11 +167,15 @@ def _candidates(values: torch.Tensor, policy: str, limit: int = 200) -> list[flo
     return sorted(set(qs.tolist())) + [math.inf]
 
 
-def calibrate(record: ExitRecord, policy: str, budget: float, unit: str = "layers", per_exit: bool = True,
+def calibrate(record: ExitRecord, policy: str, budget: float, unit: str = "layers", per_exit: bool = False,
               sweeps: int = 2) -> Calibration:
     """Thresholds with the best accuracy whose average compute is within ``budget`` (a fraction
     of the plain network): the best shared threshold first, then, with ``per_exit``, coordinate
-    ascent over each exit's threshold. Raises when even leaving at the first exit costs more."""
+    ascent over each exit's threshold. Raises when even leaving at the first exit costs more.
+
+    Shared is the default because it generalises: on SST-2 (1821 calibration sentences) the
+    per-exit search found 89.5% at 0.46 of the layers where the shared threshold had 89.3% at
+    0.60, and on the validation split the two gave 86.9% and 88.2% (docs/early_exit.md)."""
     if unit not in UNITS:
         raise ValueError(f"unknown compute unit {unit!r}; choose one of {UNITS}")
     scores = record.scores(policy)
@@ -276,7 +280,7 @@ def with_thresholds(model: MultiExitModel, policy: str, thresholds: list[float])
 
 
 def calibrate_run(source: str | Path, budget: float, unit: str = "layers", policy: str | None = None,
-                  batch_size: int = 64, write: bool = True) -> dict:
+                  batch_size: int = 64, write: bool = True, per_exit: bool = False) -> dict:
     """Calibrate a run's exits on its calibration split, check the thresholds on its validation
     split, and write ``calibration.json`` into the run folder."""
     import json
@@ -289,13 +293,13 @@ def calibrate_run(source: str | Path, budget: float, unit: str = "layers", polic
         raise ValueError("policy 'learned' needs exit predictors, trained with model.exits.policy: learned; "
                          "fix: choose max_prob, entropy, margin or patience for this run")
     calib_record = record_exits(model, data.split("calib"), batch_size)
-    result = calibrate(calib_record, policy, budget, unit)
+    result = calibrate(calib_record, policy, budget, unit, per_exit=per_exit)
     val_record = record_exits(model, data.split("val"), batch_size)
     val_point = evaluate_thresholds(val_record, policy, result.thresholds, unit)
     cost_layers = evaluate_thresholds(val_record, policy, result.thresholds, "layers").cost
     cost_flops = evaluate_thresholds(val_record, policy, result.thresholds, "flops").cost
     out = {
-        "policy": policy, "unit": unit, "budget": budget, "thresholds": result.thresholds,
+        "policy": policy, "unit": unit, "budget": budget, "per_exit": per_exit, "thresholds": result.thresholds,
         "calibration": {"split": "calib", "samples": int(calib_record.labels.numel()), "accuracy": result.accuracy,
                         "cost": result.cost, "full_accuracy": result.full_accuracy},
         "validation": {"samples": int(val_record.labels.numel()), "accuracy": val_point.accuracy,

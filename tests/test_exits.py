@@ -245,9 +245,10 @@ def synthetic_record(n=400, J=4, seed=0) -> ExitRecord:
 
 @pytest.mark.parametrize("budget", [0.3, 0.5, 0.75])
 @pytest.mark.parametrize("unit", ["layers", "flops"])
-def test_calibration_respects_the_budget_and_beats_every_shared_threshold(budget, unit):
+@pytest.mark.parametrize("per_exit", [False, True])
+def test_calibration_respects_the_budget_and_beats_every_shared_threshold(budget, unit, per_exit):
     rec = synthetic_record()
-    result = calibrate(rec, "max_prob", budget, unit)
+    result = calibrate(rec, "max_prob", budget, unit, per_exit=per_exit)
     check = evaluate_thresholds(rec, "max_prob", result.thresholds, unit)
     assert check.cost <= budget + 1e-9
     assert check.accuracy == pytest.approx(result.accuracy)
@@ -264,9 +265,17 @@ def test_calibration_finds_the_brute_force_optimum_on_a_small_grid():
     grid = sorted(set(torch.quantile(scores.flatten(), torch.linspace(0, 1, 12)).tolist())) + [math.inf]
     best = max((evaluate_thresholds(rec, "max_prob", [a, b], "layers") for a, b in itertools.product(grid, grid)
                 if evaluate_thresholds(rec, "max_prob", [a, b], "layers").cost <= 0.6), key=lambda p: p.accuracy)
-    result = calibrate(rec, "max_prob", 0.6, "layers")
+    result = calibrate(rec, "max_prob", 0.6, "layers", per_exit=True)
     assert result.cost <= 0.6 + 1e-9
     assert result.accuracy >= best.accuracy - 1e-9
+
+
+def test_default_calibration_shares_one_threshold_and_per_exit_never_does_worse_on_its_split():
+    rec = synthetic_record(n=300, J=4, seed=5)
+    shared = calibrate(rec, "entropy", 0.6, "layers")
+    assert len(set(shared.thresholds)) == 1 and shared.cost <= 0.6 + 1e-9
+    refined = calibrate(rec, "entropy", 0.6, "layers", per_exit=True)
+    assert refined.cost <= 0.6 + 1e-9 and refined.accuracy >= shared.accuracy - 1e-12
 
 
 def test_calibration_refuses_an_impossible_budget():
