@@ -174,8 +174,8 @@ def calibrate(record: ExitRecord, policy: str, budget: float, unit: str = "layer
     ascent over each exit's threshold. Raises when even leaving at the first exit costs more.
 
     Shared is the default because it generalises: on SST-2 (1821 calibration sentences) the
-    per-exit search found 89.5% at 0.46 of the layers where the shared threshold had 89.3% at
-    0.60, and on the validation split the two gave 86.9% and 88.2% (docs/early_exit.md)."""
+    per-exit search found 89.5% at 0.46 of the layers where the shared threshold had 89.2% at
+    0.56, and on the validation split the two gave 86.9% and 88.0% (docs/early_exit.md)."""
     if unit not in UNITS:
         raise ValueError(f"unknown compute unit {unit!r}; choose one of {UNITS}")
     scores = record.scores(policy)
