@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         speed.append({"batch_size": bs, **t})
         print(f"{bs:5d} {t['full_s']:8.2f} {t['exit_s']:8.2f} {t['flops_ratio']:11.3f} {t['flops_speedup']:8.2f} "
               f"{t['speedup']:8.2f} {t['efficiency']:10.2f}")
-    result = {"run_dir": str(args.run_dir), "budget": args.budget, "unit": args.unit, "exit_layers": exit_layers,
+    result = {"run_dir": str(args.run_dir), "budget": args.budget, "unit": args.unit, "per_exit": args.per_exit, "exit_layers": exit_layers,
               "full_accuracy": full_acc, "anytime": [float(val_rec.correct[:, j].float().mean()) for j in range(len(exit_layers))],
               "policies": rows, "speed_policy": policy, "speed": speed, "threads": torch.get_num_threads(),
               "compaction_mismatched_predictions": mismatched_pred, "compaction_mismatched_exits": mismatched_exit,
