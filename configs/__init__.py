@@ -1,1 +1,1 @@
-"""The shipped YAML configs, installed as the data package `dynamoe_configs`."""
+"""The shipped YAML configs, installed as the data package ``dynamoe.configs``."""

@@ -30,9 +30,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evals.report import hardware_info, write_json
-from moe.config import load_config
-from moe.metrics import read_metrics
+from dynamoe.evals.report import hardware_info, write_json
+from dynamoe.config import load_config
+from dynamoe.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 # torchrun sets these for its children; inherited ones (e.g. from a test process) would make the
@@ -71,7 +71,7 @@ def run_training(config: str, world: int, overrides: list[str], run_dir: Path, t
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
     env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           "-m", "launch.cli", "train", config, "--quiet", "--run-dir", str(run_dir)]
+           "-m", "dynamoe.launch.cli", "train", config, "--quiet", "--run-dir", str(run_dir)]
     for assignment in overrides:
         cmd += ["--set", assignment]
     start = time.perf_counter()

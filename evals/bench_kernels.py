@@ -30,9 +30,9 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import kernels
-from evals.report import hardware_info, write_json
-from kernels.grouped_gemm import _grouped_mm_pytorch, _torch_grouped_mm_applies, grouped_mm_ref
+from dynamoe import kernels
+from dynamoe.evals.report import hardware_info, write_json
+from dynamoe.kernels.grouped_gemm import _grouped_mm_pytorch, _torch_grouped_mm_applies, grouped_mm_ref
 
 SHAPES = {  # T tokens, d model width, f expert hidden width, E experts, k experts per token
     "mixtral": {"T": 8192, "d": 4096, "f": 14336, "E": 8, "k": 2},
@@ -134,7 +134,7 @@ def bench_ops(name: str, s: dict, args, device, dtype) -> list[dict]:
         rows.append(_row(name, op, provider, fn, device, args, **kw))
 
     triton = kernels.backend_for(x, "grouped_mm") == "triton"
-    from kernels.backend import _IMPLS  # the implementations themselves, to time each backend by name
+    from dynamoe.kernels.backend import _IMPLS  # the implementations themselves, to time each backend by name
 
     def impl(op):
         return _IMPLS[op]["triton"] if triton else None
@@ -265,9 +265,9 @@ def bench_ops(name: str, s: dict, args, device, dtype) -> list[dict]:
 
 def bench_layers(name: str, s: dict, args, device, dtype) -> list[dict]:
     """Whole MoE layers, forward + backward: dynamoe (its backend for this device), DeepSpeed, Megatron-Core."""
-    from evals.bench_moe_layer import build_deepspeed, make_input
-    from moe.config import MoEConfig, RouterConfig
-    from moe.layer import MoELayer
+    from dynamoe.evals.bench_moe_layer import build_deepspeed, make_input
+    from dynamoe.config import MoEConfig, RouterConfig
+    from dynamoe.layers.moe_layer import MoELayer
 
     T, d, f, E, k = s["T"], s["d"], s["f"], s["E"], s["k"]
     flops = 3 * (2 * 2 * T * k * d * f + 2 * T * d * E)
@@ -300,7 +300,7 @@ def bench_layers(name: str, s: dict, args, device, dtype) -> list[dict]:
         )
     )
     try:
-        from moe.deepspeed_setup import init_distributed
+        from dynamoe.training.deepspeed_setup import init_distributed
 
         deepspeed = init_distributed("auto")
         ds = build_deepspeed(deepspeed, ours, ns, None).to(device, dtype)  # copies our weights in

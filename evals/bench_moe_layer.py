@@ -25,11 +25,11 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evals.report import hardware_info, write_json
-from moe.config import MoEConfig, RouterConfig
-from moe.cpu_runtime import keep_large_allocations
-from moe.deepspeed_setup import init_distributed
-from moe.layer import MoELayer
+from dynamoe.evals.report import hardware_info, write_json
+from dynamoe.config import MoEConfig, RouterConfig
+from dynamoe.training.cpu_runtime import keep_large_allocations
+from dynamoe.training.deepspeed_setup import init_distributed
+from dynamoe.layers.moe_layer import MoELayer
 
 FLOP_NOTE = (
     "nominal FLOPs per fwd+bwd step, the same for every row (dropped assignments and DeepSpeed's "
@@ -206,7 +206,7 @@ def main(argv=None) -> dict:
     print("DeepSpeed experts: nn.Linear(bias=False) so FLOPs match ours (bias-free); same weights copied in; "
           "top2_2nd_expert_sampling=False. dropped = fraction of the T*k assignments over capacity "
           "(DeepSpeed: sum(max(0, exp_counts - C)), C = ceil(T/E * cf * k)).")
-    print("glibc mmap threshold raised for both layers (moe.cpu_runtime)" if malloc_tuned
+    print("glibc mmap threshold raised for both layers (dynamoe.training.cpu_runtime)" if malloc_tuned
           else "glibc allocator left at its defaults (--default-malloc)")
     print(f"dynamoe dropless is {vs_dropless:.2f}x faster than DeepSpeed dropless "
           f"and {vs_capacity:.2f}x vs DeepSpeed capacity {cf:g} (ratios of medians; below 1 means slower)")

@@ -33,13 +33,13 @@ import torch
 if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evals.report import hardware_info, write_json
-from moe.config import load_config
-from moe.depth import depth_summary
+from dynamoe.evals.report import hardware_info, write_json
+from dynamoe.config import load_config
+from dynamoe.depth import depth_summary
 
 
 def _trainer(config: str, overrides: list[str], run_dir: Path):
-    from moe.trainer import Trainer
+    from dynamoe.training.trainer import Trainer
 
     cfg = load_config(config, overrides)
     return Trainer(cfg, run_dir=str(run_dir), progress=False)

@@ -5,7 +5,7 @@ wall-clock speed of batched inference with compaction against the plain network.
 
 1. Thresholds are calibrated on the run's calibration split (never the validation split) for each
    policy at ``--budget``; validation accuracy and compute are then read from one full pass.
-2. Compacted inference (``moe.early_exit.infer``) is run on the validation split with the chosen
+2. Compacted inference (``dynamoe.exits.multi_exit.infer``) is run on the validation split with the chosen
    policy's thresholds; its predictions must equal the full pass's simulated decisions.
 3. Speed: the validation split in dataset order, in batches of each size (each batch cut to its
    longest row), timed end to end for the plain network (every layer, final head) and for early
@@ -25,11 +25,11 @@ import torch
 if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from evals.report import hardware_info, write_json
-from moe.calibration import calibrate, evaluate_thresholds, load_run, record_exits
-from moe.data import trim_padding
-from moe.early_exit import infer, infer_full
-from moe.exits import first_exit
+from dynamoe.evals.report import hardware_info, write_json
+from dynamoe.exits.calibration import calibrate, evaluate_thresholds, load_run, record_exits
+from dynamoe.data import trim_padding
+from dynamoe.exits.multi_exit import infer, infer_full
+from dynamoe.exits.heads import first_exit
 
 POLICIES = ("max_prob", "entropy", "margin", "patience", "learned")
 

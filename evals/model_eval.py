@@ -10,7 +10,7 @@ HTML page embedding them, all in ``--out`` (default: ``RUN_DIR/eval/``).
   the top-1 expert says about a token's id, or its sample's class), routing stability against
   another checkpoint (``--compare``, by default the run's previous checkpoint), and the same
   load over training from the run's ``metrics.jsonl``.
-- Compute: FLOPs executed per token and per sample by component (``moe.compute.ComputeLedger``),
+- Compute: FLOPs executed per token and per sample by component (``dynamoe.compute.ledger.ComputeLedger``),
   for the full network and, for models with early exits, for compacted early-exit inference at
   the thresholds in ``calibration.json`` (or the config's); the dense-equivalent model (every
   expert on every token) and the fractions.
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from evals.report import hardware_info
-from evals.routing_metrics import RoutingRecorder, load_summary, routing_stability, specialisation
-from moe.compute import ComputeLedger
+from dynamoe.evals.report import hardware_info
+from dynamoe.evals.routing_metrics import RoutingRecorder, load_summary, routing_stability, specialisation
+from dynamoe.compute.ledger import ComputeLedger
 
 
 def load_source(source: str | Path, config: str | None = None, task: str | None = None):
@@ -34,9 +34,9 @@ def load_source(source: str | Path, config: str | None = None, task: str | None 
     export; ``task`` evaluates on another dataset than the run's (the model must fit it)."""
     import yaml
 
-    from moe.checkpoint import CheckpointError, load_model, resolve_resume
-    from moe.config import ConfigError, RunConfig, from_dict, load_config, to_dict
-    from moe.data import build_data
+    from dynamoe.training.checkpoint import CheckpointError, load_model, resolve_resume
+    from dynamoe.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+    from dynamoe.data import build_data
 
     source = Path(source)
     if not source.exists():
@@ -92,7 +92,7 @@ def _model_inputs(batch: dict) -> dict:
 @torch.no_grad()
 def full_pass(cfg, model, batches: list[dict]) -> dict:
     """Every layer for every sample: loss/accuracy, FLOPs by component, routing records, MoE load."""
-    from moe.stats import moe_layers, reset_stats
+    from dynamoe.layers.load_stats import moe_layers, reset_stats
 
     reset_stats(model)
     recorder = RoutingRecorder(model)
@@ -139,7 +139,7 @@ def _final_logits(model, batch: dict) -> torch.Tensor:
 
 
 def _thresholds(model, run_dir: Path | None) -> tuple[str, list[float], str]:
-    from moe.exits import thresholds_for
+    from dynamoe.exits.heads import thresholds_for
 
     if run_dir is not None and (run_dir / "calibration.json").is_file():
         cal = json.loads((run_dir / "calibration.json").read_text())
@@ -150,7 +150,7 @@ def _thresholds(model, run_dir: Path | None) -> tuple[str, list[float], str]:
 @torch.no_grad()
 def exit_pass(cfg, model, batches: list[dict], policy: str, thresholds: list[float]) -> dict:
     """Compacted early-exit inference: accuracy, exit distribution, FLOPs executed by component."""
-    from moe.early_exit import infer
+    from dynamoe.exits.multi_exit import infer
 
     correct, count = 0, 0
     exits = torch.zeros(len(model.exit_stages), dtype=torch.long)
@@ -177,7 +177,7 @@ def _compute_block(ledger: ComputeLedger, full: ComputeLedger) -> dict:
 
 def training_load(run_dir: Path | None) -> dict:
     """Per MoE layer, the tokens per expert logged at each training log step."""
-    from moe.metrics import read_metrics
+    from dynamoe.training.metrics import read_metrics
 
     if run_dir is None:
         return {"steps": [], "layers": []}
@@ -192,7 +192,7 @@ def training_load(run_dir: Path | None) -> dict:
 
 
 def _previous_checkpoint(run_dir: Path | None, current: Path) -> Path | None:
-    from moe.checkpoint import list_checkpoints
+    from dynamoe.training.checkpoint import list_checkpoints
 
     if run_dir is None:
         return None
@@ -203,8 +203,8 @@ def _previous_checkpoint(run_dir: Path | None, current: Path) -> Path | None:
 def evaluate(source: str, *, config: str | None = None, task: str | None = None, compare: str | None = None,
              batches: int | None = None, batch_size: int = 64, out_dir: str | None = None,
              report: str | None = None) -> dict:
-    from moe.checkpoint import load_model, resolve_resume
-    from moe.early_exit import MultiExitModel
+    from dynamoe.training.checkpoint import load_model, resolve_resume
+    from dynamoe.exits.multi_exit import MultiExitModel
 
     cfg, model, data, run_dir = load_source(source, config, task)
     out = Path(out_dir) if out_dir else (run_dir / "eval" if run_dir is not None else Path(source).with_suffix("") / "eval")
@@ -243,12 +243,12 @@ def evaluate(source: str, *, config: str | None = None, task: str | None = None,
     if cfg.model.depth.mode != "none":
         result["depth"] = _depth_curve(cfg, model, eval_batches)
     (out / "eval.json").write_text(json.dumps(result, indent=2, default=float))
-    from evals.eval_plots import write_plots
+    from dynamoe.evals.eval_plots import write_plots
 
     result["plots"] = write_plots(result, out)
     (out / "eval.json").write_text(json.dumps(result, indent=2, default=float))
     if report:
-        from evals.html_report import write_report
+        from dynamoe.evals.html_report import write_report
 
         report_path = Path(report) if Path(report).is_absolute() or Path(report).parent != Path(".") else out / report
         write_report(result, out, report_path)
@@ -258,7 +258,7 @@ def evaluate(source: str, *, config: str | None = None, task: str | None = None,
 
 
 def _exit_section(cfg, model, data, eval_batches, run_dir, full_ledger) -> dict:
-    from moe.calibration import anytime_curve, record_exits, shared_threshold_sweep
+    from dynamoe.exits.calibration import anytime_curve, record_exits, shared_threshold_sweep
 
     policy, thresholds, origin = _thresholds(model, run_dir)
     passed = exit_pass(cfg, model, eval_batches, policy, thresholds)

@@ -71,7 +71,7 @@ class RoutingRecorder:
     """Records, per MoE layer, every routed token's top-1 expert (the router's argmax) and its key."""
 
     def __init__(self, model: nn.Module):
-        from moe.stats import moe_layers
+        from dynamoe.layers.load_stats import moe_layers
 
         self.layers = moe_layers(model)
         self.top1: dict[int, list[torch.Tensor]] = defaultdict(list)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import REFERENCE, implementation, register_impl
+from dynamoe.kernels.backend import REFERENCE, implementation, register_impl
 
 
 def _check_assignments(experts: torch.Tensor, num_experts: int) -> None:

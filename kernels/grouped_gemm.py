@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import REFERENCE, implementation, register_impl
+from dynamoe.kernels.backend import REFERENCE, implementation, register_impl
 
 
 def offsets_from_counts(counts: torch.Tensor) -> torch.Tensor:

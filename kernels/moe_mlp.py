@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import REFERENCE, backend_for, implementation, register_impl
-from kernels.dispatch import permute_ref, unpermute_ref
-from kernels.grouped_gemm import _grouped_mm_pytorch, _resolve_groups
+from dynamoe.kernels.backend import REFERENCE, backend_for, implementation, register_impl
+from dynamoe.kernels.dispatch import permute_ref, unpermute_ref
+from dynamoe.kernels.grouped_gemm import _grouped_mm_pytorch, _resolve_groups
 
 ACTIVATIONS = ("gelu", "swiglu")
 

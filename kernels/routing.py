@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import REFERENCE, implementation, register_impl
+from dynamoe.kernels.backend import REFERENCE, implementation, register_impl
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 

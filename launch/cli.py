@@ -21,8 +21,8 @@ from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
-    from moe.config import load_config
-    from moe.trainer import resolve_run_dir, train
+    from dynamoe.config import load_config
+    from dynamoe.training.trainer import resolve_run_dir, train
 
     cfg = load_config(args.config, args.set)
     resume = args.resume
@@ -34,12 +34,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.what == "layer":
-        from evals.bench_moe_layer import main as bench_layer
+        from dynamoe.evals.bench_moe_layer import main as bench_layer
 
         bench_layer(args.rest)
         return 0
     if args.what == "kernels":
-        from evals.bench_kernels import main as bench_kernels
+        from dynamoe.evals.bench_kernels import main as bench_kernels
 
         bench_kernels(args.rest)
         return 0
@@ -47,7 +47,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from launch.ray_launcher import main as launch_main
+    from dynamoe.launch.ray_launcher import main as launch_main
 
     if args.config is None:
         if args.eval is None:
@@ -57,7 +57,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from moe.checkpoint import export_model
+    from dynamoe.training.checkpoint import export_model
 
     out = export_model(args.source, args.out)
     print(f"wrote {out}")
@@ -65,7 +65,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from moe.calibration import calibrate_run, format_calibration
+    from dynamoe.exits.calibration import calibrate_run, format_calibration
 
     try:
         out = calibrate_run(args.source, args.budget, args.unit, args.policy, args.batch_size,
@@ -81,7 +81,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from evals.model_eval import evaluate, format_summary
+    from dynamoe.evals.model_eval import evaluate, format_summary
 
     if args.threads:
         import torch
@@ -95,7 +95,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _configs(args: argparse.Namespace) -> int:
-    from moe.config import shipped_configs
+    from dynamoe.config import shipped_configs
 
     for name, path in sorted(shipped_configs().items()):
         print(f"{name:32s} {path}")
@@ -174,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moe.checkpoint import CheckpointError
-    from moe.config import ConfigError
-    from moe.data import DataError
+    from dynamoe.training.checkpoint import CheckpointError
+    from dynamoe.config import ConfigError
+    from dynamoe.data import DataError
 
     args = build_parser().parse_args(argv)
     try:

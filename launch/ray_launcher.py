@@ -1,7 +1,7 @@
 """`moe launch`: the trainer on Ray Train workers, on an embedded local cluster or an existing one.
 
 Ray Train's ``TorchTrainer`` starts one worker per process and the torch process group that
-DeepSpeed then wraps; each worker runs the same :class:`moe.trainer.Trainer` as `moe train`.
+DeepSpeed then wraps; each worker runs the same :class:`dynamoe.training.trainer.Trainer` as `moe train`.
 Checkpoints are the trainer's own (safetensors + manifest); each is reported to Ray Train when it
 is written, and the worker waits until Ray has committed it before going on, so that after a
 failure the restarted workers resume from the newest checkpoint Ray knows, with the step counter
@@ -16,9 +16,9 @@ import socket
 import sys
 from pathlib import Path
 
-from moe.checkpoint import list_checkpoints
-from moe.config import ConfigError, RunConfig, from_dict, load_config, to_dict
-from moe.trainer import TrainerHooks, resolve_run_dir
+from dynamoe.training.checkpoint import list_checkpoints
+from dynamoe.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+from dynamoe.training.trainer import TrainerHooks, resolve_run_dir
 
 REPO = Path(__file__).resolve().parent.parent
 # Test aid: the worker of this rank exits abruptly after this step, once per run folder.
@@ -60,7 +60,7 @@ class _RayTrainHooks(TrainerHooks):
 def _worker(loop_config: dict) -> None:
     import ray.train
 
-    from moe.trainer import Trainer
+    from dynamoe.training.trainer import Trainer
 
     cfg = from_dict(RunConfig, loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
@@ -86,8 +86,8 @@ def _evaluate(cfg: RunConfig, run_dir: Path, rank: int) -> None:
 
     import ray.train
 
-    from moe.stats import format_balance_table
-    from moe.trainer import Trainer
+    from dynamoe.layers.load_stats import format_balance_table
+    from dynamoe.training.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir=str(run_dir), resume=str(run_dir), progress=False)
     metrics, balance = trainer.evaluate_with_balance()
@@ -223,7 +223,7 @@ def summarize(folder: Path, evaluation: bool) -> str:
     """What the job left in its run folder, for the console."""
     import json
 
-    from moe.stats import LayerBalance, format_balance_table
+    from dynamoe.layers.load_stats import LayerBalance, format_balance_table
 
     name = "eval.json" if evaluation else "summary.json"
     summary = json.loads((folder / name).read_text())

@@ -3,9 +3,9 @@
 Model code here is single-device PyTorch; DeepSpeed is imported only by the trainer, lazily.
 """
 
-from moe.config import ConfigError, RunConfig, load_config
-from moe.layer import MoEAux, MoELayer
-from moe.transformer import ModelOutput, TransformerClassifier, TransformerLM, build_model
+from dynamoe.config import ConfigError, RunConfig, load_config
+from dynamoe.layers.moe_layer import MoEAux, MoELayer
+from dynamoe.models.transformer import ModelOutput, TransformerClassifier, TransformerLM, build_model
 
 __all__ = [
     "ConfigError",

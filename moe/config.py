@@ -598,13 +598,9 @@ def apply_override(data: dict, assignment: str) -> None:
 
 def shipped_configs() -> dict[str, Path]:
     """The YAML configs that ship with the package, by name."""
-    source_tree = Path(__file__).resolve().parent.parent / "configs"
-    if source_tree.is_dir():  # a checkout or an editable install
-        root = source_tree
-    else:
-        from importlib import resources
+    from importlib import resources
 
-        root = Path(str(resources.files("dynamoe_configs")))
+    root = Path(str(resources.files("dynamoe.configs")))
     return {p.stem: p for p in sorted(root.glob("*.yaml"))}
 
 

@@ -100,12 +100,12 @@ def torchrun_train(nproc: int, *args: str, timeout: float = 300) -> None:
     repo = Path(__file__).resolve().parent.parent
     env = {**clean_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "launch.cli", "train", *args, "--quiet"]
+           "-m", "dynamoe.launch.cli", "train", *args, "--quiet"]
     out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(args)} with {nproc} processes failed:\n{out.stderr[-4000:]}"
 
 
 def train_metrics(run_dir, split: str = "train", key: str = "loss") -> dict:
-    from moe.metrics import read_metrics
+    from dynamoe.training.metrics import read_metrics
 
     return {r["step"]: r[key] for r in read_metrics(run_dir, split)}

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run_moe(*args, cwd=REPO, timeout=300):
     env = {**clean_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dynamoe.launch.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from moe.config import ConfigError, ModelConfig, from_dict
-from moe.depth import depth_summary
-from moe.depth import halting as H
-from moe.depth.accounting import transformer_block_flops
-from moe.early_exit import infer
-from moe.transformer import build_model
+from dynamoe.config import ConfigError, ModelConfig, from_dict
+from dynamoe.depth import depth_summary
+from dynamoe.depth import halting as H
+from dynamoe.depth.records import transformer_block_flops
+from dynamoe.exits.multi_exit import infer
+from dynamoe.models.transformer import build_model
 
 torch.set_num_threads(1)
 
@@ -128,7 +128,7 @@ def test_act_in_the_encoder_with_padding_and_early_exits_compacts_like_the_full_
     batch = {"input_ids": ids, "attention_mask": mask}
     with torch.no_grad():
         heads, _ = model.forward_heads(batch)
-    from moe.exits import all_exit_scores, first_exit
+    from dynamoe.exits.heads import all_exit_scores, first_exit
 
     scores = all_exit_scores("max_prob", heads)
     thresholds = scores[:, :-1].median(0).values.tolist()
@@ -365,7 +365,7 @@ def test_cnn_act_compaction_equals_the_hand_computed_stagewise_act():
     got = [int(r.executed) for r in out.depth]
     assert got == [int((steps[s] > b).sum()) for s in range(3) for b in range(per)]
     # Batched early-exit inference with compaction takes the same exits as the full pass.
-    from moe.exits import all_exit_scores, first_exit
+    from dynamoe.exits.heads import all_exit_scores, first_exit
 
     scores = all_exit_scores("max_prob", out.exits)
     thresholds = scores[:, :-1].median(0).values.tolist()
@@ -415,7 +415,7 @@ def test_mode_none_adds_no_parameters():
 def test_conditional_depth_eval_quick(tmp_path):
     import json
 
-    from evals.conditional_depth import main
+    from dynamoe.evals.conditional_depth import main
 
     result = main(["--quick", "--threads", "1", "--json", str(tmp_path / "r.json"), "--out-dir", str(tmp_path / "runs")])
     saved = json.loads((tmp_path / "r.json").read_text())

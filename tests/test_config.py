@@ -2,7 +2,7 @@
 
 import pytest
 
-from moe.config import (
+from dynamoe.config import (
     ConfigError,
     DataConfig,
     MoEConfig,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moe.config import DataConfig
-from moe.data import DataError, build_data, data_search_dirs, load_classification, load_lm
+from dynamoe.config import DataConfig
+from dynamoe.data import DataError, build_data, data_search_dirs, load_classification, load_lm
 
 
 @pytest.fixture(scope="module")

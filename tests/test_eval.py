@@ -11,11 +11,11 @@ import subprocess
 import pytest
 import torch
 
-from evals.routing_metrics import load_summary, routing_stability, specialisation
-from moe.compute import ComputeLedger, flop_counter
-from moe.config import ModelConfig, from_dict, load_config
-from moe.early_exit import infer
-from moe.transformer import build_model
+from dynamoe.evals.routing_metrics import load_summary, routing_stability, specialisation
+from dynamoe.compute.ledger import ComputeLedger, flop_counter
+from dynamoe.config import ModelConfig, from_dict, load_config
+from dynamoe.exits.multi_exit import infer
+from dynamoe.models.transformer import build_model
 
 # --- metrics on hand-constructed routing --------------------------------------------------------
 
@@ -120,7 +120,7 @@ def test_dense_equivalent_runs_every_expert():
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    from moe.trainer import Trainer
+    from dynamoe.training.trainer import Trainer
 
     run = tmp_path_factory.mktemp("eval") / "digits"
     cfg = load_config("digits_cnn_early_exit", ["train.steps=40", "train.warmup_steps=5", "train.eval_every=0",
@@ -130,7 +130,7 @@ def digits_run(tmp_path_factory):
 
 
 def test_moe_eval_report_end_to_end(digits_run, capsys):
-    from launch.cli import main
+    from dynamoe.launch.cli import main
 
     assert main(["eval", str(digits_run), "--report", "report.html", "--threads", "1"]) == 0
     out = capsys.readouterr().out
@@ -155,7 +155,7 @@ def _chromium() -> str | None:
 def test_report_renders_with_its_plots_in_headless_chromium(digits_run, tmp_path):
     from PIL import Image
 
-    from evals.model_eval import evaluate
+    from dynamoe.evals.model_eval import evaluate
 
     result = evaluate(str(digits_run), out_dir=str(tmp_path / "eval"), report="report.html")
     shot = tmp_path / "shot.png"
@@ -174,8 +174,8 @@ def test_report_renders_with_its_plots_in_headless_chromium(digits_run, tmp_path
 
 
 def test_moe_eval_language_model(tmp_path):
-    from evals.model_eval import evaluate
-    from moe.trainer import Trainer
+    from dynamoe.evals.model_eval import evaluate
+    from dynamoe.training.trainer import Trainer
 
     cfg = load_config("debug_tiny", ["train.steps=6", "train.warmup_steps=1", "train.eval_every=0", "train.threads=1"])
     Trainer(cfg, run_dir=str(tmp_path / "lm"), progress=False).fit()
@@ -187,9 +187,9 @@ def test_moe_eval_language_model(tmp_path):
 
 
 def test_moe_eval_decoder_with_token_exits_and_another_task(tmp_path):
-    from evals.model_eval import evaluate
-    from moe.config import ConfigError
-    from moe.trainer import Trainer
+    from dynamoe.evals.model_eval import evaluate
+    from dynamoe.config import ConfigError
+    from dynamoe.training.trainer import Trainer
 
     cfg = load_config("debug_tiny", ["train.steps=4", "train.warmup_steps=1", "train.eval_every=0", "train.threads=1",
                                      "model.exits.layers=[1]"])
@@ -238,8 +238,8 @@ def test_ledger_matches_flop_counter_mode_under_conditional_depth(name):
 
 @pytest.mark.parametrize("name,knob", [("shakespeare_mod", "capacity"), ("shakespeare_act", "halt_threshold")])
 def test_moe_eval_depth_curve(tmp_path, name, knob):
-    from evals.model_eval import evaluate
-    from moe.trainer import Trainer
+    from dynamoe.evals.model_eval import evaluate
+    from dynamoe.training.trainer import Trainer
 
     cfg = load_config(name, ["train.steps=3", "train.warmup_steps=1", "train.eval_every=0", "train.threads=1",
                              "train.batch_size=4", "train.eval_batches=1", "train.checkpoint_every=0"])

@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe.calibration import ExitRecord, calibrate, evaluate_thresholds, record_exits
-from moe.config import ConfigError, ExitConfig, ModelConfig, from_dict
-from moe.early_exit import infer, infer_full
-from moe.exits import HeadOutput, PolicyState, all_exit_scores, exit_loss, exit_score, first_exit
-from moe.transformer import build_model
+from dynamoe.exits.calibration import ExitRecord, calibrate, evaluate_thresholds, record_exits
+from dynamoe.config import ConfigError, ExitConfig, ModelConfig, from_dict
+from dynamoe.exits.multi_exit import infer, infer_full
+from dynamoe.exits.heads import HeadOutput, PolicyState, all_exit_scores, exit_loss, exit_score, first_exit
+from dynamoe.models.transformer import build_model
 
 
 def encoder_cfg(**exits) -> ModelConfig:
@@ -328,7 +328,7 @@ def test_hf_encoder_config_errors():
         from_dict(ModelConfig, {"kind": "hf_encoder", "moe_every": 0})
     with pytest.raises(ConfigError, match="upcycling"):
         from_dict(ModelConfig, {"kind": "hf_encoder", "pretrained": "minilm"})
-    from moe.config import RunConfig
+    from dynamoe.config import RunConfig
 
     with pytest.raises(ConfigError, match="data.tokenizer"):
         from_dict(RunConfig, {"model": {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0},

@@ -9,8 +9,8 @@ pytestmark = pytest.mark.distributed
 
 
 def _layer(seed: int, num_experts: int, top_k: int, capacity_factor=None, activation="gelu"):
-    from moe.config import MoEConfig, RouterConfig
-    from moe.layer import MoELayer
+    from dynamoe.config import MoEConfig, RouterConfig
+    from dynamoe.layers.moe_layer import MoELayer
 
     torch.manual_seed(seed)
     cfg = MoEConfig(num_experts=num_experts, d_expert=12, activation=activation,
@@ -47,7 +47,7 @@ def _forward_backward(layer, x, g):
 def _ep_worker(rank, world, num_experts, top_k, capacity_factor, starve, activation):
     import torch.distributed as dist
 
-    from moe.expert_parallel import shard_experts
+    from dynamoe.layers.expert_parallel import shard_experts
 
     layer = _layer(0, num_experts, top_k, capacity_factor, activation)
     x, g = _inputs(6 * world, starve)

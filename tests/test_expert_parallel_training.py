@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dist_helper import torchrun_train, train_metrics
-from moe.checkpoint import export_model, load_checkpoint, load_exported
+from dynamoe.training.checkpoint import export_model, load_checkpoint, load_exported
 
 pytestmark = pytest.mark.distributed
 
@@ -100,7 +100,7 @@ def test_the_deepspeed_launcher_runs_expert_parallel_training(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     env = {**clean_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-           "launch.cli", "train", "debug_tiny", "--quiet", "--run-dir", str(tmp_path), "--set", "parallel.ep_size=2",
+           "dynamoe.launch.cli", "train", "debug_tiny", "--quiet", "--run-dir", str(tmp_path), "--set", "parallel.ep_size=2",
            "--set", "train.steps=4", "--set", "train.warmup_steps=1", "--set", "train.log_every=1"]
     out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -4,9 +4,9 @@ import pytest
 import torch
 import yaml
 
-from moe.checkpoint import CheckpointError, export_model, list_checkpoints, load_checkpoint, load_exported
-from moe.config import ConfigError, RunConfig, from_dict, load_config
-from moe.trainer import Trainer, train
+from dynamoe.training.checkpoint import CheckpointError, export_model, list_checkpoints, load_checkpoint, load_exported
+from dynamoe.config import ConfigError, RunConfig, from_dict, load_config
+from dynamoe.training.trainer import Trainer, train
 
 TINY = ["train.log_every=1", "train.eval_every=0", "train.steps=3", "train.warmup_steps=1"]
 

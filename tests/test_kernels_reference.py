@@ -8,8 +8,8 @@ import zlib
 import pytest
 import torch
 
-import kernels
-from kernels.grouped_gemm import _torch_grouped_mm_applies
+from dynamoe import kernels
+from dynamoe.kernels.grouped_gemm import _torch_grouped_mm_applies
 
 SHAPES_T = [1, 7, 600]
 EXPERTS = [1, 4, 9]

@@ -29,7 +29,7 @@ if not CUDA and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 try:
     triton = pytest.importorskip("triton")
-    from kernels.triton._jit import triton_interpreted
+    from dynamoe.kernels.triton._jit import triton_interpreted
 finally:
     if _saved is None:
         os.environ.pop("TRITON_INTERPRET", None)
@@ -43,12 +43,12 @@ if not CUDA and not triton_interpreted():
         allow_module_level=True,
     )
 
-import kernels
-from kernels.dispatch import permute_ref, unpermute_ref
-from kernels.grouped_gemm import grouped_mm_ref
-from kernels.routing import topk_route_ref
-from kernels.triton import autotune
-from kernels.triton.grouped_gemm import _tile_table
+from dynamoe import kernels
+from dynamoe.kernels.dispatch import permute_ref, unpermute_ref
+from dynamoe.kernels.grouped_gemm import grouped_mm_ref
+from dynamoe.kernels.routing import topk_route_ref
+from dynamoe.kernels.triton import autotune
+from dynamoe.kernels.triton.grouped_gemm import _tile_table
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 
@@ -326,8 +326,8 @@ def test_fused_moe_mlp_matches_unfused_reference(T, E, k, activation, dtype):
 
 
 def _layer(activation, capacity_factor=None, k=2, score="softmax"):
-    from moe.config import MoEConfig, RouterConfig
-    from moe.layer import MoELayer
+    from dynamoe.config import MoEConfig, RouterConfig
+    from dynamoe.layers.moe_layer import MoELayer
 
     torch.manual_seed(0)
     router = RouterConfig(
@@ -404,7 +404,7 @@ def test_tile_cache_measures_once_and_persists(tmp_path, monkeypatch):
 def test_registration_needs_triton(monkeypatch):
     import importlib.util
 
-    import kernels.triton as backend
+    import dynamoe.kernels.triton as backend
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     assert backend.register() is False

@@ -11,7 +11,7 @@ import torch
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU table (Triton rows not run)")
 def test_bench_kernels_small_cpu_table(tmp_path, monkeypatch, capsys):
-    from evals.bench_kernels import FORMULAS, main
+    from dynamoe.evals.bench_kernels import FORMULAS, main
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("DYNAMOE_KERNEL_BACKEND", raising=False)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.dispatch import permute_ref, unpermute_ref
-from kernels.grouped_gemm import grouped_mm_ref
-from kernels.routing import topk_route_ref
+from dynamoe import kernels
+from dynamoe.kernels.dispatch import permute_ref, unpermute_ref
+from dynamoe.kernels.grouped_gemm import grouped_mm_ref
+from dynamoe.kernels.routing import topk_route_ref
 
 pytestmark = pytest.mark.gpu
 DEV = torch.device("cuda")
@@ -97,8 +97,8 @@ def test_fused_moe_mlp_at_scale():
 
 
 def _moe_layer():
-    from moe.config import MoEConfig, RouterConfig
-    from moe.layer import MoELayer
+    from dynamoe.config import MoEConfig, RouterConfig
+    from dynamoe.layers.moe_layer import MoELayer
 
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=16, d_expert=256, activation="swiglu", router=RouterConfig(top_k=4, z_loss_coef=1e-3))

@@ -1,4 +1,4 @@
-"""moe.layer.MoELayer against a naive per-token loop: outputs, every gradient, dense equivalence, statistics."""
+"""dynamoe.layers.moe_layer.MoELayer against a naive per-token loop: outputs, every gradient, dense equivalence, statistics."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from kernels.grouped_gemm import _torch_grouped_mm_applies
-from moe.config import MoEConfig, RouterConfig
-from moe.experts import DenseMLP
-from moe.layer import MoELayer
+from dynamoe.kernels.grouped_gemm import _torch_grouped_mm_applies
+from dynamoe.config import MoEConfig, RouterConfig
+from dynamoe.layers.experts import DenseMLP
+from dynamoe.layers.moe_layer import MoELayer
 
 D, F, E = 12, 10, 5
 

@@ -6,20 +6,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moe.config import MoEConfig, RouterConfig
-from moe.layer import MoELayer
+from dynamoe.config import MoEConfig, RouterConfig
+from dynamoe.layers.moe_layer import MoELayer
 
 
 @pytest.fixture(scope="module")
 def deepspeed():
-    from evals.bench_moe_layer import _init_deepspeed
+    from dynamoe.evals.bench_moe_layer import _init_deepspeed
 
     return _init_deepspeed()
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_deepspeed_moe_matches_ours_dropless(deepspeed, top_k):
-    from evals.bench_moe_layer import build_deepspeed
+    from dynamoe.evals.bench_moe_layer import build_deepspeed
 
     torch.manual_seed(top_k)
     T, d, f, E = 64, 32, 48, 4
@@ -43,7 +43,7 @@ def test_deepspeed_moe_matches_ours_dropless(deepspeed, top_k):
 def test_layer_benchmark_writes_its_table_as_json(deepspeed, tmp_path, capsys):
     import json
 
-    from evals.bench_moe_layer import main
+    from dynamoe.evals.bench_moe_layer import main
 
     out = tmp_path / "bench.json"
     result = main(["--tokens", "64", "--d-model", "32", "--d-ff", "32", "--experts", "4", "--iters", "2",

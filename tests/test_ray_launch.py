@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dist_helper import clean_env, free_port, torchrun_train, train_metrics
-from moe.checkpoint import list_checkpoints, load_checkpoint
+from dynamoe.training.checkpoint import list_checkpoints, load_checkpoint
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ JOB = ["debug_tiny", "--workers", "2", "--ep-size", "2", "--set", "train.log_eve
 
 def moe_launch(*args, extra_env=None, timeout=400):
     env = {**clean_env(), "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "1", **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "launch.cli", "launch", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "dynamoe.launch.cli", "launch", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,4 +1,4 @@
-"""moe.router: hand-computed routings and losses, Megatron-Core cross-checks, capacity, aux-free bias,
+"""dynamoe.layers.router: hand-computed routings and losses, Megatron-Core cross-checks, capacity, aux-free bias,
 jitter and expert choice."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-import kernels
-from moe.config import RouterConfig
-from moe.router import (
+from dynamoe import kernels
+from dynamoe.config import RouterConfig
+from dynamoe.layers.router import (
     ExpertChoiceRouter,
     TokenChoiceRouter,
     build_router,

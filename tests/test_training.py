@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from moe.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
-from moe.config import ConfigError, load_config
-from moe.trainer import lr_at, train
+from dynamoe.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from dynamoe.config import ConfigError, load_config
+from dynamoe.training.trainer import lr_at, train
 
 TINY = ["train.log_every=1", "train.eval_every=0"]
 
@@ -148,7 +148,7 @@ def test_encoder_classifier_trains_on_sst2(tmp_path):
 def test_a_restarted_job_drops_its_own_uncommitted_checkpoints(tmp_path):
     cfg = load_config("debug_tiny", TINY + ["train.steps=2", "train.warmup_steps=1"])
     first = train(cfg, run_dir=str(tmp_path / "run"), progress=False)
-    from moe.trainer import Trainer
+    from dynamoe.training.trainer import Trainer
 
     restarted = Trainer(cfg, run_dir=str(tmp_path / "run"), progress=False, restart=True).fit()
     assert restarted.train_losses == first.train_losses

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from moe.config import ModelConfig, MoEConfig, RouterConfig
-from moe.layer import MoELayer
-from moe.transformer import TransformerClassifier, TransformerLM, build_model
+from dynamoe.config import ModelConfig, MoEConfig, RouterConfig
+from dynamoe.layers.moe_layer import MoELayer
+from dynamoe.models.transformer import TransformerClassifier, TransformerLM, build_model
 
 
 def small(**kw):

@@ -12,7 +12,7 @@ def test_transformers_does_not_mistake_our_kernels_for_hub_kernels():
     import transformers
     from transformers.utils import is_kernels_available
 
-    import kernels
+    from dynamoe import kernels
 
     assert importlib.util.find_spec("kernels").origin == kernels.__file__
     assert is_kernels_available() is False

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from kernels.backend import register_backend, register_impl
+from dynamoe.kernels.backend import register_backend, register_impl
 
 NAME = "triton"
 _TRUE = ("1", "true", "yes", "on", "y")  # the spellings triton itself accepts
@@ -30,31 +30,31 @@ def applies(t: torch.Tensor) -> bool:
 
 
 def _topk_route(logits, k, *, score="softmax", bias=None, normalize=False):
-    from kernels.triton.routing import topk_route_triton
+    from dynamoe.kernels.triton.routing import topk_route_triton
 
     return topk_route_triton(logits, k, score=score, bias=bias, normalize=normalize)
 
 
 def _permute(x, experts, num_experts, num_rows=None):
-    from kernels.triton.dispatch import permute_triton
+    from dynamoe.kernels.triton.dispatch import permute_triton
 
     return permute_triton(x, experts, num_experts, num_rows)
 
 
 def _unpermute(y_sorted, row_map, weights):
-    from kernels.triton.dispatch import unpermute_triton
+    from dynamoe.kernels.triton.dispatch import unpermute_triton
 
     return unpermute_triton(y_sorted, row_map, weights)
 
 
 def _grouped_mm(x, w, offsets):
-    from kernels.triton.grouped_gemm import grouped_mm_triton
+    from dynamoe.kernels.triton.grouped_gemm import grouped_mm_triton
 
     return grouped_mm_triton(x, w, offsets)
 
 
 def _moe_mlp(x, experts, weights, counts, w1, w2, *, activation="gelu", num_rows=None):
-    from kernels.triton.fused_moe import moe_mlp_triton
+    from dynamoe.kernels.triton.fused_moe import moe_mlp_triton
 
     return moe_mlp_triton(x, experts, weights, counts, w1, w2, activation=activation, num_rows=num_rows)
 

@@ -44,7 +44,7 @@ def check_device(t: torch.Tensor, op: str) -> None:
 class DeviceKernel:
     """A kernel decorated on first launch, in the mode triton was imported in.
 
-    Decorating lazily keeps ``import kernels.triton.*`` cheap and means a module imported before the
+    Decorating lazily keeps ``import dynamoe.kernels.triton.*`` cheap and means a module imported before the
     mode was settled still gets the right variant."""
 
     def __init__(self, fn):

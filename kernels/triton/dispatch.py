@@ -1,7 +1,7 @@
 """Triton token dispatch: the dispatch plan (row_map), the row gather, and the weighted combine.
 
 The plan is a two-pass counting sort over the T*k assignments, so rows come out exactly as
-``kernels.dispatch.row_map_ref`` orders them (expert ascending, then token, then slot):
+``dynamoe.kernels.dispatch.row_map_ref`` orders them (expert ascending, then token, then slot):
   1. each block of assignments counts its experts -> [blocks, E];
   2. exclusive prefix sums over blocks and experts (PyTorch, on device) give each block's first
      row per expert; each assignment adds its rank among equal experts earlier in its block.
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import _check_assignments
-from kernels.triton._jit import acc_is_f64, cdiv, check_device, kernel, next_pow2, tl
+from dynamoe.kernels.dispatch import _check_assignments
+from dynamoe.kernels.triton._jit import acc_is_f64, cdiv, check_device, kernel, next_pow2, tl
 
 BLOCK_ASSIGN = 128  # assignments per plan program; the one-hot tile is [128, next_pow2(E)]
 
@@ -313,7 +313,7 @@ class _CombineRows(torch.autograd.Function):
 
 
 def permute_triton(x: torch.Tensor, experts: torch.Tensor, num_experts: int, num_rows: int | None = None):
-    """Triton implementation of :func:`kernels.dispatch.permute_ref` (same outputs and row order)."""
+    """Triton implementation of :func:`dynamoe.kernels.dispatch.permute_ref` (same outputs and row order)."""
     if x.dim() != 2 or x.shape[0] != experts.shape[0]:
         raise ValueError(
             f"permute: x must be [T, d] with T = experts.shape[0]; got x {tuple(x.shape)}, "
@@ -325,7 +325,7 @@ def permute_triton(x: torch.Tensor, experts: torch.Tensor, num_experts: int, num
 
 
 def unpermute_triton(y_sorted: torch.Tensor, row_map: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Triton implementation of :func:`kernels.dispatch.unpermute_ref`."""
+    """Triton implementation of :func:`dynamoe.kernels.dispatch.unpermute_ref`."""
     if row_map.shape != weights.shape:
         raise ValueError(f"unpermute: row_map {tuple(row_map.shape)} and weights {tuple(weights.shape)} must match")
     if y_sorted.dim() != 2:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.triton._jit import (
+from dynamoe.kernels.triton._jit import (
     acc_is_f64,
     cdiv,
     check_device,
@@ -25,7 +25,7 @@ from kernels.triton._jit import (
     triton_interpreted,
     upcast_for_dot,
 )
-from kernels.triton.autotune import (
+from dynamoe.kernels.triton.autotune import (
     GPU_DEFAULT,
     GPU_TILES,
     INTERPRETER_TILE,

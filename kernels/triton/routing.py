@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.routing import _check_route_args
-from kernels.triton._jit import cdiv, check_device, kernel, next_pow2, tl
+from dynamoe.kernels.routing import _check_route_args
+from dynamoe.kernels.triton._jit import cdiv, check_device, kernel, next_pow2, tl
 
 MAX_EXPERTS = 256
 
@@ -149,7 +149,7 @@ def topk_route_triton(
     bias: torch.Tensor | None = None,
     normalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton implementation of :func:`kernels.routing.topk_route_ref` (same contract and outputs)."""
+    """Triton implementation of :func:`dynamoe.kernels.routing.topk_route_ref` (same contract and outputs)."""
     _check_route_args(logits, k, score, bias)
     check_device(logits, "topk_route")
     if bias is not None and bias.device != logits.device:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe import flops as F_
+from dynamoe.compute import flops as F_
 
 
 class MoDRouter(nn.Module):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe import flops as F_
-from moe.config import DepthConfig
+from dynamoe.compute import flops as F_
+from dynamoe.config import DepthConfig
 
 
 class SkipGate(nn.Module):

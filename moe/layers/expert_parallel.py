@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import kernels
-from moe.dispatcher import DispatchState
-from moe.layer import MoELayer
-from moe.router import Routing
+from dynamoe import kernels
+from dynamoe.layers.dispatcher import DispatchState
+from dynamoe.layers.moe_layer import MoELayer
+from dynamoe.layers.router import Routing
 
 
 class _AllToAll(torch.autograd.Function):

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe.config import MoEConfig
-from moe.dispatcher import LocalDispatcher
-from moe.experts import DenseMLP, GroupedExperts
-from moe.router import build_router, routing_entropy
+from dynamoe.config import MoEConfig
+from dynamoe.layers.dispatcher import LocalDispatcher
+from dynamoe.layers.experts import DenseMLP, GroupedExperts
+from dynamoe.layers.router import build_router, routing_entropy
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from moe import flops as F_
-from moe.config import DepthConfig, ModelConfig
+from dynamoe.compute import flops as F_
+from dynamoe.config import DepthConfig, ModelConfig
 
 
 @dataclass

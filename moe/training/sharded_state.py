@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe.experts import GroupedExperts
+from dynamoe.layers.experts import GroupedExperts
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -129,7 +129,7 @@ _GROUP_KEYS_NOT_RESTORED = ("params", "moe", "name")  # layout, not hyperparamet
 
 def load_full_optimizer_state(optimizer, model: nn.Module, tensors: dict, groups: list) -> None:
     """Restore state saved by :func:`full_optimizer_state` into this run's (possibly sharded) optimizer."""
-    from moe.checkpoint import CheckpointError
+    from dynamoe.training.checkpoint import CheckpointError
 
     param_groups = optimizer.param_groups
     if len(groups) != len(param_groups):

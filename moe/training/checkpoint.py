@@ -147,8 +147,8 @@ def export_model(source: Path, out: Path) -> Path:
 
 def load_exported(path: Path):
     """(ModelConfig, model) from a file written by :func:`export_model`; the weights load strictly."""
-    from moe.config import ModelConfig, from_dict
-    from moe.transformer import build_model
+    from dynamoe.config import ModelConfig, from_dict
+    from dynamoe.models.transformer import build_model
 
     path = Path(path)
     if not path.is_file():
@@ -171,8 +171,8 @@ def load_exported(path: Path):
 def load_model(source: Path):
     """(ModelConfig, model in eval mode) from an exported file, a checkpoint folder or a run folder
     (its newest checkpoint)."""
-    from moe.config import ModelConfig, from_dict
-    from moe.transformer import build_model
+    from dynamoe.config import ModelConfig, from_dict
+    from dynamoe.models.transformer import build_model
 
     source = Path(source)
     if source.is_file():

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+from dynamoe import kernels
 
 
 def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -59,7 +59,7 @@ class GroupedExperts(nn.Module):
 
     def forward_tokens(self, x_TD: torch.Tensor, experts_Tk: torch.Tensor, weights_Tk: torch.Tensor,
                        counts_E: torch.Tensor, num_rows: int) -> torch.Tensor:
-        """Dispatch, both GEMMs and the weighted combine as one op (``kernels.moe_mlp``), token order in
+        """Dispatch, both GEMMs and the weighted combine as one op (``dynamoe.kernels.moe_mlp``), token order in
         and out; the layer uses it when a fused backend applies (Triton on CUDA)."""
         return kernels.moe_mlp(x_TD, experts_Tk, weights_Tk, counts_E, self.w1_EDF.to(x_TD.dtype),
                                self.w2_EFD.to(x_TD.dtype), activation=self.activation, num_rows=num_rows)

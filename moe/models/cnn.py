@@ -22,15 +22,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe import flops as F_
-from moe.config import ModelConfig
-from moe.depth import DepthAux
-from moe.depth import halting as H
-from moe.depth.skipping import SkipGate, run_gated
-from moe.early_exit import MultiExitModel, State
-from moe.exits import ExitHead, HeadOutput
-from moe.layer import MoELayer
-from moe.transformer import ModelOutput, classification_output
+from dynamoe.compute import flops as F_
+from dynamoe.config import ModelConfig
+from dynamoe.depth import DepthAux
+from dynamoe.depth import halting as H
+from dynamoe.depth.skipping import SkipGate, run_gated
+from dynamoe.exits.multi_exit import MultiExitModel, State
+from dynamoe.exits.heads import ExitHead, HeadOutput
+from dynamoe.layers.moe_layer import MoELayer
+from dynamoe.models.transformer import ModelOutput, classification_output
 
 
 class PointwiseMoE(nn.Module):

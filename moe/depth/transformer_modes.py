@@ -18,12 +18,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moe import flops as F_
-from moe.config import ModelConfig
-from moe.depth import halting as H
-from moe.depth import mixture_of_depths as MoD
-from moe.depth.accounting import DepthAux, transformer_block_flops
-from moe.depth.skipping import SkipGate, run_gated
+from dynamoe.compute import flops as F_
+from dynamoe.config import ModelConfig
+from dynamoe.depth import halting as H
+from dynamoe.depth import mixture_of_depths as MoD
+from dynamoe.depth.records import DepthAux, transformer_block_flops
+from dynamoe.depth.skipping import SkipGate, run_gated
 
 ACT_KEYS = ("running", "cum", "rem", "steps", "acc")
 PONDER_KEYS = ("running", "survive", "cdf", "steps")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
-from moe.router import Routing
+from dynamoe import kernels
+from dynamoe.layers.router import Routing
 
 
 @dataclass

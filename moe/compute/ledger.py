@@ -13,7 +13,7 @@ Components: attention, dense_ffn, experts (routed), shared_experts, router (MoE)
 classifier or LM head), halting, gating, other.
 
 The conditional-depth blocks also report their own compute analytically as they run
-(``moe.depth.accounting.DepthAux``, cheap enough for every training step); the ledger measures
+(``dynamoe.depth.records.DepthAux``, cheap enough for every training step); the ledger measures
 the same thing independently from the module calls, and a test holds the two to each other.
 """
 
@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from moe import flops as F_
+from dynamoe.compute import flops as F_
 
 COMPONENTS = ("attention", "dense_ffn", "experts", "shared_experts", "router", "mod_router", "conv", "exit_heads",
               "head", "halting", "gating", "other")
@@ -60,10 +60,10 @@ class ComputeLedger:
     # --- hooks ----------------------------------------------------------------------------------
 
     def _hooks(self):
-        from moe.exits import ExitHead
-        from moe.experts import DenseMLP
-        from moe.layer import MoELayer
-        from moe.transformer import SelfAttention
+        from dynamoe.exits.heads import ExitHead
+        from dynamoe.layers.experts import DenseMLP
+        from dynamoe.layers.moe_layer import MoELayer
+        from dynamoe.models.transformer import SelfAttention
 
         covered: set[int] = set()  # modules inside a hooked module are not hooked again
         final_heads = {id(m) for m in (getattr(self.model, n, None) for n in ("head", "classifier"))

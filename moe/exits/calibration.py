@@ -3,7 +3,7 @@
 One full pass over a held-out split records, per sample, every exit's confidence score (for the
 chosen policy), whether its prediction is right, and the compute spent up to it. Any threshold
 setting can then be evaluated exactly without running the model again: a sample leaves at the
-first exit whose score reaches that exit's threshold (``moe.exits.first_exit``), which is exactly
+first exit whose score reaches that exit's threshold (``dynamoe.exits.heads.first_exit``), which is exactly
 what compacted inference does.
 
 Compute is measured in ``layers`` (stages run per sample) or ``flops`` (FLOPs executed per
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from moe.data import trim_padding
-from moe.early_exit import MultiExitModel
-from moe.exits import all_exit_scores, first_exit
+from dynamoe.data import trim_padding
+from dynamoe.exits.multi_exit import MultiExitModel
+from dynamoe.exits.heads import all_exit_scores, first_exit
 
 UNITS = ("layers", "flops")
 
@@ -45,7 +45,7 @@ class ExitRecord:
         return self.logits.argmax(-1) == self.labels.unsqueeze(1)
 
     def scores(self, policy: str) -> torch.Tensor:
-        from moe.exits import HeadOutput
+        from dynamoe.exits.heads import HeadOutput
 
         J = self.logits.shape[1]
         heads = [HeadOutput(self.logits[:, j], None if self.predictor is None or j == J - 1 else self.predictor[:, j])
@@ -253,9 +253,9 @@ def load_run(source: str | Path):
     """(RunConfig, model in eval mode, data) of a run folder or one of its checkpoint folders."""
     import yaml
 
-    from moe.checkpoint import load_model, resolve_resume
-    from moe.config import ConfigError, RunConfig, from_dict
-    from moe.data import build_data
+    from dynamoe.training.checkpoint import load_model, resolve_resume
+    from dynamoe.config import ConfigError, RunConfig, from_dict
+    from dynamoe.data import build_data
 
     source = Path(source)
     folder = resolve_resume(source)
@@ -285,7 +285,7 @@ def calibrate_run(source: str | Path, budget: float, unit: str = "layers", polic
     split, and write ``calibration.json`` into the run folder."""
     import json
 
-    from moe.checkpoint import resolve_resume
+    from dynamoe.training.checkpoint import resolve_resume
 
     cfg, model, data = load_run(source)
     policy = policy or cfg.model.exits.policy

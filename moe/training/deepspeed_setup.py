@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from moe.expert_parallel import is_expert_param
+from dynamoe.layers.expert_parallel import is_expert_param
 
 
 def _free_port() -> int:

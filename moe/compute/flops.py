@@ -8,7 +8,7 @@ that really go through a block.
 
 from __future__ import annotations
 
-from moe.config import MoEConfig
+from dynamoe.config import MoEConfig
 
 
 def linear_flops(rows: int, d_in: int, d_out: int) -> int:

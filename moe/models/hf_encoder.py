@@ -16,12 +16,12 @@ import dataclasses
 import torch
 from torch import nn
 
-from moe import flops as F_
-from moe.config import ConfigError, ModelConfig
-from moe.data import resolve_bundled
-from moe.early_exit import MultiExitModel, State
-from moe.exits import ExitHead, HeadOutput
-from moe.transformer import ModelOutput, classification_output, masked_mean
+from dynamoe.compute import flops as F_
+from dynamoe.config import ConfigError, ModelConfig
+from dynamoe.data import resolve_bundled
+from dynamoe.exits.multi_exit import MultiExitModel, State
+from dynamoe.exits.heads import ExitHead, HeadOutput
+from dynamoe.models.transformer import ModelOutput, classification_output, masked_mean
 
 def resolve_pretrained(name: str) -> str:
     """A local folder for a bundled short name (``minilm``); anything else goes to transformers as is."""

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from moe.layer import MoELayer
+from dynamoe.layers.moe_layer import MoELayer
 
 
 @dataclass

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe.config import ExitConfig
-from moe.exits import HeadOutput, PolicyState, exit_score, thresholds_for
+from dynamoe.config import ExitConfig
+from dynamoe.exits.heads import HeadOutput, PolicyState, exit_score, thresholds_for
 
 State = dict  # name -> tensor with the batch in dimension 0 (or None)
 

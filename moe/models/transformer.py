@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe import flops as F_
-from moe.config import ModelConfig
-from moe.depth import DepthAux, depth_loss, split_records
-from moe.depth.halting import expected_steps, halting_distribution, pondernet_loss
-from moe.depth.transformer import TransformerDepth, plain_layer
-from moe.early_exit import MultiExitModel, State
-from moe.exits import ExitHead, HeadOutput, PolicyState, exit_loss, exit_score, thresholds_for
-from moe.experts import DenseMLP
-from moe.layer import MoEAux, MoELayer
+from dynamoe.compute import flops as F_
+from dynamoe.config import ModelConfig
+from dynamoe.depth import DepthAux, depth_loss, split_records
+from dynamoe.depth.halting import expected_steps, halting_distribution, pondernet_loss
+from dynamoe.depth.transformer_modes import TransformerDepth, plain_layer
+from dynamoe.exits.multi_exit import MultiExitModel, State
+from dynamoe.exits.heads import ExitHead, HeadOutput, PolicyState, exit_loss, exit_score, thresholds_for
+from dynamoe.layers.experts import DenseMLP
+from dynamoe.layers.moe_layer import MoEAux, MoELayer
 
 
 @dataclass
@@ -410,11 +410,11 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.kind == "encoder":
         return TransformerClassifier(cfg)
     if cfg.kind == "hf_encoder":
-        from moe.hf_encoder import HFExitClassifier
+        from dynamoe.models.hf_encoder import HFExitClassifier
 
         return HFExitClassifier(cfg)
     if cfg.kind == "cnn":
-        from moe.cnn import ResNetExits
+        from dynamoe.models.cnn import ResNetExits
 
         return ResNetExits(cfg)
     raise ValueError(f"unknown model.kind {cfg.kind!r}")

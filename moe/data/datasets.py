@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from moe.config import DataConfig
+from dynamoe.config import DataConfig
 
 # name -> (file inside the local folder, hub dataset, text field)
 _LOCAL_LAYOUT = {

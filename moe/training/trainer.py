@@ -25,18 +25,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from moe import checkpoint as ckpt
-from moe.config import ConfigError, RunConfig, to_dict
-from moe.cpu_runtime import keep_large_allocations
-from moe.data import build_data
-from moe.depth import depth_summary
-from moe.deepspeed_setup import clip_gradients_, deepspeed_recognises, global_grad_norm, init_distributed, param_groups
-from moe.expert_parallel import TrafficCounter, shard_experts
-from moe.layer import MoELayer
-from moe.train_state import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
-from moe.metrics import MetricsWriter
-from moe.stats import format_balance_table, layer_balance, moe_layers, reduce_stats, reset_stats, stats_paused
-from moe.transformer import build_model
+from dynamoe.training import checkpoint as ckpt
+from dynamoe.config import ConfigError, RunConfig, to_dict
+from dynamoe.training.cpu_runtime import keep_large_allocations
+from dynamoe.data import build_data
+from dynamoe.depth import depth_summary
+from dynamoe.training.deepspeed_setup import clip_gradients_, deepspeed_recognises, global_grad_norm, init_distributed, param_groups
+from dynamoe.layers.expert_parallel import TrafficCounter, shard_experts
+from dynamoe.layers.moe_layer import MoELayer
+from dynamoe.training.sharded_state import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
+from dynamoe.training.metrics import MetricsWriter
+from dynamoe.layers.load_stats import format_balance_table, layer_balance, moe_layers, reduce_stats, reset_stats, stats_paused
+from dynamoe.models.transformer import build_model
 
 
 def early_exit_parameters(model: torch.nn.Module) -> set[int]:
@@ -102,7 +102,7 @@ def _fill_from_data(cfg: RunConfig, data) -> RunConfig:
         model = dataclasses.replace(model, cnn=cnn, num_classes=model.num_classes or data.num_classes)
         return dataclasses.replace(cfg, model=model)
     if model.kind == "hf_encoder":
-        from moe.hf_encoder import fill_from_pretrained
+        from dynamoe.models.hf_encoder import fill_from_pretrained
 
         model = fill_from_pretrained(model)
     if model.vocab_size is None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moe.config import ExitConfig
+from dynamoe.config import ExitConfig
 
 DEFAULT_THRESHOLDS = {"max_prob": 0.9, "entropy": 0.6, "margin": 0.8, "patience": 2.0, "learned": 0.9}
 

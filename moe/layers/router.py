@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from moe.config import RouterConfig
+from dynamoe import kernels
+from dynamoe.config import RouterConfig
 
 
 @dataclass

@@ -1,0 +1,6 @@
+"""``python -m dynamoe ...`` is the ``moe`` command (what torchrun and the deepspeed launcher run)."""
+
+from dynamoe.launch.cli import main
+
+if __name__ == "__main__":
+    main()
