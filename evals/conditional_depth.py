@@ -145,14 +145,14 @@ def _cnn_eval(trainer, repeats: int) -> dict:
               "compute_fraction": summary["compute_fraction"]}
     times = {}
     for compact in (True, False):
-        model.depth_compaction = compact
+        model.depth.compaction = compact
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             model(x)
             best = min(best, time.perf_counter() - start)
         times[compact] = best
-    model.depth_compaction = True
+    model.depth.compaction = True
     result.update({"wall_s_compacted": times[True], "wall_s_every_sample": times[False],
                    "speedup": times[False] / times[True]})
     return result

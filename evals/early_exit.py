@@ -26,7 +26,8 @@ if __package__ in (None, ""):  # run as a script (python evals/...): make the re
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dynamoe.evals.report import hardware_info, write_json
-from dynamoe.exits.calibration import calibrate, evaluate_thresholds, load_run, record_exits
+from dynamoe.evals.calibrate_run import load_run
+from dynamoe.exits.calibration import calibrate, evaluate_thresholds, record_exits
 from dynamoe.data import trim_padding
 from dynamoe.exits.multi_exit import infer, infer_full
 from dynamoe.exits.heads import first_exit

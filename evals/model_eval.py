@@ -27,6 +27,7 @@ import torch
 from dynamoe.evals.report import hardware_info
 from dynamoe.evals.routing_metrics import RoutingRecorder, load_summary, routing_stability, specialisation
 from dynamoe.compute.ledger import ComputeLedger
+from dynamoe.exits.multi_exit import MultiExitModel
 
 
 def load_source(source: str | Path, config: str | None = None, task: str | None = None):
@@ -104,7 +105,7 @@ def full_pass(cfg, model, batches: list[dict]) -> dict:
         for batch in batches:
             recorder.set_keys(_keys(cfg, batch) if keyed else None)
             ledger.count_batch(batch)
-            if hasattr(model, "exit_stages"):  # multi-exit: run the plain network (final head only)
+            if isinstance(model, MultiExitModel):  # run the plain network (final head only)
                 logits = _final_logits(model, batch)
                 loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"])
             else:
@@ -132,10 +133,8 @@ def full_pass(cfg, model, batches: list[dict]) -> dict:
 
 
 def _final_logits(model, batch: dict) -> torch.Tensor:
-    state = model.begin(_model_inputs(batch))
-    for i in range(model.num_stages):
-        state, _ = model.run_stage(i, state)
-    return model.run_head(len(model.exit_stages) - 1, state).logits
+    state, _, _ = model.run_stages(model.begin(_model_inputs(batch)))
+    return model.run_head(model.final_head, state).logits
 
 
 def _thresholds(model, run_dir: Path | None) -> tuple[str, list[float], str]:
@@ -204,7 +203,6 @@ def evaluate(source: str, *, config: str | None = None, task: str | None = None,
              batches: int | None = None, batch_size: int = 64, out_dir: str | None = None,
              report: str | None = None) -> dict:
     from dynamoe.training.checkpoint import load_model, resolve_resume
-    from dynamoe.exits.multi_exit import MultiExitModel
 
     cfg, model, data, run_dir = load_source(source, config, task)
     out = Path(out_dir) if out_dir else (run_dir / "eval" if run_dir is not None else Path(source).with_suffix("") / "eval")

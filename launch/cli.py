@@ -65,7 +65,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from dynamoe.exits.calibration import calibrate_run, format_calibration
+    from dynamoe.evals.calibrate_run import calibrate_run, format_calibration
 
     try:
         out = calibrate_run(args.source, args.budget, args.unit, args.policy, args.batch_size,

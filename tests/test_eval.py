@@ -15,7 +15,7 @@ from dynamoe.evals.routing_metrics import load_summary, routing_stability, speci
 from dynamoe.compute.ledger import ComputeLedger, flop_counter
 from dynamoe.config import ModelConfig, from_dict, load_config
 from dynamoe.exits.multi_exit import infer
-from dynamoe.models.transformer import build_model
+from dynamoe.models import build_model
 
 # --- metrics on hand-constructed routing --------------------------------------------------------
 

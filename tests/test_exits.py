@@ -14,7 +14,7 @@ from dynamoe.exits.calibration import ExitRecord, calibrate, evaluate_thresholds
 from dynamoe.config import ConfigError, ExitConfig, ModelConfig, from_dict
 from dynamoe.exits.multi_exit import infer, infer_full
 from dynamoe.exits.heads import HeadOutput, PolicyState, all_exit_scores, exit_loss, exit_score, first_exit
-from dynamoe.models.transformer import build_model
+from dynamoe.models import build_model
 
 
 def encoder_cfg(**exits) -> ModelConfig:

@@ -5,7 +5,7 @@ import torch
 
 from dynamoe.config import ModelConfig, MoEConfig, RouterConfig
 from dynamoe.layers.moe_layer import MoELayer
-from dynamoe.models.transformer import TransformerClassifier, TransformerLM, build_model
+from dynamoe.models import TransformerClassifier, TransformerLM, build_model
 
 
 def small(**kw):

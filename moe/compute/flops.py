@@ -8,7 +8,7 @@ that really go through a block.
 
 from __future__ import annotations
 
-from dynamoe.config import MoEConfig
+from dynamoe.config import ModelConfig, MoEConfig
 
 
 def linear_flops(rows: int, d_in: int, d_out: int) -> int:
@@ -57,3 +57,16 @@ def attention_rows_flops(queries, pairs, d_model: int, kv_rows=None):
 
 def conv2d_flops(batch: int, c_in: int, c_out: int, kernel: int, h_out: int, w_out: int) -> int:
     return 2 * batch * c_in * c_out * kernel * kernel * h_out * w_out
+
+
+def transformer_block_flops(cfg: ModelConfig, is_moe: bool, queries, pairs, kv_rows=None, ffn_rows=None) -> dict:
+    """One Transformer block by component: attention for ``queries`` rows (``pairs`` query-key
+    products, K/V for ``kv_rows``), then the FFN on ``ffn_rows`` (default the queries; dropless
+    routing for MoE)."""
+    ffn_rows = queries if ffn_rows is None else ffn_rows
+    out = {"attention": attention_rows_flops(queries, pairs, cfg.d_model, kv_rows)}
+    if is_moe:
+        out.update(moe_ffn_flops_by_component(ffn_rows, cfg.d_model, cfg.moe))
+    else:
+        out["ffn_dense"] = dense_ffn_flops(ffn_rows, cfg.d_model, cfg.d_ff, cfg.moe.activation)
+    return out

@@ -6,6 +6,6 @@ conditional unit reports what it really computed in a :class:`DepthAux` (``accou
 compute per token is read the same way for every mode, with MoE layers and exits.
 """
 
-from dynamoe.depth.records import DepthAux, depth_loss, depth_summary, split_records
+from dynamoe.depth.records import DepthAux, depth_loss, depth_summary
 
-__all__ = ["DepthAux", "depth_loss", "depth_summary", "split_records"]
+__all__ = ["DepthAux", "depth_loss", "depth_summary"]

@@ -18,6 +18,8 @@ Shape legend: N rows (tokens or samples), D width, L steps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -35,17 +37,42 @@ class HaltingUnit(nn.Module):
         return torch.sigmoid(self.linear(s_ND).squeeze(-1).float())
 
 
-def act_start(shape: tuple, state_shape: tuple, running: torch.Tensor, dtype, device) -> dict:
+@dataclass(frozen=True)
+class ActState:
+    """ACT bookkeeping per row, batch first: running [N] bool, cum (h summed while running),
+    rem (R once halted), steps (N so far), acc (the halting-weighted sum of states), and ponder
+    (N + R summed over earlier ACT spans: the CNN's stages; None for a Transformer)."""
+
+    running: torch.Tensor
+    cum: torch.Tensor
+    rem: torch.Tensor
+    steps: torch.Tensor
+    acc: torch.Tensor
+    ponder: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PonderState:
+    """PonderNet inference bookkeeping per row: running, survival probability, halting CDF, steps."""
+
+    running: torch.Tensor
+    survive: torch.Tensor
+    cdf: torch.Tensor
+    steps: torch.Tensor
+
+
+def act_start(shape: tuple, state_shape: tuple, running: torch.Tensor, dtype, device,
+              ponder: torch.Tensor | None = None) -> ActState:
     """ACT bookkeeping for rows of ``shape`` whose states have ``state_shape``."""
     zeros = torch.zeros(shape, dtype=torch.float32, device=device)
-    return {"running": running.clone(), "cum": zeros, "rem": zeros.clone(), "steps": zeros.clone(),
-            "acc": torch.zeros(state_shape, dtype=dtype, device=device)}
+    return ActState(running.clone(), zeros, zeros.clone(), zeros.clone(),
+                    torch.zeros(state_shape, dtype=dtype, device=device), ponder)
 
 
-def act_update(st: dict, s_new: torch.Tensor, h: torch.Tensor | None, threshold: float) -> dict:
+def act_update(st: ActState, s_new: torch.Tensor, h: torch.Tensor | None, threshold: float) -> ActState:
     """One ACT step for every row of ``st``: ``s_new`` is the state after this step (halted rows
     unchanged), ``h`` its halting probability (None: the last step, every running row halts)."""
-    running, cum = st["running"], st["cum"]
+    running, cum = st.running, st.cum
     if h is None:
         halt = running
         h = torch.zeros_like(cum)
@@ -53,35 +80,35 @@ def act_update(st: dict, s_new: torch.Tensor, h: torch.Tensor | None, threshold:
         halt = running & (cum + h >= threshold)
     p = torch.where(halt, 1.0 - cum, torch.where(running, h, torch.zeros_like(h)))
     extra = s_new.dim() - p.dim()
-    acc = st["acc"] + p.view(*p.shape, *([1] * extra)).to(s_new.dtype) * s_new
-    return {"running": running & ~halt,
-            "cum": torch.where(running & ~halt, cum + h, cum),
-            "rem": torch.where(halt, 1.0 - cum, st["rem"]),
-            "steps": st["steps"] + running.float(),
-            "acc": acc}
+    acc = st.acc + p.view(*p.shape, *([1] * extra)).to(s_new.dtype) * s_new
+    return ActState(running=running & ~halt,
+                    cum=torch.where(running & ~halt, cum + h, cum),
+                    rem=torch.where(halt, 1.0 - cum, st.rem),
+                    steps=st.steps + running.float(),
+                    acc=acc, ponder=st.ponder)
 
 
-def ponder_cost(st: dict) -> torch.Tensor:
+def ponder_cost(st: ActState) -> torch.Tensor:
     """N + R per row (after the last step)."""
-    return st["steps"] + st["rem"]
+    return st.steps + st.rem
 
 
-def pondernet_start(shape: tuple, running: torch.Tensor, device) -> dict:
+def pondernet_start(shape: tuple, running: torch.Tensor, device) -> PonderState:
     ones = torch.ones(shape, dtype=torch.float32, device=device)
-    return {"running": running.clone(), "survive": ones, "cdf": torch.zeros_like(ones), "steps": torch.zeros_like(ones)}
+    return PonderState(running.clone(), ones, torch.zeros_like(ones), torch.zeros_like(ones))
 
 
-def pondernet_update(st: dict, h: torch.Tensor | None, quantile: float) -> dict:
+def pondernet_update(st: PonderState, h: torch.Tensor | None, quantile: float) -> PonderState:
     """Inference: halt each running row at the first step where its halting CDF reaches ``quantile``."""
-    running = st["running"]
+    running = st.running
     if h is None:
         halt = running
-        p = st["survive"]
+        p = st.survive
     else:
-        p = h * st["survive"]
-        halt = running & (st["cdf"] + p >= quantile)
-    return {"running": running & ~halt, "survive": st["survive"] * (1 - (h if h is not None else 1.0)),
-            "cdf": st["cdf"] + p, "steps": st["steps"] + running.float()}
+        p = h * st.survive
+        halt = running & (st.cdf + p >= quantile)
+    return PonderState(running=running & ~halt, survive=st.survive * (1 - (h if h is not None else 1.0)),
+                       cdf=st.cdf + p, steps=st.steps + running.float())
 
 
 def halting_distribution(h_list: list[torch.Tensor]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """What each block really computed: one :class:`DepthAux` per block (Transformer layer or CNN block)
 and forward pass, FLOPs split by component, and the sums that turn them into compute per token.
 
-FLOPs follow ``moe/flops.py`` (multiply-add = 2, matrix products only) and count the rows actually
+FLOPs follow ``dynamoe.compute.flops`` (multiply-add = 2, matrix products only) and count the rows actually
 given to each matrix product, padding rows included where a packed batch carries them. Counts may be
 0-d tensors, so no host synchronisation is needed until a summary is read.
 Components: attention, ffn_dense, moe_router, moe_experts, moe_shared, conv (CNN blocks),
@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
-from dynamoe.compute import flops as F_
-from dynamoe.config import DepthConfig, ModelConfig
+from dynamoe.config import DepthConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class DepthAux:
     unit: int  # layer (Transformer) or block (CNN), in depth order
     kind: str  # dense, act, pondernet, skip or mod
@@ -34,24 +33,6 @@ class DepthAux:
     @property
     def total_flops(self):
         return sum(self.flops.values())
-
-
-def split_records(records: list) -> tuple[list, list]:
-    """(MoE aux records, depth records) from one mixed list, each in depth order."""
-    depth = [r for r in records if isinstance(r, DepthAux)]
-    return [r for r in records if not isinstance(r, DepthAux)], depth
-
-
-def transformer_block_flops(cfg: ModelConfig, is_moe: bool, queries, pairs, kv_rows=None, ffn_rows=None) -> dict:
-    """One Transformer block: attention for ``queries`` rows (``pairs`` query-key products, K/V for
-    ``kv_rows``), then the FFN on ``ffn_rows`` (default the queries; dropless routing for MoE)."""
-    ffn_rows = queries if ffn_rows is None else ffn_rows
-    out = {"attention": F_.attention_rows_flops(queries, pairs, cfg.d_model, kv_rows)}
-    if is_moe:
-        out.update(F_.moe_ffn_flops_by_component(ffn_rows, cfg.d_model, cfg.moe))
-    else:
-        out["ffn_dense"] = F_.dense_ffn_flops(ffn_rows, cfg.d_model, cfg.d_ff, cfg.moe.activation)
-    return out
 
 
 def skip_rate_loss(records: list[DepthAux], cfg: DepthConfig) -> torch.Tensor | None:

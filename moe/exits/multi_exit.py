@@ -3,8 +3,8 @@
 A :class:`MultiExitModel` is a sequence of stages (Transformer layers, CNN stages) with exit heads
 after some of them, the last stage always carrying the final head. Subclasses say how to start
 (``begin``), run one stage, run one head, and how many FLOPs each costs on the rows present; the
-state between stages is a dict of tensors whose first dimension is the batch, so removing exited
-samples is one ``index_select`` per tensor. Training runs every stage and head on every sample
+state between stages is a :class:`~dynamoe.stage.StageState` whose tensors have the batch first,
+so removing exited samples is one ``index_select`` per tensor. Training runs every stage and head on every sample
 (``forward_heads``); inference (:func:`infer`) drops each sample as soon as its exit's policy
 says so, so later stages run on fewer rows and the FLOPs saved are wall time saved.
 """
@@ -14,67 +14,76 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from dynamoe.config import ExitConfig
 from dynamoe.exits.heads import HeadOutput, PolicyState, exit_score, thresholds_for
-
-State = dict  # name -> tensor with the batch in dimension 0 (or None)
-
-
-def select_rows(state: State, idx: torch.Tensor) -> State:
-    return {k: (v.index_select(0, idx) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+from dynamoe.models.base import DynamoeModel
+from dynamoe.stage import RecordLog, StageRecords, StageState
 
 
-def detach_state(state: State) -> State:
-    return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
-
-
-class MultiExitModel(nn.Module):
+class MultiExitModel(DynamoeModel):
     """Base of the models with early exits; see the module docstring for the contract."""
 
     exit_cfg: ExitConfig
-    exit_phase: str = "joint"  # set by the trainer: joint, or two-stage's "backbone" then "exits"
 
     @property
     def num_stages(self) -> int:
         raise NotImplementedError
 
     @property
+    def num_exits(self) -> int:
+        return len(self.exit_cfg.layers) + 1 if self.exit_cfg.enabled else 0
+
+    @property
     def exit_stages(self) -> list[int]:
         """0-based stage after which each exit sits, the final head last."""
         return [i - 1 for i in self.exit_cfg.layers] + [self.num_stages - 1]
 
-    def begin(self, batch: dict) -> State:
+    def heads_after(self, i: int) -> list[int]:
+        """The exits (indices into :attr:`exit_stages`) that read the state after stage ``i``."""
+        return [j for j, s in enumerate(self.exit_stages) if s == i]
+
+    @property
+    def final_head(self) -> int:
+        return len(self.exit_stages) - 1
+
+    def begin(self, batch: dict) -> StageState:
         raise NotImplementedError
 
-    def run_stage(self, i: int, state: State) -> tuple[State, list]:
-        """Stage ``i`` on the rows present; returns the new state and MoE aux records."""
+    def run_stage(self, i: int, state: StageState) -> tuple[StageState, StageRecords]:
+        """Stage ``i`` on the rows present; returns the new state and the stage's records."""
         raise NotImplementedError
 
-    def run_head(self, j: int, state: State) -> HeadOutput:
+    def run_head(self, j: int, state: StageState) -> HeadOutput:
         raise NotImplementedError
 
-    def stage_flops(self, i: int, state: State) -> float:
+    def stage_flops(self, i: int, state: StageState) -> float:
         """FLOPs of stage ``i`` on every row of ``state`` (the state before the stage)."""
         raise NotImplementedError
 
-    def head_flops(self, j: int, state: State) -> float:
+    def head_flops(self, j: int, state: StageState) -> float:
         raise NotImplementedError
 
-    def forward_heads(self, batch: dict) -> tuple[list[HeadOutput], list]:
+    def run_stages(self, state: StageState) -> tuple[StageState, RecordLog, float]:
+        """Every stage on every row of ``state``, no head: the last state, the records and the FLOPs."""
+        log, flops = RecordLog(), 0.0
+        for i in range(self.num_stages):
+            flops += self.stage_flops(i, state)
+            state, records = self.run_stage(i, state)
+            log.add(records)
+        return state, log, flops
+
+    def forward_heads(self, batch: dict) -> tuple[list[HeadOutput], RecordLog]:
         """Every stage and every head on every sample (training and full evaluation)."""
         state = self.begin(batch)
-        heads, records = [], []
-        stages = self.exit_stages
+        heads, log = [], RecordLog()
         detach_early = self.exit_phase == "exits"  # two-stage, second stage: the backbone is frozen
         for i in range(self.num_stages):
-            state, aux = self.run_stage(i, state)
-            records.extend(aux)
-            for j, s in enumerate(stages):
-                if s == i:
-                    heads.append(self.run_head(j, detach_state(state) if detach_early and j < len(stages) - 1 else state))
-        return heads, records
+            state, records = self.run_stage(i, state)
+            log.add(records)
+            for j in self.heads_after(i):
+                heads.append(self.run_head(j, state.detach() if detach_early and j < self.final_head else state))
+        return heads, log
 
     def full_flops(self, batch: dict) -> float:
         """FLOPs of the whole network with every head, on every sample of ``batch``."""
@@ -84,7 +93,7 @@ class MultiExitModel(nn.Module):
             for i in range(self.num_stages):
                 total += self.stage_flops(i, state)
                 state, _ = self.run_stage(i, state)
-                total += sum(self.head_flops(j, state) for j, s in enumerate(self.exit_stages) if s == i)
+                total += sum(self.head_flops(j, state) for j in self.heads_after(i))
         return total
 
 
@@ -107,8 +116,7 @@ def infer(model: MultiExitModel, batch: dict, policy: str | None = None, thresho
     if len(thresholds) != len(stages) - 1:
         raise ValueError(f"{len(thresholds)} thresholds for {len(stages) - 1} early exits")
     state = model.begin(batch)
-    B = next(v for v in state.values() if isinstance(v, torch.Tensor)).shape[0]
-    device = next(v for v in state.values() if isinstance(v, torch.Tensor)).device
+    B, device = state.batch_size, state.x.device
     rows = torch.arange(B, device=device)  # original position of each row still in the batch
     preds = torch.full((B,), -1, dtype=torch.long, device=device)
     exit_at = torch.full((B,), -1, dtype=torch.long, device=device)
@@ -117,9 +125,7 @@ def infer(model: MultiExitModel, batch: dict, policy: str | None = None, thresho
     for i in range(model.num_stages):
         flops += model.stage_flops(i, state)
         state, _ = model.run_stage(i, state)
-        for j, s in enumerate(stages):
-            if s != i:
-                continue
+        for j in model.heads_after(i):
             head = model.run_head(j, state)
             flops += model.head_flops(j, state)
             pred = head.logits.argmax(-1)
@@ -133,7 +139,7 @@ def infer(model: MultiExitModel, batch: dict, policy: str | None = None, thresho
                 preds[rows[leave]], exit_at[rows[leave]] = pred[leave], j
                 keep = (~leave).nonzero().squeeze(1)
                 rows = rows[keep]
-                state, pstate = select_rows(state, keep), pstate.select(keep)
+                state, pstate = state.select(keep), pstate.select(keep)
         if rows.numel() == 0:
             break
     stages_run = torch.tensor(stages, device=device)[exit_at] + 1
@@ -144,11 +150,6 @@ def infer(model: MultiExitModel, batch: dict, policy: str | None = None, thresho
 def infer_full(model: MultiExitModel, batch: dict) -> float:
     """The plain network on ``batch`` (every stage, the final head only); returns its FLOPs.
     The baseline that early-exit wall time is compared with."""
-    state = model.begin(batch)
-    flops = 0.0
-    for i in range(model.num_stages):
-        flops += model.stage_flops(i, state)
-        state, _ = model.run_stage(i, state)
-    last = len(model.exit_stages) - 1
-    model.run_head(last, state)
-    return flops + model.head_flops(last, state)
+    state, _, flops = model.run_stages(model.begin(batch))
+    model.run_head(model.final_head, state)
+    return flops + model.head_flops(model.final_head, state)

@@ -19,9 +19,11 @@ from torch import nn
 from dynamoe.compute import flops as F_
 from dynamoe.config import ConfigError, ModelConfig
 from dynamoe.data import resolve_bundled
-from dynamoe.exits.multi_exit import MultiExitModel, State
 from dynamoe.exits.heads import ExitHead, HeadOutput
-from dynamoe.models.transformer import ModelOutput, classification_output, masked_mean
+from dynamoe.exits.multi_exit import MultiExitModel
+from dynamoe.models.output import ModelOutput, classification_output
+from dynamoe.models.pooling import masked_mean
+from dynamoe.stage import StageRecords, StageState
 
 def resolve_pretrained(name: str) -> str:
     """A local folder for a bundled short name (``minilm``); anything else goes to transformers as is."""
@@ -93,40 +95,43 @@ class HFExitClassifier(MultiExitModel):
     def num_stages(self) -> int:
         return len(self.layers)
 
-    def begin(self, batch: dict) -> State:
+    def early_exit_parameters(self) -> list[nn.Parameter]:
+        return list(self.exit_heads.parameters())
+
+    def begin(self, batch: dict) -> StageState:
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(ids)
         x = self.encoder.embeddings(input_ids=ids, token_type_ids=batch.get("token_type_ids", torch.zeros_like(ids)))
-        return {"x": x, "mask": mask, "attn": self._bidirectional_mask(x, mask)}
+        return StageState(x, mask, attn=self._bidirectional_mask(x, mask))
 
-    def run_stage(self, i: int, state: State) -> tuple[State, list]:
-        out = self.layers[i](state["x"], attention_mask=state["attn"])
+    def run_stage(self, i: int, state: StageState) -> tuple[StageState, StageRecords]:
+        out = self.layers[i](state.x, attention_mask=state.attn)
         x = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
-        return {**state, "x": x}, []
+        return state.replace(x=x), StageRecords()
 
     def _head(self, j: int) -> ExitHead:
         return self.head if j == len(self.exit_heads) else self.exit_heads[j]
 
-    def run_head(self, j: int, state: State) -> HeadOutput:
-        return self._head(j)(masked_mean(state["x"], state["mask"]))
+    def run_head(self, j: int, state: StageState) -> HeadOutput:
+        return self._head(j)(masked_mean(state.x, state.mask))
 
-    def stage_flops(self, i: int, state: State) -> float:
-        B, S = state["x"].shape[:2]
+    def stage_flops(self, i: int, state: StageState) -> float:
+        B, S = state.x.shape[:2]
         d, f = self.cfg.d_model, self.cfg.d_ff
         return float(F_.attention_flops(B, S, d) + F_.dense_ffn_flops(B * S, d, f))
 
-    def head_flops(self, j: int, state: State) -> float:
-        return float(state["x"].shape[0] * self._head(j).flops())
+    def head_flops(self, j: int, state: StageState) -> float:
+        return float(state.batch_size * self._head(j).flops())
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Embeddings and every layer's output, as ``output_hidden_states`` of the unwrapped model."""
         state = self.begin({"input_ids": input_ids, "attention_mask": attention_mask})
-        out = [state["x"]]
+        out = [state.x]
         for i in range(self.num_stages):
             state, _ = self.run_stage(i, state)
-            out.append(state["x"])
+            out.append(state.x)
         return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -134,8 +139,8 @@ class HFExitClassifier(MultiExitModel):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             batch["token_type_ids"] = token_type_ids
-        heads, records = self.forward_heads(batch)
-        return classification_output(self, heads, records, labels)
+        heads, log = self.forward_heads(batch)
+        return classification_output(self, heads, log, labels)
 
 
 def _mask_builder(encoder: nn.Module):

@@ -8,8 +8,8 @@ Shape legend: B batch, S sequence, D model width, V vocabulary, C classes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,30 +17,17 @@ from torch import nn
 
 from dynamoe.compute import flops as F_
 from dynamoe.config import ModelConfig
-from dynamoe.depth import DepthAux, depth_loss, split_records
+from dynamoe.depth import depth_loss
 from dynamoe.depth.halting import expected_steps, halting_distribution, pondernet_loss
-from dynamoe.depth.transformer_modes import TransformerDepth, plain_layer
-from dynamoe.exits.multi_exit import MultiExitModel, State
+from dynamoe.depth.transformer_modes import build_transformer_depth, plain_layer
 from dynamoe.exits.heads import ExitHead, HeadOutput, PolicyState, exit_loss, exit_score, thresholds_for
+from dynamoe.exits.multi_exit import MultiExitModel
 from dynamoe.layers.experts import DenseMLP
-from dynamoe.layers.moe_layer import MoEAux, MoELayer
-
-
-@dataclass
-class ModelOutput:
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None  # task loss (cross-entropy), None without targets
-    aux_loss: torch.Tensor | None = None  # summed router losses of all MoE layers
-    moe: list[MoEAux] = field(default_factory=list)  # one entry per MoE layer, in depth order
-    exits: list[HeadOutput] = field(default_factory=list)  # every exit's output, the final head last
-    exit_losses: list[torch.Tensor] = field(default_factory=list)  # each exit's cross-entropy (detached)
-    depth: list[DepthAux] = field(default_factory=list)  # what each block computed (moe/depth/accounting.py)
-    depth_loss: torch.Tensor | None = None  # ponder cost, skip-rate and MoD predictor losses; None without
-
-    @property
-    def total_loss(self) -> torch.Tensor:
-        total = self.loss if self.aux_loss is None else self.loss + self.aux_loss
-        return total if self.depth_loss is None else total + self.depth_loss
+from dynamoe.layers.moe_layer import MoELayer
+from dynamoe.models.base import DynamoeModel
+from dynamoe.models.output import ModelOutput, aux_total, classification_output
+from dynamoe.models.pooling import masked_mean
+from dynamoe.stage import RecordLog, StageRecords, StageState
 
 
 class SelfAttention(nn.Module):
@@ -143,7 +130,7 @@ class Block(nn.Module):
         return rows + self.drop(h), flat, aux
 
 
-class _Backbone(nn.Module):
+class _Backbone(DynamoeModel):
     causal: bool
 
     def __init__(self, cfg: ModelConfig):
@@ -158,7 +145,7 @@ class _Backbone(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i, self.causal) for i in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.depth = TransformerDepth(cfg, self.causal) if cfg.depth.enabled else None
+        self.depth = build_transformer_depth(cfg, self.causal)
 
     def _embed(self, idx_BS: torch.Tensor) -> torch.Tensor:
         S = idx_BS.shape[1]
@@ -167,42 +154,34 @@ class _Backbone(nn.Module):
         pos = torch.arange(S, device=idx_BS.device)
         return self.drop(self.tok_emb(idx_BS) + self.pos_emb(pos))
 
-    def start_state(self, x_BSD: torch.Tensor, key_mask_BS: torch.Tensor | None, mod_rule: str = "top_c") -> State:
-        state = {"x": x_BSD, "mask": key_mask_BS}
+    def start_state(self, x_BSD: torch.Tensor, key_mask_BS: torch.Tensor | None, mod_rule: str = "top_c"
+                    ) -> StageState:
+        state = StageState(x_BSD, key_mask_BS)
         return state if self.depth is None else self.depth.start(state, mod_rule)
 
-    def run_layer(self, i: int, state: State) -> tuple[State, list]:
-        """Layer ``i`` on the state (under the depth mode, if any); returns the new state and the
-        layer's records: its MoE aux record, if any, then its :class:`DepthAux`."""
+    def run_layer(self, i: int, state: StageState) -> tuple[StageState, StageRecords]:
+        """Layer ``i`` on the state (under the depth mode, if any): the new state and the layer's records."""
         if self.depth is None:
             return plain_layer(self.cfg, i, self.blocks[i], state)
         return self.depth.layer(i, self.blocks[i], state)
 
-    def final_state(self, state: State) -> torch.Tensor:
+    def final_state(self, state: StageState) -> torch.Tensor:
         """The residual stream the final head reads (ACT: the halting-weighted sum of states)."""
-        return state["x"] if self.depth is None else self.depth.output(state)
+        return state.x if self.depth is None else self.depth.output(state)
 
-    def hidden(self, idx_BS: torch.Tensor, key_mask_BS: torch.Tensor | None = None, mod_rule: str = "top_c"):
-        """Final hidden states [B, S, D] and the records of every layer (MoE, then depth)."""
+    def hidden(self, idx_BS: torch.Tensor, key_mask_BS: torch.Tensor | None = None, mod_rule: str = "top_c"
+               ) -> tuple[torch.Tensor, RecordLog, StageState]:
+        """Final hidden states [B, S, D], the records of every layer, and the last state."""
         state = self.start_state(self._embed(idx_BS), key_mask_BS, mod_rule)
-        records = []
+        log = RecordLog()
         for i in range(len(self.blocks)):
-            state, recs = self.run_layer(i, state)
-            records.extend(recs)
-        return self.ln_f(self.final_state(state)), records, state
-
-    @staticmethod
-    def _aux_total(records: list[MoEAux]) -> torch.Tensor | None:
-        records = [r for r in records if isinstance(r, MoEAux)]
-        return sum((r.loss for r in records), start=records[0].loss.new_zeros(())) if records else None
+            state, records = self.run_layer(i, state)
+            log.add(records)
+        return self.ln_f(self.final_state(state)), log, state
 
     def set_depth_progress(self, fraction: float) -> None:
-        """Training progress in [0, 1], for schedules inside the depth units (Gumbel temperature)."""
         if self.depth is not None:
             self.depth.set_progress(fraction)
-
-    def moe_layers(self) -> list[MoELayer]:
-        return [b.ffn for b in self.blocks if b.is_moe]
 
     def layer_flops(self, i: int, batch: int, seq: int) -> int:
         """FLOPs of block ``i`` on ``batch`` sequences of ``seq`` tokens (dropless routing)."""
@@ -233,6 +212,13 @@ class TransformerLM(_Backbone):
             nn.Linear(cfg.d_model, 1) for _ in (cfg.exits.layers if cfg.exits.policy == "learned" else [])
         )
 
+    @property
+    def num_exits(self) -> int:
+        return len(self.exit_cfg.layers) + 1 if self.exit_cfg.enabled else 0
+
+    def early_exit_parameters(self) -> list[nn.Parameter]:
+        return [*self.exit_norms.parameters(), *self.exit_predictors.parameters()]
+
     def _exit_head(self, j: int, x_BSD: torch.Tensor) -> HeadOutput:
         if j == len(self.exit_norms):
             return HeadOutput(self.head(self.ln_f(x_BSD)))
@@ -243,50 +229,49 @@ class TransformerLM(_Backbone):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, mod_rule: str = "top_c") -> ModelOutput:
         """``mod_rule``: mixture-of-depths routing by top-C over the sequence (training, and the
         reference), or "causal", the decoding rule (each token's predictor decides)."""
-        if self.depth is not None and self.depth.dcfg.mode == "pondernet" and self.training:
+        if self.depth is not None and self.depth.trains_on_halting_distribution and self.training:
             return self._pondernet_forward(input_ids, labels)
         if not self.exit_cfg.enabled:
-            h_BSD, records, _ = self.hidden(input_ids, mod_rule=mod_rule)
-            moe, depth = split_records(records)
+            h_BSD, log, _ = self.hidden(input_ids, mod_rule=mod_rule)
             logits_BSV = self.head(h_BSD)
             loss = None
             if labels is not None:
                 loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-            return ModelOutput(logits_BSV, loss, self._aux_total(moe), moe, depth=depth,
-                               depth_loss=depth_loss(depth, self.cfg.depth))
+            return ModelOutput(logits_BSV, loss, aux_total(log.moe), log.moe, depth=log.depth,
+                               depth_loss=depth_loss(log.depth, self.cfg.depth))
         state = self.start_state(self._embed(input_ids), None, mod_rule)
-        heads, records = [], []
+        heads, log = [], RecordLog()
         exit_after = {layer - 1: j for j, layer in enumerate(self.exit_cfg.layers)}
         for i in range(len(self.blocks)):
-            state, recs = self.run_layer(i, state)
-            records.extend(recs)
+            state, records = self.run_layer(i, state)
+            log.add(records)
             if i in exit_after:
-                heads.append(self._exit_head(exit_after[i], state["x"]))
+                heads.append(self._exit_head(exit_after[i], state.x))
         heads.append(self._exit_head(len(self.exit_norms), self.final_state(state)))
-        moe, depth = split_records(records)
         loss, per_exit = None, []
         if labels is not None:
-            flat = [HeadOutput(h.logits.flatten(0, 1), None if h.predictor is None else h.predictor.flatten()) for h in heads]
-            loss, per_exit = exit_loss(self.exit_cfg, flat, labels.flatten(), getattr(self, "exit_phase", "joint"))
-        return ModelOutput(heads[-1].logits, loss, self._aux_total(moe), moe, heads, per_exit, depth,
-                           depth_loss(depth, self.cfg.depth))
+            flat = [HeadOutput(h.logits.flatten(0, 1), None if h.predictor is None else h.predictor.flatten())
+                    for h in heads]
+            loss, per_exit = exit_loss(self.exit_cfg, flat, labels.flatten(), self.exit_phase)
+        return ModelOutput(heads[-1].logits, loss, aux_total(log.moe), log.moe, heads, per_exit, log.depth,
+                           depth_loss(log.depth, self.cfg.depth))
 
     def _pondernet_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> ModelOutput:
         """PonderNet training: every layer on every token; the loss is the task loss expected under
         each token's halting distribution, plus the KL to the geometric prior (the depth loss)."""
-        _, records, state = self.hidden(input_ids)
-        moe, depth = split_records(records)
-        p_LBS = halting_distribution(state["pn_h"])
-        logits_L = [self.head(self.ln_f(s)) for s in state["pn_states"]]
+        _, log, state = self.hidden(input_ids)
+        p_LBS = halting_distribution(list(state.depth.halting))
+        logits_L = [self.head(self.ln_f(s)) for s in state.depth.states]
         loss = kl = None
         if labels is not None:
             ce_LT = torch.stack([F.cross_entropy(lg.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                                  reduction="none") for lg in logits_L])
             d = self.cfg.depth
             loss, kl = pondernet_loss(p_LBS.flatten(1), ce_LT, labels.flatten() != -100, d.lambda_p, d.kl_coef)
-            depth[-1].loss = kl
-        depth[-1].stats["expected_layers"] = expected_steps(p_LBS.flatten(1)).mean().detach()
-        return ModelOutput(logits_L[-1], loss, self._aux_total(moe), moe, depth=depth, depth_loss=kl)
+        last = log.depth[-1]
+        stats = {**last.stats, "expected_layers": expected_steps(p_LBS.flatten(1)).mean().detach()}
+        depth = log.depth[:-1] + [dataclasses.replace(last, loss=kl if kl is not None else last.loss, stats=stats)]
+        return ModelOutput(logits_L[-1], loss, aux_total(log.moe), log.moe, depth=depth, depth_loss=kl)
 
     @torch.no_grad()
     def generate_exit_eval(
@@ -327,13 +312,6 @@ class TransformerLM(_Backbone):
         return {"loss": float(loss), "layers_per_token": layers.float(), "mean_layers": float(layers.float().mean())}
 
 
-def masked_mean(h_BSD: torch.Tensor, mask_BS: torch.Tensor | None) -> torch.Tensor:
-    if mask_BS is None:
-        return h_BSD.mean(dim=1)
-    m = mask_BS.unsqueeze(-1).to(h_BSD.dtype)
-    return (h_BSD * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
 class TransformerClassifier(_Backbone, MultiExitModel):
     """BERT-style encoder with a pooled classification head, and optional early exits."""
 
@@ -356,28 +334,31 @@ class TransformerClassifier(_Backbone, MultiExitModel):
     def num_stages(self) -> int:
         return self.cfg.n_layers
 
-    def begin(self, batch: dict) -> State:
+    def early_exit_parameters(self) -> list[nn.Parameter]:
+        return [*self.exit_norms.parameters(), *self.exit_heads.parameters()]
+
+    def begin(self, batch: dict) -> StageState:
         return self.start_state(self._embed(batch["input_ids"]), batch.get("attention_mask"))
 
-    def run_stage(self, i: int, state: State) -> tuple[State, list]:
+    def run_stage(self, i: int, state: StageState) -> tuple[StageState, StageRecords]:
         return self.run_layer(i, state)
 
     def _pool(self, h_BSD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return h_BSD[:, 0] if self.cfg.pooling == "first" else masked_mean(h_BSD, mask)
 
-    def run_head(self, j: int, state: State) -> HeadOutput:
+    def run_head(self, j: int, state: StageState) -> HeadOutput:
         if j == len(self.exit_heads):
-            return HeadOutput(self.classifier(self._pool(self.ln_f(self.final_state(state)), state["mask"])))
-        return self.exit_heads[j](self._pool(self.exit_norms[j](state["x"]), state["mask"]))
+            return HeadOutput(self.classifier(self._pool(self.ln_f(self.final_state(state)), state.mask)))
+        return self.exit_heads[j](self._pool(self.exit_norms[j](state.x), state.mask))
 
-    def stage_flops(self, i: int, state: State) -> float:
+    def stage_flops(self, i: int, state: StageState) -> float:
         if self.depth is not None:
             return self.depth.unit_flops(i, self.blocks[i], state)
-        B, S = state["x"].shape[:2]
+        B, S = state.x.shape[:2]
         return float(self.layer_flops(i, B, S))
 
-    def head_flops(self, j: int, state: State) -> float:
-        B = state["x"].shape[0]
+    def head_flops(self, j: int, state: StageState) -> float:
+        B = state.batch_size
         if j == len(self.exit_heads):
             return float(F_.linear_flops(B, self.cfg.d_model, self.cfg.num_classes))
         return float(B * self.exit_heads[j].flops())
@@ -385,36 +366,5 @@ class TransformerClassifier(_Backbone, MultiExitModel):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> ModelOutput:
-        heads, records = self.forward_heads({"input_ids": input_ids, "attention_mask": attention_mask})
-        return classification_output(self, heads, records, labels)
-
-
-def classification_output(model: MultiExitModel, heads: list[HeadOutput], records: list, labels) -> ModelOutput:
-    """The ModelOutput of a multi-exit classifier: final logits, the exits' loss, router losses,
-    and the depth records and losses."""
-    records, depth = split_records(records)
-    loss, per_exit = None, []
-    if labels is not None:
-        if model.exit_cfg.enabled:
-            loss, per_exit = exit_loss(model.exit_cfg, heads, labels, model.exit_phase)
-        else:
-            loss = F.cross_entropy(heads[-1].logits.float(), labels)
-    cfg = getattr(model, "cfg", None)
-    d_loss = depth_loss(depth, cfg.depth) if depth and cfg is not None else None
-    return ModelOutput(heads[-1].logits, loss, _Backbone._aux_total(records), records, heads, per_exit, depth, d_loss)
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    if cfg.kind == "decoder":
-        return TransformerLM(cfg)
-    if cfg.kind == "encoder":
-        return TransformerClassifier(cfg)
-    if cfg.kind == "hf_encoder":
-        from dynamoe.models.hf_encoder import HFExitClassifier
-
-        return HFExitClassifier(cfg)
-    if cfg.kind == "cnn":
-        from dynamoe.models.cnn import ResNetExits
-
-        return ResNetExits(cfg)
-    raise ValueError(f"unknown model.kind {cfg.kind!r}")
+        heads, log = self.forward_heads({"input_ids": input_ids, "attention_mask": attention_mask})
+        return classification_output(self, heads, log, labels)

@@ -148,7 +148,7 @@ def export_model(source: Path, out: Path) -> Path:
 def load_exported(path: Path):
     """(ModelConfig, model) from a file written by :func:`export_model`; the weights load strictly."""
     from dynamoe.config import ModelConfig, from_dict
-    from dynamoe.models.transformer import build_model
+    from dynamoe.models import build_model
 
     path = Path(path)
     if not path.is_file():
@@ -172,7 +172,7 @@ def load_model(source: Path):
     """(ModelConfig, model in eval mode) from an exported file, a checkpoint folder or a run folder
     (its newest checkpoint)."""
     from dynamoe.config import ModelConfig, from_dict
-    from dynamoe.models.transformer import build_model
+    from dynamoe.models import build_model
 
     source = Path(source)
     if source.is_file():

@@ -36,13 +36,7 @@ from dynamoe.layers.moe_layer import MoELayer
 from dynamoe.training.sharded_state import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
 from dynamoe.training.metrics import MetricsWriter
 from dynamoe.layers.load_stats import format_balance_table, layer_balance, moe_layers, reduce_stats, reset_stats, stats_paused
-from dynamoe.models.transformer import build_model
-
-
-def early_exit_parameters(model: torch.nn.Module) -> set[int]:
-    """ids of the parameters that belong to early exits (the final head is the backbone's)."""
-    return {id(p) for name in ("exit_heads", "exit_norms", "exit_predictors")
-            for p in getattr(model, name, torch.nn.ModuleList()).parameters()}
+from dynamoe.models import build_model
 
 
 class TrainerHooks:
@@ -145,7 +139,7 @@ class Trainer:
         self.traffic = TrafficCounter()
         self.ep_group, expert_group = self._shard_experts()
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, self.cfg.train.weight_decay, expert_group, early_exit_parameters(self.model)),
+            param_groups(self.model, self.cfg.train.weight_decay, expert_group, {id(p) for p in self.model.early_exit_parameters()}),
             lr=self.cfg.train.lr,
             betas=self.cfg.train.betas,
         )
@@ -296,8 +290,7 @@ class Trainer:
         self._set_learning_rates(step)
         torch.manual_seed(_step_seed(t.seed, step, self.rank))  # dropout and jitter depend on the step only
         self.engine.train()
-        if hasattr(self.model, "set_depth_progress"):  # depth schedules (Gumbel temperature) follow the step
-            self.model.set_depth_progress(step / max(1, t.steps - 1))
+        self.model.set_depth_progress(step / max(1, t.steps - 1))  # depth schedules (Gumbel temperature)
         loss_sum = aux_sum = depth_loss_sum = 0.0
         depth_flops = [0.0, 0.0, 0.0]  # executed block FLOPs, plain-network block FLOPs, rows
         exit_sums = None
@@ -322,7 +315,7 @@ class Trainer:
             tokens += self._tokens(batch)
         if self.cfg.parallel.zero_stage > 0:
             grad_norm = float(self.engine.get_global_grad_norm())
-        for layer in moe_layers(self.model):
+        for layer in self.model.moe_layers():
             layer.router.update_bias(self.reduce)
         a2a_bytes = self.traffic.reset()
         if self.reduce is not None:  # report the global batch's loss: the mean of equal-sized shards
@@ -365,7 +358,7 @@ class Trainer:
         t = self.cfg.train
         loss_sum, correct, count = 0.0, 0, 0
         classify = self.cfg.task != "lm"
-        n_exits = len(self.cfg.model.exits.layers) + 1 if self.cfg.model.exits.enabled else 0
+        n_exits = self.model.num_exits
         exit_totals = torch.zeros(n_exits, dtype=torch.float64)  # correct (classification) or loss sums (LM)
         depth_flops = [0.0, 0.0, 0.0]
         for batch in self.data.eval_batches(t.eval_batches, t.batch_size, self.rank, self.world):
