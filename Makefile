@@ -1,6 +1,7 @@
 # Set-up and the two everyday commands. Everything installs into .venv beside this file.
 #   make quickstart   set up, then train the quickstart MoE language model on this machine
 #   make test         set up, then run the default (CPU) test suite
+#   make lint         ruff: format check and lint (as CI runs it)
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU machines this project is developed on have a local torch 2.13.0 wheel; any torch >= 2.4
@@ -9,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-all bench clean
+.PHONY: setup quickstart test test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -27,11 +28,17 @@ $(STAMP): pyproject.toml
 quickstart: setup
 	$(BIN)/moe train configs/quickstart.yaml
 
+# pytest's own script, not `python -m pytest`: that would put the checkout's root on sys.path,
+# where the folders behind the dynamoe namespace (kernels/, moe/, ...) shadow real packages.
 test: setup
-	$(BIN)/python -m pytest -m "not slow and not gpu"
+	$(BIN)/pytest -m "not slow and not gpu"
 
 test-all: setup
-	$(BIN)/python -m pytest
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 bench: setup
 	$(BIN)/moe bench layer

@@ -30,8 +30,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dynamoe.evals.report import hardware_info, write_json
 from dynamoe.config import load_config
+from dynamoe.evals.report import hardware_info, write_json
 from dynamoe.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +42,9 @@ BYTES_PER_ELEMENT = 4  # the trainer runs fp32 on CPU
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="All-to-all bytes and step time of expert-parallel training (CPU, torchrun).")
+    p = argparse.ArgumentParser(
+        description="All-to-all bytes and step time of expert-parallel training (CPU, torchrun)."
+    )
     p.add_argument("--config", default="configs/quickstart.yaml", help="a YAML path or shipped config name")
     p.add_argument("--worlds", default="1,2,4", help="comma-separated process counts; ep_size = process count")
     p.add_argument("--steps", type=int, default=12)
@@ -59,9 +61,14 @@ def overrides_for(args, world: int) -> list[str]:
     if args.global_batch % world:
         raise SystemExit(f"--global-batch {args.global_batch} is not divisible by world size {world}")
     return [
-        f"train.steps={args.steps}", "train.log_every=1", "train.eval_every=0", "train.checkpoint_every=0",
-        "train.warmup_steps=1", "train.eval_batches=1",  # the final evaluation always runs: keep it short
-        f"parallel.ep_size={world}", f"train.batch_size={args.global_batch // world}",
+        f"train.steps={args.steps}",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.warmup_steps=1",
+        "train.eval_batches=1",  # the final evaluation always runs: keep it short
+        f"parallel.ep_size={world}",
+        f"train.batch_size={args.global_batch // world}",
         *args.set,  # last, so they win
     ]
 
@@ -70,8 +77,20 @@ def run_training(config: str, world: int, overrides: list[str], run_dir: Path, t
     """``moe train`` under torchrun with ``world`` CPU processes; returns the wall time in seconds."""
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
     env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-           "-m", "dynamoe.launch.cli", "train", config, "--quiet", "--run-dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world}",
+        "-m",
+        "dynamoe.launch.cli",
+        "train",
+        config,
+        "--quiet",
+        "--run-dir",
+        str(run_dir),
+    ]
     for assignment in overrides:
         cmd += ["--set", assignment]
     start = time.perf_counter()
@@ -105,14 +124,25 @@ def measure(args, world: int, out_dir: Path) -> dict:
     measured = statistics.median(a2a)
     expected = expected_bytes(moe_layers, tokens, cfg.model.moe.router.top_k, cfg.model.d_model, world)
     return {
-        "world_size": world, "ep_size": world, "batch_size_per_process": args.global_batch // world,
-        "tokens_per_step": tokens, "moe_layers": moe_layers, "top_k": cfg.model.moe.router.top_k,
-        "d_model": cfg.model.d_model, "num_experts": cfg.model.moe.num_experts,
-        "a2a_bytes_per_step": measured, "a2a_bytes_min": min(a2a), "a2a_bytes_max": max(a2a),
-        "a2a_bytes_per_token": measured / tokens, "expected_bytes_per_step": expected,
+        "world_size": world,
+        "ep_size": world,
+        "batch_size_per_process": args.global_batch // world,
+        "tokens_per_step": tokens,
+        "moe_layers": moe_layers,
+        "top_k": cfg.model.moe.router.top_k,
+        "d_model": cfg.model.d_model,
+        "num_experts": cfg.model.moe.num_experts,
+        "a2a_bytes_per_step": measured,
+        "a2a_bytes_min": min(a2a),
+        "a2a_bytes_max": max(a2a),
+        "a2a_bytes_per_token": measured / tokens,
+        "expected_bytes_per_step": expected,
         "measured_over_expected": measured / expected if expected else None,
-        "step_ms": statistics.median(step_ms), "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
-        "steps_in_median": len(steady), "run_wall_s": wall, "overrides": overrides,
+        "step_ms": statistics.median(step_ms),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+        "steps_in_median": len(steady),
+        "run_wall_s": wall,
+        "overrides": overrides,
         "a2a_bytes_by_step": {r["step"]: r["all_to_all_bytes"] for r in steady},
         "step_ms_by_step": {r["step"]: ms for r, ms in zip(steady, step_ms)},
     }
@@ -126,12 +156,27 @@ def format_table(rows: list[dict]) -> str:
     def mib(b):
         return f"{b / 2**20:.2f}"
 
-    header = ("procs=EP", "tokens/step", "a2a MiB/step", "expected MiB", "measured/expected", "a2a B/token",
-              "step ms", "tokens/s")
+    header = (
+        "procs=EP",
+        "tokens/step",
+        "a2a MiB/step",
+        "expected MiB",
+        "measured/expected",
+        "a2a B/token",
+        "step ms",
+        "tokens/s",
+    )
     table = [header] + [
-        (str(r["world_size"]), str(r["tokens_per_step"]), mib(r["a2a_bytes_per_step"]), mib(r["expected_bytes_per_step"]),
-         f"{r['measured_over_expected']:.3f}" if r["measured_over_expected"] is not None else "-",
-         f"{r['a2a_bytes_per_token']:,.0f}", f"{r['step_ms']:.0f}", f"{r['tokens_per_s']:,.0f}")
+        (
+            str(r["world_size"]),
+            str(r["tokens_per_step"]),
+            mib(r["a2a_bytes_per_step"]),
+            mib(r["expected_bytes_per_step"]),
+            f"{r['measured_over_expected']:.3f}" if r["measured_over_expected"] is not None else "-",
+            f"{r['a2a_bytes_per_token']:,.0f}",
+            f"{r['step_ms']:.0f}",
+            f"{r['tokens_per_s']:,.0f}",
+        )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -166,20 +211,33 @@ def main(argv=None) -> dict:
     router = load_config(args.config, args.set).model.moe.router
     if router.kind != "token_choice" or router.capacity_factor is not None:
         print("note: the expected column assumes dropless token choice (T*k rows); this router keeps fewer rows")
-    print(f"all-to-all per training step, CPU/gloo: {Path(args.config).name}, global batch {args.global_batch} x "
-          f"{first['tokens_per_step'] // args.global_batch} tokens, L_moe={first['moe_layers']} k={first['top_k']} "
-          f"d={first['d_model']} E={first['num_experts']} fp32; median of steps {args.warmup + 1}..{args.steps}")
-    print(f"CPU: {hardware['cpu_model'] or hardware['machine']} ({hardware['cpu_count']} cores), "
-          f"torch {hardware['torch']}, deepspeed {hardware['deepspeed']}; "
-          f"1-min load average before/after: {_load(load_before)}/{_load(load_after)}")
+    print(
+        f"all-to-all per training step, CPU/gloo: {Path(args.config).name}, global batch {args.global_batch} x "
+        f"{first['tokens_per_step'] // args.global_batch} tokens, L_moe={first['moe_layers']} k={first['top_k']} "
+        f"d={first['d_model']} E={first['num_experts']} fp32; median of steps {args.warmup + 1}..{args.steps}"
+    )
+    print(
+        f"CPU: {hardware['cpu_model'] or hardware['machine']} ({hardware['cpu_count']} cores), "
+        f"torch {hardware['torch']}, deepspeed {hardware['deepspeed']}; "
+        f"1-min load average before/after: {_load(load_before)}/{_load(load_after)}"
+    )
     print(format_table(rows))
-    print("expected = 4 * L_moe * T * k * d * 4 B * (P-1)/P (dispatch + combine, forward + backward; token rows only, "
-          "the per-expert count exchanges are not counted). step ms = tokens/step / tokens/s of that step.")
+    print(
+        "expected = 4 * L_moe * T * k * d * 4 B * (P-1)/P (dispatch + combine, forward + backward; token rows only, "
+        "the per-expert count exchanges are not counted). step ms = tokens/step / tokens/s of that step."
+    )
     result = {
         "benchmark": "all_to_all_expert_parallel_cpu",
-        "config": {"config": args.config, "worlds": worlds, "steps": args.steps, "warmup": args.warmup,
-                   "global_batch": args.global_batch, "extra_overrides": args.set,
-                   "bytes_per_element": BYTES_PER_ELEMENT, "launcher": "torch.distributed.run --standalone, gloo"},
+        "config": {
+            "config": args.config,
+            "worlds": worlds,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "global_batch": args.global_batch,
+            "extra_overrides": args.set,
+            "bytes_per_element": BYTES_PER_ELEMENT,
+            "launcher": "torch.distributed.run --standalone, gloo",
+        },
         "formula": "4 * L_moe * T * k * d * bytes_per_element * (P-1)/P",
         "hardware": hardware,
         "load_average_1_5_15": {"before": load_before, "after": load_after},

@@ -265,8 +265,8 @@ def bench_ops(name: str, s: dict, args, device, dtype) -> list[dict]:
 
 def bench_layers(name: str, s: dict, args, device, dtype) -> list[dict]:
     """Whole MoE layers, forward + backward: dynamoe (its backend for this device), DeepSpeed, Megatron-Core."""
-    from dynamoe.evals.bench_moe_layer import build_deepspeed, make_input
     from dynamoe.config import MoEConfig, RouterConfig
+    from dynamoe.evals.bench_moe_layer import build_deepspeed, make_input
     from dynamoe.layers.moe_layer import MoELayer
 
     T, d, f, E, k = s["T"], s["d"], s["f"], s["E"], s["k"]

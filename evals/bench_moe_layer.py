@@ -25,11 +25,11 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dynamoe.evals.report import hardware_info, write_json
 from dynamoe.config import MoEConfig, RouterConfig
+from dynamoe.evals.report import hardware_info, write_json
+from dynamoe.layers.moe_layer import MoELayer
 from dynamoe.training.cpu_runtime import keep_large_allocations
 from dynamoe.training.deepspeed_setup import init_distributed
-from dynamoe.layers.moe_layer import MoELayer
 
 FLOP_NOTE = (
     "nominal FLOPs per fwd+bwd step, the same for every row (dropped assignments and DeepSpeed's "
@@ -56,9 +56,16 @@ def build_deepspeed(deepspeed, ours: MoELayer, args, capacity_factor: float | No
 
     d, f, E = args.d_model, args.d_ff, args.experts
     expert = nn.Sequential(nn.Linear(d, f, bias=False), nn.GELU(), nn.Linear(f, d, bias=False))
-    layer = MoE(hidden_size=d, expert=expert, num_experts=E, ep_size=1, k=args.top_k,
-                capacity_factor=capacity_factor or 1.0, drop_tokens=capacity_factor is not None,
-                top2_2nd_expert_sampling=False)
+    layer = MoE(
+        hidden_size=d,
+        expert=expert,
+        num_experts=E,
+        ep_size=1,
+        k=args.top_k,
+        capacity_factor=capacity_factor or 1.0,
+        drop_tokens=capacity_factor is not None,
+        top2_2nd_expert_sampling=False,
+    )
     layer.set_deepspeed_parallelism()  # normally done by deepspeed.initialize; makes the ep group
     with torch.no_grad():  # same weights as ours: same routing, same numbers
         layer.deepspeed_moe.gate.wg.weight.copy_(ours.router.gate.weight)
@@ -113,8 +120,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balanced", action="store_true", help="craft inputs so every expert gets exactly T*k/E tokens")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc's mmap threshold alone (default: raise it for both layers, as `moe train` does)")
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc's mmap threshold alone (default: raise it for both layers, as `moe train` does)",
+    )
     p.add_argument("--json", default="runs/bench/moe_layer_cpu.json")
     return p.parse_args(argv)
 
@@ -150,7 +160,11 @@ def main(argv=None) -> dict:
     flops = step_flops(T, d, f, E, k)
     rows = []
     for name, impl, capacity_factor in configs:
-        layer = ours_layer(capacity_factor) if impl == "dynamoe" else build_deepspeed(deepspeed, reference, args, capacity_factor)
+        layer = (
+            ours_layer(capacity_factor)
+            if impl == "dynamoe"
+            else build_deepspeed(deepspeed, reference, args, capacity_factor)
+        )
         layer.train()
         x = x_data.clone().requires_grad_(True)  # input grad is computed, as inside a real model
         dropped = []
@@ -171,12 +185,20 @@ def main(argv=None) -> dict:
         times = time_steps(step, [x, *layer.parameters()], args.iters, args.warmup)
         median = statistics.median(times)
         deciles = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [median] * 9
-        rows.append({
-            "name": name, "impl": impl, "capacity_factor": capacity_factor,
-            "median_ms": median, "p10_ms": deciles[0], "p90_ms": deciles[-1], "times_ms": times,
-            "tokens_per_s": T / (median / 1e3), "gflops_per_s": flops["total_fwd_bwd"] / (median / 1e3) / 1e9,
-            "dropped_fraction": dropped[-1] / (T * k) if capacity_factor is not None else 0.0,
-        })
+        rows.append(
+            {
+                "name": name,
+                "impl": impl,
+                "capacity_factor": capacity_factor,
+                "median_ms": median,
+                "p10_ms": deciles[0],
+                "p90_ms": deciles[-1],
+                "times_ms": times,
+                "tokens_per_s": T / (median / 1e3),
+                "gflops_per_s": flops["total_fwd_bwd"] / (median / 1e3) / 1e9,
+                "dropped_fraction": dropped[-1] / (T * k) if capacity_factor is not None else 0.0,
+            }
+        )
 
     by_name = {r["name"]: r for r in rows}
     ds_dropless = by_name["deepspeed dropless"]["median_ms"]
@@ -188,40 +210,73 @@ def main(argv=None) -> dict:
 
     hardware = {**hardware_info(), "torch_threads": torch.get_num_threads()}
     routing = "balanced (crafted inputs)" if args.balanced else "learned router on N(0,1) inputs"
-    print(f"MoE layer fwd+bwd, CPU: T={T} d={d} f={f} E={E} k={k}, {args.iters} iters after {args.warmup} warm-up, "
-          f"threads={hardware['torch_threads']}, routing: {routing}")
-    print(f"CPU: {hardware['cpu_model'] or hardware['processor']} ({hardware['cpu_count']} cores), torch {hardware['torch']}, "
-          f"deepspeed {deepspeed.__version__}")
+    print(
+        f"MoE layer fwd+bwd, CPU: T={T} d={d} f={f} E={E} k={k}, {args.iters} iters after {args.warmup} warm-up, "
+        f"threads={hardware['torch_threads']}, routing: {routing}"
+    )
+    print(
+        f"CPU: {hardware['cpu_model'] or hardware['processor']} ({hardware['cpu_count']} cores), "
+        f"torch {hardware['torch']}, "
+        f"deepspeed {deepspeed.__version__}"
+    )
     header = ("config", "median ms", "p10 ms", "p90 ms", "tokens/s", "GFLOP/s", "dropped", "ratio vs DS dropless")
     table = [header] + [
-        (r["name"], f"{r['median_ms']:.1f}", f"{r['p10_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['tokens_per_s']:,.0f}",
-         f"{r['gflops_per_s']:.1f}", f"{100 * r['dropped_fraction']:.2f}%" if r["capacity_factor"] else "-",
-         f"{r['speedup_vs_deepspeed_dropless']:.2f}x")
+        (
+            r["name"],
+            f"{r['median_ms']:.1f}",
+            f"{r['p10_ms']:.1f}",
+            f"{r['p90_ms']:.1f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['gflops_per_s']:.1f}",
+            f"{100 * r['dropped_fraction']:.2f}%" if r["capacity_factor"] else "-",
+            f"{r['speedup_vs_deepspeed_dropless']:.2f}x",
+        )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
     print(f"ratio = DeepSpeed dropless median / row median (>1 is faster). GFLOP/s: {FLOP_NOTE}.")
-    print("DeepSpeed experts: nn.Linear(bias=False) so FLOPs match ours (bias-free); same weights copied in; "
-          "top2_2nd_expert_sampling=False. dropped = fraction of the T*k assignments over capacity "
-          "(DeepSpeed: sum(max(0, exp_counts - C)), C = ceil(T/E * cf * k)).")
-    print("glibc mmap threshold raised for both layers (dynamoe.training.cpu_runtime)" if malloc_tuned
-          else "glibc allocator left at its defaults (--default-malloc)")
-    print(f"dynamoe dropless is {vs_dropless:.2f}x faster than DeepSpeed dropless "
-          f"and {vs_capacity:.2f}x vs DeepSpeed capacity {cf:g} (ratios of medians; below 1 means slower)")
+    print(
+        "DeepSpeed experts: nn.Linear(bias=False) so FLOPs match ours (bias-free); same weights copied in; "
+        "top2_2nd_expert_sampling=False. dropped = fraction of the T*k assignments over capacity "
+        "(DeepSpeed: sum(max(0, exp_counts - C)), C = ceil(T/E * cf * k))."
+    )
+    print(
+        "glibc mmap threshold raised for both layers (dynamoe.training.cpu_runtime)"
+        if malloc_tuned
+        else "glibc allocator left at its defaults (--default-malloc)"
+    )
+    print(
+        f"dynamoe dropless is {vs_dropless:.2f}x faster than DeepSpeed dropless "
+        f"and {vs_capacity:.2f}x vs DeepSpeed capacity {cf:g} (ratios of medians; below 1 means slower)"
+    )
 
     result = {
         "benchmark": "moe_layer_fwd_bwd_cpu",
-        "config": {"tokens": T, "d_model": d, "d_ff": f, "experts": E, "top_k": k, "capacity_factor": cf,
-                   "iters": args.iters, "warmup": args.warmup, "threads": args.threads, "seed": args.seed,
-                   "balanced": args.balanced, "activation": "gelu", "dtype": "float32",
-                   "malloc_tuned": malloc_tuned},
+        "config": {
+            "tokens": T,
+            "d_model": d,
+            "d_ff": f,
+            "experts": E,
+            "top_k": k,
+            "capacity_factor": cf,
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "seed": args.seed,
+            "balanced": args.balanced,
+            "activation": "gelu",
+            "dtype": "float32",
+            "malloc_tuned": malloc_tuned,
+        },
         "hardware": {**hardware, "deepspeed": deepspeed.__version__},
         "flops": {**flops, "note": FLOP_NOTE},
         "rows": rows,
-        "summary": {"dynamoe_dropless_vs_deepspeed_dropless": vs_dropless,
-                    "dynamoe_dropless_vs_deepspeed_capacity": vs_capacity},
+        "summary": {
+            "dynamoe_dropless_vs_deepspeed_dropless": vs_dropless,
+            "dynamoe_dropless_vs_deepspeed_capacity": vs_capacity,
+        },
     }
     write_json(result, args.json)
     return result

@@ -27,21 +27,32 @@ def load_run(source: str | Path):
         raise ConfigError(f"'{run_dir}' has no config.yaml; fix: pass a run folder written by `moe train`")
     cfg = from_dict(RunConfig, yaml.safe_load(config_file.read_text()))
     if not cfg.model.exits.enabled:
-        raise ConfigError(f"the run in '{run_dir}' has no early exits (model.exits.layers is empty); "
-                          "fix: train with exits, e.g. `moe train bert_early_exit_sst2`")
+        raise ConfigError(
+            f"the run in '{run_dir}' has no early exits (model.exits.layers is empty); "
+            "fix: train with exits, e.g. `moe train bert_early_exit_sst2`"
+        )
     _, model = load_model(folder)
     return cfg, model, build_data(cfg.data, cfg.task)
 
 
-def calibrate_run(source: str | Path, budget: float, unit: str = "layers", policy: str | None = None,
-                  batch_size: int = 64, write: bool = True, per_exit: bool = False) -> dict:
+def calibrate_run(
+    source: str | Path,
+    budget: float,
+    unit: str = "layers",
+    policy: str | None = None,
+    batch_size: int = 64,
+    write: bool = True,
+    per_exit: bool = False,
+) -> dict:
     """Calibrate a run's exits on its calibration split, check the thresholds on its validation
     split, and write ``calibration.json`` into the run folder."""
     cfg, model, data = load_run(source)
     policy = policy or cfg.model.exits.policy
     if policy == "learned" and cfg.model.exits.policy != "learned":
-        raise ValueError("policy 'learned' needs exit predictors, trained with model.exits.policy: learned; "
-                         "fix: choose max_prob, entropy, margin or patience for this run")
+        raise ValueError(
+            "policy 'learned' needs exit predictors, trained with model.exits.policy: learned; "
+            "fix: choose max_prob, entropy, margin or patience for this run"
+        )
     calib_record = record_exits(model, data.split("calib"), batch_size)
     result = calibrate(calib_record, policy, budget, unit, per_exit=per_exit)
     val_record = record_exits(model, data.split("val"), batch_size)
@@ -49,13 +60,26 @@ def calibrate_run(source: str | Path, budget: float, unit: str = "layers", polic
     cost_layers = evaluate_thresholds(val_record, policy, result.thresholds, "layers").cost
     cost_flops = evaluate_thresholds(val_record, policy, result.thresholds, "flops").cost
     out = {
-        "policy": policy, "unit": unit, "budget": budget, "per_exit": per_exit, "thresholds": result.thresholds,
-        "calibration": {"split": "calib", "samples": int(calib_record.labels.numel()), "accuracy": result.accuracy,
-                        "cost": result.cost, "full_accuracy": result.full_accuracy},
-        "validation": {"samples": int(val_record.labels.numel()), "accuracy": val_point.accuracy,
-                       "full_accuracy": float(val_record.correct[:, -1].float().mean()),
-                       "layers_fraction": cost_layers, "flops_fraction": cost_flops,
-                       "exit_fractions": val_point.exit_fractions},
+        "policy": policy,
+        "unit": unit,
+        "budget": budget,
+        "per_exit": per_exit,
+        "thresholds": result.thresholds,
+        "calibration": {
+            "split": "calib",
+            "samples": int(calib_record.labels.numel()),
+            "accuracy": result.accuracy,
+            "cost": result.cost,
+            "full_accuracy": result.full_accuracy,
+        },
+        "validation": {
+            "samples": int(val_record.labels.numel()),
+            "accuracy": val_point.accuracy,
+            "full_accuracy": float(val_record.correct[:, -1].float().mean()),
+            "layers_fraction": cost_layers,
+            "flops_fraction": cost_flops,
+            "exit_fractions": val_point.exit_fractions,
+        },
         "curves": {"anytime": [asdict(p) for p in result.anytime], "budgeted": [asdict(p) for p in result.budgeted]},
         "exit_layers": [i + 1 for i in model.exit_stages],
     }
@@ -70,12 +94,16 @@ def format_calibration(out: dict) -> str:
     v, c = out["validation"], out["calibration"]
     lines = [
         f"policy {out['policy']}, budget {out['budget']:.2f} of the full network's {out['unit']}",
-        "thresholds per early exit (after layers " + ", ".join(map(str, out["exit_layers"][:-1])) + "): "
+        "thresholds per early exit (after layers "
+        + ", ".join(map(str, out["exit_layers"][:-1]))
+        + "): "
         + ", ".join(f"{t:.4f}" for t in out["thresholds"]),
         f"calibration split ({c['samples']} samples): accuracy {c['accuracy']:.4f} at {c['cost']:.3f} "
         f"(full depth {c['full_accuracy']:.4f})",
-        f"validation split ({v['samples']} samples): accuracy {v['accuracy']:.4f} (full depth {v['full_accuracy']:.4f}), "
+        f"validation split ({v['samples']} samples): accuracy {v['accuracy']:.4f} "
+        f"(full depth {v['full_accuracy']:.4f}), "
         f"layers {v['layers_fraction']:.3f}, FLOPs {v['flops_fraction']:.3f} of the full network",
-        "share leaving at each exit: " + ", ".join(f"L{layer} {s:.3f}" for layer, s in zip(out["exit_layers"], v["exit_fractions"])),
+        "share leaving at each exit: "
+        + ", ".join(f"L{layer} {s:.3f}" for layer, s in zip(out["exit_layers"], v["exit_fractions"])),
     ]
     return "\n".join(lines)

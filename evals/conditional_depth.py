@@ -33,9 +33,9 @@ import torch
 if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dynamoe.evals.report import hardware_info, write_json
 from dynamoe.config import load_config
 from dynamoe.depth import depth_summary
+from dynamoe.evals.report import hardware_info, write_json
 
 
 def _trainer(config: str, overrides: list[str], run_dir: Path):
@@ -55,8 +55,9 @@ def _forward_flops_per_token(trainer, step: int) -> float:
 
 
 def train_lm(name: str, config: str, steps: int, common: list[str], out_dir: Path) -> dict:
-    trainer = _trainer(config, common + [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}"],
-                       out_dir / name)
+    trainer = _trainer(
+        config, common + [f"train.steps={steps}", f"train.warmup_steps={max(1, steps // 10)}"], out_dir / name
+    )
     dense_mode = not trainer.cfg.model.depth.enabled
     train_flops, start = 0.0, time.perf_counter()
     tokens_per_step = trainer.cfg.train.batch_size * trainer.cfg.data.seq_len
@@ -69,9 +70,16 @@ def train_lm(name: str, config: str, steps: int, common: list[str], out_dir: Pat
         train_flops += 3 * per_token * tokens_per_step
     wall = time.perf_counter() - start
     final = trainer.evaluate()
-    result = {"name": name, "config": config, "steps": steps, "train_wall_s": wall, "train_flops": train_flops,
-              "train_flops_per_token_step": train_flops / (3 * steps * tokens_per_step),
-              "val_loss": final["loss"], "train_loss_last": row["loss"]}
+    result = {
+        "name": name,
+        "config": config,
+        "steps": steps,
+        "train_wall_s": wall,
+        "train_flops": train_flops,
+        "train_flops_per_token_step": train_flops / (3 * steps * tokens_per_step),
+        "val_loss": final["loss"],
+        "train_loss_last": row["loss"],
+    }
     result.update(_lm_inference_compute(trainer))
     return result
 
@@ -80,8 +88,17 @@ def train_lm(name: str, config: str, steps: int, common: list[str], out_dir: Pat
 def _lm_inference_compute(trainer) -> dict:
     """Validation block FLOPs per token (top-C for MoD), and for MoD the causal decoding rule."""
     model, t = trainer.model.eval(), trainer.cfg.train
-    sums = {"flops": 0.0, "full": 0.0, "tokens": 0.0, "causal_loss": 0.0, "causal_flops": 0.0, "agree": 0.0,
-            "routed": 0.0, "n": 0, "routed_layers": 0}
+    sums = {
+        "flops": 0.0,
+        "full": 0.0,
+        "tokens": 0.0,
+        "causal_loss": 0.0,
+        "causal_flops": 0.0,
+        "agree": 0.0,
+        "routed": 0.0,
+        "n": 0,
+        "routed_layers": 0,
+    }
     mod = trainer.cfg.model.depth.mode == "mod"
     for batch in trainer.data.eval_batches(t.eval_batches, t.batch_size):
         out = model(batch["input_ids"], labels=batch["labels"])
@@ -98,18 +115,31 @@ def _lm_inference_compute(trainer) -> dict:
             sums["agree"] += sum(float(r.stats["predictor_agreement"]) for r in routed)
             sums["routed"] += sum(float(r.stats["routed_fraction"]) for r in routed)
             sums["routed_layers"] += len(routed)
-    result = {"val_flops_per_token": sums["flops"] / sums["tokens"], "val_compute_fraction": sums["flops"] / sums["full"]}
+    result = {
+        "val_flops_per_token": sums["flops"] / sums["tokens"],
+        "val_compute_fraction": sums["flops"] / sums["full"],
+    }
     if mod:
         k = max(sums["routed_layers"], 1)
-        result.update({"causal_val_loss": sums["causal_loss"] / sums["n"],
-                       "causal_flops_per_token": sums["causal_flops"] / sums["tokens"],
-                       "causal_agreement_with_top_c": sums["agree"] / k, "causal_routed_fraction": sums["routed"] / k})
+        result.update(
+            {
+                "causal_val_loss": sums["causal_loss"] / sums["n"],
+                "causal_flops_per_token": sums["causal_flops"] / sums["tokens"],
+                "causal_agreement_with_top_c": sums["agree"] / k,
+                "causal_routed_fraction": sums["routed"] / k,
+            }
+        )
     return result
 
 
 def run_lm(args, out_dir: Path) -> list[dict]:
-    common = [f"train.threads={args.threads}", "train.eval_every=0", "train.checkpoint_every=0",
-              f"train.eval_batches={args.eval_batches}", "train.log_every=1000000"]
+    common = [
+        f"train.threads={args.threads}",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        f"train.eval_batches={args.eval_batches}",
+        "train.log_every=1000000",
+    ]
     rows = [train_lm("dense", "shakespeare_dense", args.lm_steps, common, out_dir)]
     dense_per_token = rows[0]["train_flops_per_token_step"]
     for name, config in (("mod_50", "shakespeare_mod"), ("act", "shakespeare_act")):
@@ -139,10 +169,12 @@ def _cnn_eval(trainer, repeats: int) -> dict:
     out = model(x)
     summary = depth_summary(out.depth)
     gated = [r for r in out.depth if r.kind == "skip"]
-    result = {"accuracy": float((out.logits.argmax(-1) == labels).float().mean()),
-              "blocks_executed": summary["executed_fraction"],
-              "gated_blocks_executed": sum(float(r.executed) for r in gated) / max(sum(float(r.rows) for r in gated), 1.0),
-              "compute_fraction": summary["compute_fraction"]}
+    result = {
+        "accuracy": float((out.logits.argmax(-1) == labels).float().mean()),
+        "blocks_executed": summary["executed_fraction"],
+        "gated_blocks_executed": sum(float(r.executed) for r in gated) / max(sum(float(r.rows) for r in gated), 1.0),
+        "compute_fraction": summary["compute_fraction"],
+    }
     times = {}
     for compact in (True, False):
         model.depth.compaction = compact
@@ -153,16 +185,21 @@ def _cnn_eval(trainer, repeats: int) -> dict:
             best = min(best, time.perf_counter() - start)
         times[compact] = best
     model.depth.compaction = True
-    result.update({"wall_s_compacted": times[True], "wall_s_every_sample": times[False],
-                   "speedup": times[False] / times[True]})
+    result.update(
+        {"wall_s_compacted": times[True], "wall_s_every_sample": times[False], "speedup": times[False] / times[True]}
+    )
     return result
 
 
 def run_cnn(args, out_dir: Path) -> list[dict]:
     rows = []
     for rate in args.rates:
-        overrides = [f"train.threads={args.threads}", f"train.steps={args.cnn_steps}",
-                     f"train.warmup_steps={max(1, args.cnn_steps // 10)}", f"model.depth.target_rate={rate}"]
+        overrides = [
+            f"train.threads={args.threads}",
+            f"train.steps={args.cnn_steps}",
+            f"train.warmup_steps={max(1, args.cnn_steps // 10)}",
+            f"model.depth.target_rate={rate}",
+        ]
         trainer = _trainer("digits_cnn_skip", overrides, out_dir / f"cnn_rate_{rate}")
         start = time.perf_counter()
         for step in range(args.cnn_steps):
@@ -174,27 +211,38 @@ def run_cnn(args, out_dir: Path) -> list[dict]:
 
 
 def format_lm(rows: list[dict]) -> str:
-    lines = ["| model | steps | train FLOPs vs dense | val loss | val MFLOPs/token (blocks) | vs dense | train s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| model | steps | train FLOPs vs dense | val loss | val MFLOPs/token (blocks) | vs dense | train s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['steps']} | {r['train_flops_vs_dense']:.3f} | {r['val_loss']:.4f} | "
-                     f"{r['val_flops_per_token'] / 1e6:.3f} | {r['val_flops_vs_dense']:.3f} | {r['train_wall_s']:.0f} |")
+        lines.append(
+            f"| {r['name']} | {r['steps']} | {r['train_flops_vs_dense']:.3f} | {r['val_loss']:.4f} | "
+            f"{r['val_flops_per_token'] / 1e6:.3f} | {r['val_flops_vs_dense']:.3f} | {r['train_wall_s']:.0f} |"
+        )
     for r in rows:
         if "causal_val_loss" in r:
             lines.append("")
-            lines.append(f"{r['name']} decoding rule (predictor > 0): val loss {r['causal_val_loss']:.4f}, "
-                         f"{r['causal_flops_per_token'] / 1e6:.3f} MFLOPs/token, routed {r['causal_routed_fraction']:.3f} "
-                         f"of tokens, agreement with top-C {r['causal_agreement_with_top_c']:.3f}")
+            lines.append(
+                f"{r['name']} decoding rule (predictor > 0): val loss {r['causal_val_loss']:.4f}, "
+                f"{r['causal_flops_per_token'] / 1e6:.3f} MFLOPs/token, routed {r['causal_routed_fraction']:.3f} "
+                f"of tokens, agreement with top-C {r['causal_agreement_with_top_c']:.3f}"
+            )
     return "\n".join(lines)
 
 
 def format_cnn(rows: list[dict]) -> str:
-    lines = ["| target rate | accuracy | blocks executed | gated blocks executed | FLOPs vs plain | compacted ms | every-sample ms | speedup |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| target rate | accuracy | blocks executed | gated blocks executed | FLOPs vs plain | compacted ms "
+        "| every-sample ms | speedup |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {r['target_rate']:.2f} | {r['accuracy']:.4f} | {r['blocks_executed']:.3f} | "
-                     f"{r['gated_blocks_executed']:.3f} | {r['compute_fraction']:.3f} | {1e3 * r['wall_s_compacted']:.1f} | "
-                     f"{1e3 * r['wall_s_every_sample']:.1f} | {r['speedup']:.2f} |")
+        lines.append(
+            f"| {r['target_rate']:.2f} | {r['accuracy']:.4f} | {r['blocks_executed']:.3f} | "
+            f"{r['gated_blocks_executed']:.3f} | {r['compute_fraction']:.3f} | {1e3 * r['wall_s_compacted']:.1f} | "
+            f"{1e3 * r['wall_s_every_sample']:.1f} | {r['speedup']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -204,9 +252,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cnn-steps", type=int, default=400)
     p.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0], help="skip target rates")
     p.add_argument("--eval-batches", type=int, default=16)
-    p.add_argument("--flops-tolerance", type=float, default=0.05,
-                   help="rerun a conditional model once with scaled steps when its training FLOPs miss the dense "
-                        "model's by more than this fraction")
+    p.add_argument(
+        "--flops-tolerance",
+        type=float,
+        default=0.05,
+        help="rerun a conditional model once with scaled steps when its training FLOPs miss the dense "
+        "model's by more than this fraction",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timing repeats of the CNN inference (best taken)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", default=None, help="run folders (default: a temporary folder)")

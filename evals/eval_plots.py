@@ -31,8 +31,13 @@ def load_heatmap(training: dict, path: Path) -> str | None:
         first, last = training["steps"][0], training["steps"][-1]
         if first == last:  # one log step: give the single column some width
             first, last = first - 0.5, last + 0.5
-        im = ax.imshow(columns, aspect="auto", cmap="viridis", interpolation="nearest",
-                       extent=(first, last, len(columns) - 0.5, -0.5))
+        im = ax.imshow(
+            columns,
+            aspect="auto",
+            cmap="viridis",
+            interpolation="nearest",
+            extent=(first, last, len(columns) - 0.5, -0.5),
+        )
         ax.set_ylabel(f"layer {i}\nexpert")
         fig.colorbar(im, ax=ax, label="share of tokens")
     axes[-1][0].set_xlabel("training step")
@@ -62,7 +67,7 @@ def compute_breakdown(compute: dict, path: Path, exit_compute: dict | None) -> s
         rows.append(("early exit", exit_compute["by_component_per_token"]))
     components = [c for c in rows[0][1] if any(r[1].get(c, 0) for r in rows)]
     fig, ax = plt.subplots(figsize=(7, 1.4 + 0.8 * len(rows)))
-    for y, (label, values) in enumerate(rows):
+    for y, (_label, values) in enumerate(rows):
         left = 0.0
         for k, c in enumerate(components):
             width = values.get(c, 0.0) / 1e6
@@ -91,7 +96,9 @@ def accuracy_vs_compute(exits: dict, path: Path) -> str:
     b = sorted(curves["budgeted"], key=lambda p: p["gflops_per_sample"])
     ax.plot([p["gflops_per_sample"] for p in b], [p["accuracy"] for p in b], "-", color="C0", label="budgeted batch")
     a = curves["anytime"]
-    ax.plot([p["gflops_per_sample"] for p in a], [p["accuracy"] for p in a], "o--", color="C1", label="anytime (one exit)")
+    ax.plot(
+        [p["gflops_per_sample"] for p in a], [p["accuracy"] for p in a], "o--", color="C1", label="anytime (one exit)"
+    )
     ax.axvline(curves["full_gflops_per_sample"], color="grey", linestyle=":", label="full network")
     ax.set_xlabel("GFLOPs per sample")
     ax.set_ylabel("validation accuracy")
@@ -129,12 +136,17 @@ def write_plots(result: dict, out: Path) -> dict:
     for name, make in (
         ("load_heatmap", lambda p: load_heatmap(result["training_load"], p)),
         ("load_histogram", lambda p: load_histogram(result["load_balance"], p)),
-        ("compute_breakdown", lambda p: compute_breakdown(result["compute"]["full"], p,
-                                                          result.get("exits", {}).get("compute"))),
+        (
+            "compute_breakdown",
+            lambda p: compute_breakdown(result["compute"]["full"], p, result.get("exits", {}).get("compute")),
+        ),
         ("exit_distribution", lambda p: exit_distribution(result["exits"], p) if "exits" in result else None),
         ("accuracy_vs_compute", lambda p: accuracy_vs_compute(result["exits"], p) if "exits" in result else None),
         ("loss_vs_compute", lambda p: loss_vs_compute(result["token_exits"], p) if "token_exits" in result else None),
-        ("depth_vs_compute", lambda p: depth_vs_compute(result["depth"], result["task"], p) if "depth" in result else None),
+        (
+            "depth_vs_compute",
+            lambda p: depth_vs_compute(result["depth"], result["task"], p) if "depth" in result else None,
+        ),
     ):
         written = make(out / f"{name}.png")
         if written:

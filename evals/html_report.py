@@ -13,9 +13,9 @@ CAPTIONS = {
     "compute_breakdown": "FLOPs per token by component, full network and early exit.",
     "exit_distribution": "Share of validation samples leaving at each exit.",
     "accuracy_vs_compute": "Validation accuracy against GFLOPs per sample: one exit for all (anytime) and "
-                           "a shared threshold swept (budgeted batch).",
+    "a shared threshold swept (budgeted batch).",
     "depth_vs_compute": "Conditional depth: validation quality against executed MFLOPs per token as the mode's "
-                        "inference knob (halting threshold, capacity) is swept.",
+    "inference knob (halting threshold, capacity) is swept.",
     "loss_vs_compute": "Decoder with per-token exits: validation loss against layers per token, threshold swept.",
 }
 
@@ -33,41 +33,68 @@ def _fmt(v) -> str:
 
 
 def write_report(result: dict, plot_dir: Path, path: Path) -> Path:
-    sections = [f"<h1>dynamoe evaluation</h1><p>{html.escape(result['source'])}: {result['task']} "
-                f"({result['model_kind']}), {result['samples']} samples, {result['tokens']} tokens</p>"]
+    sections = [
+        f"<h1>dynamoe evaluation</h1><p>{html.escape(result['source'])}: {result['task']} "
+        f"({result['model_kind']}), {result['samples']} samples, {result['tokens']} tokens</p>"
+    ]
     sections.append("<h2>Quality</h2>" + _table(["metric", "value"], [[k, v] for k, v in result["metrics"].items()]))
     c = result["compute"]["full"]
     rows = [[k, v / 1e6] for k, v in c["by_component_per_token"].items() if v]
-    rows += [["total", c["flops_per_token"] / 1e6],
-             ["dense equivalent", result["compute"]["dense_equivalent_flops_per_token"] / 1e6],
-             ["fraction of dense equivalent", c["fraction_of_dense_equivalent"]]]
+    rows += [
+        ["total", c["flops_per_token"] / 1e6],
+        ["dense equivalent", result["compute"]["dense_equivalent_flops_per_token"] / 1e6],
+        ["fraction of dense equivalent", c["fraction_of_dense_equivalent"]],
+    ]
     sections.append("<h2>Compute per token (MFLOPs)</h2>" + _table(["component", "full network"], rows))
     if result["load_balance"]:
-        rows = [[r["layer"], r["tokens"], r["max_over_mean"], r["cv"], 100 * r["dropped_fraction"],
-                 r["entropy_normalized"], r["specialisation"]["nmi"]] for r in result["load_balance"]]
-        sections.append("<h2>Load balance</h2>" + _table(
-            ["MoE layer", "tokens", "max/mean", "CV", "dropped %", "H/lnE", "specialisation NMI"], rows))
+        rows = [
+            [
+                r["layer"],
+                r["tokens"],
+                r["max_over_mean"],
+                r["cv"],
+                100 * r["dropped_fraction"],
+                r["entropy_normalized"],
+                r["specialisation"]["nmi"],
+            ]
+            for r in result["load_balance"]
+        ]
+        sections.append(
+            "<h2>Load balance</h2>"
+            + _table(["MoE layer", "tokens", "max/mean", "CV", "dropped %", "H/lnE", "specialisation NMI"], rows)
+        )
     if "routing_stability" in result:
         s = result["routing_stability"]
-        sections.append(f"<p>Routing stability against {html.escape(s['against'])}: top-1 expert changed for "
-                        + ", ".join(f"{100 * f:.1f}%" for f in s["changed_fraction"]) + " of tokens.</p>")
+        sections.append(
+            f"<p>Routing stability against {html.escape(s['against'])}: top-1 expert changed for "
+            + ", ".join(f"{100 * f:.1f}%" for f in s["changed_fraction"])
+            + " of tokens.</p>"
+        )
     if "exits" in result:
         e = result["exits"]
         rows = [[layer, n] for layer, n in zip(e["exit_layers"], e["exit_counts"])]
-        sections.append(f"<h2>Early exit</h2><p>policy {e['policy']}, thresholds from {html.escape(e['thresholds_from'])}: "
-                        f"accuracy {e['accuracy']:.4f} at {e['compute']['fraction_of_full']:.3f} of the full network's "
-                        "FLOPs</p>" + _table(["exit after layer", "samples"], rows))
+        sections.append(
+            f"<h2>Early exit</h2><p>policy {e['policy']}, thresholds from {html.escape(e['thresholds_from'])}: "
+            f"accuracy {e['accuracy']:.4f} at {e['compute']['fraction_of_full']:.3f} of the full network's "
+            "FLOPs</p>" + _table(["exit after layer", "samples"], rows)
+        )
     figures = []
     for name, file in result.get("plots", {}).items():
         data = base64.b64encode((plot_dir / file).read_bytes()).decode()
-        figures.append(f'<figure id="{name}"><img alt="{name}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{html.escape(CAPTIONS.get(name, name))}</figcaption></figure>")
+        figures.append(
+            f'<figure id="{name}"><img alt="{name}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(CAPTIONS.get(name, name))}</figcaption></figure>"
+        )
     sections.append("<h2>Plots</h2>" + "".join(figures))
-    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-             "figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:90%}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>dynamoe eval</title><style>{style}</style>"
-            f"</head><body>{''.join(sections)}</body></html>")
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:90%}"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>dynamoe eval</title><style>{style}</style>"
+        f"</head><body>{''.join(sections)}</body></html>"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     return path

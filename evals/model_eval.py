@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
+from dynamoe.compute.ledger import ComputeLedger
 from dynamoe.evals.report import hardware_info
 from dynamoe.evals.routing_metrics import RoutingRecorder, load_summary, routing_stability, specialisation
-from dynamoe.compute.ledger import ComputeLedger
 from dynamoe.exits.multi_exit import MultiExitModel
 
 
@@ -35,19 +35,23 @@ def load_source(source: str | Path, config: str | None = None, task: str | None 
     export; ``task`` evaluates on another dataset than the run's (the model must fit it)."""
     import yaml
 
-    from dynamoe.training.checkpoint import CheckpointError, load_model, resolve_resume
     from dynamoe.config import ConfigError, RunConfig, from_dict, load_config, to_dict
     from dynamoe.data import build_data
+    from dynamoe.training.checkpoint import CheckpointError, load_model, resolve_resume
 
     source = Path(source)
     if not source.exists():
-        raise CheckpointError(f"'{source}' does not exist; fix: pass a run folder, a checkpoint folder or an exported file")
+        raise CheckpointError(
+            f"'{source}' does not exist; fix: pass a run folder, a checkpoint folder or an exported file"
+        )
     run_dir = None
     if source.is_file():
         model_cfg, model = load_model(source)
         if config is None:
-            raise ConfigError("an exported model carries no data settings; fix: pass --config with the run's config "
-                              "(a YAML path or a shipped config name)")
+            raise ConfigError(
+                "an exported model carries no data settings; fix: pass --config with the run's config "
+                "(a YAML path or a shipped config name)"
+            )
         cfg = load_config(config)
         cfg = from_dict(RunConfig, {**to_dict(cfg), "model": to_dict(model_cfg)})
     else:
@@ -65,8 +69,10 @@ def load_source(source: str | Path, config: str | None = None, task: str | None 
     data = build_data(cfg.data, cfg.task)
     classes = getattr(data, "num_classes", None)
     if classes is not None and cfg.model.num_classes is not None and classes > cfg.model.num_classes:
-        raise ConfigError(f"--task {cfg.data.dataset}: the data has {classes} classes but the model predicts "
-                          f"{cfg.model.num_classes}; fix: evaluate on a task with the classes the model was trained on")
+        raise ConfigError(
+            f"--task {cfg.data.dataset}: the data has {classes} classes but the model predicts "
+            f"{cfg.model.num_classes}; fix: evaluate on a task with the classes the model was trained on"
+        )
     return cfg, model.eval(), data, run_dir
 
 
@@ -82,7 +88,9 @@ def _keys(cfg, batch: dict) -> torch.Tensor:
     if cfg.task == "lm":
         return batch["input_ids"]
     if "attention_mask" in batch:  # every token of a sentence carries its class; padding is ignored
-        return torch.where(batch["attention_mask"].bool(), batch["labels"][:, None], torch.full_like(batch["input_ids"], -1))
+        return torch.where(
+            batch["attention_mask"].bool(), batch["labels"][:, None], torch.full_like(batch["input_ids"], -1)
+        )
     return batch["labels"]
 
 
@@ -121,8 +129,13 @@ def full_pass(cfg, model, batches: list[dict]) -> dict:
     for i, layer in enumerate(moe_layers(model)):
         router = layer.cfg.router
         slots = 1 if router.kind == "expert_choice" else router.top_k
-        row = load_summary(layer.stat_counts.cpu(), int(layer.stat_tokens), slots, float(layer.stat_dropped),
-                           float(layer.stat_entropy_sum))
+        row = load_summary(
+            layer.stat_counts.cpu(),
+            int(layer.stat_tokens),
+            slots,
+            float(layer.stat_dropped),
+            float(layer.stat_entropy_sum),
+        )
         top1, keys = recorder.result(i)
         row["specialisation"] = specialisation(top1, keys, layer.num_experts)
         layers.append({"layer": i, **row})
@@ -199,19 +212,36 @@ def _previous_checkpoint(run_dir: Path | None, current: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def evaluate(source: str, *, config: str | None = None, task: str | None = None, compare: str | None = None,
-             batches: int | None = None, batch_size: int = 64, out_dir: str | None = None,
-             report: str | None = None) -> dict:
+def evaluate(
+    source: str,
+    *,
+    config: str | None = None,
+    task: str | None = None,
+    compare: str | None = None,
+    batches: int | None = None,
+    batch_size: int = 64,
+    out_dir: str | None = None,
+    report: str | None = None,
+) -> dict:
     from dynamoe.training.checkpoint import load_model, resolve_resume
 
     cfg, model, data, run_dir = load_source(source, config, task)
-    out = Path(out_dir) if out_dir else (run_dir / "eval" if run_dir is not None else Path(source).with_suffix("") / "eval")
+    out = (
+        Path(out_dir)
+        if out_dir
+        else (run_dir / "eval" if run_dir is not None else Path(source).with_suffix("") / "eval")
+    )
     out.mkdir(parents=True, exist_ok=True)
     eval_batches = _eval_batches(cfg, data, batches, batch_size)
     full = full_pass(cfg, model, eval_batches)
     result = {
-        "source": str(source), "task": cfg.task, "model_kind": cfg.model.kind, "samples": full["ledger"].samples,
-        "tokens": full["ledger"].tokens, "metrics": full["metrics"], "load_balance": full["layers"],
+        "source": str(source),
+        "task": cfg.task,
+        "model_kind": cfg.model.kind,
+        "samples": full["ledger"].samples,
+        "tokens": full["ledger"].tokens,
+        "metrics": full["metrics"],
+        "load_balance": full["layers"],
         "hardware": hardware_info(),
     }
     ledger = full["ledger"]
@@ -221,15 +251,19 @@ def evaluate(source: str, *, config: str | None = None, task: str | None = None,
         "dense_equivalent_flops_per_sample": ledger.dense_equivalent / max(ledger.samples, 1),
     }
     # Routing stability against another checkpoint, on exactly the same tokens.
-    other = Path(compare) if compare else (_previous_checkpoint(run_dir, resolve_resume(Path(source))) if run_dir else None)
+    other = (
+        Path(compare) if compare else (_previous_checkpoint(run_dir, resolve_resume(Path(source))) if run_dir else None)
+    )
     if other is not None and full["layers"]:
         _, other_model = load_model(other)
         other_full = full_pass(cfg, other_model.eval(), eval_batches)
         try:
             result["routing_stability"] = {
                 "against": str(other),
-                "changed_fraction": [routing_stability(full["recorder"].result(i)[0], other_full["recorder"].result(i)[0])
-                                     for i in range(len(full["layers"]))],
+                "changed_fraction": [
+                    routing_stability(full["recorder"].result(i)[0], other_full["recorder"].result(i)[0])
+                    for i in range(len(full["layers"]))
+                ],
             }
         except ValueError as err:  # conditional depth routed different tokens in the two checkpoints
             result["routing_stability_unavailable"] = str(err)
@@ -262,14 +296,22 @@ def _exit_section(cfg, model, data, eval_batches, run_dir, full_ledger) -> dict:
     passed = exit_pass(cfg, model, eval_batches, policy, thresholds)
     record = record_exits(model, data.split("val"))
     gflops_full = float(record.full_flops.mean()) / 1e9
-    anytime = [{"exit_layer": layer + 1, "accuracy": p.accuracy, "gflops_per_sample": p.cost * gflops_full}
-               for layer, p in zip(model.exit_stages, anytime_curve(record, "flops"))]
-    budgeted = [{"threshold": p.threshold, "accuracy": p.accuracy, "gflops_per_sample": p.cost * gflops_full}
-                for p in shared_threshold_sweep(record, policy, "flops")]
+    anytime = [
+        {"exit_layer": layer + 1, "accuracy": p.accuracy, "gflops_per_sample": p.cost * gflops_full}
+        for layer, p in zip(model.exit_stages, anytime_curve(record, "flops"))
+    ]
+    budgeted = [
+        {"threshold": p.threshold, "accuracy": p.accuracy, "gflops_per_sample": p.cost * gflops_full}
+        for p in shared_threshold_sweep(record, policy, "flops")
+    ]
     return {
-        "policy": policy, "thresholds": thresholds, "thresholds_from": origin,
-        "exit_layers": [s + 1 for s in model.exit_stages], "accuracy": passed["accuracy"],
-        "exit_counts": passed["exit_counts"], "compute": _compute_block(passed["ledger"], full_ledger),
+        "policy": policy,
+        "thresholds": thresholds,
+        "thresholds_from": origin,
+        "exit_layers": [s + 1 for s in model.exit_stages],
+        "accuracy": passed["accuracy"],
+        "exit_counts": passed["exit_counts"],
+        "compute": _compute_block(passed["ledger"], full_ledger),
         "curves": {"anytime": anytime, "budgeted": budgeted, "full_gflops_per_sample": gflops_full},
     }
 
@@ -306,9 +348,17 @@ def _depth_curve(cfg, model, batches: list[dict]) -> dict:
             _set_depth(model, setting)
             passed = full_pass(cfg, model, batches)
             ledger = passed["ledger"]
-            points.append({"setting": value, "trained_setting": knob is None or value == getattr(trained, knob),
-                           **passed["metrics"], "flops_per_token": ledger.total / max(ledger.tokens, 1),
-                           "by_component_per_token": {k: v / max(ledger.tokens, 1) for k, v in ledger.by_component().items() if v}})
+            points.append(
+                {
+                    "setting": value,
+                    "trained_setting": knob is None or value == getattr(trained, knob),
+                    **passed["metrics"],
+                    "flops_per_token": ledger.total / max(ledger.tokens, 1),
+                    "by_component_per_token": {
+                        k: v / max(ledger.tokens, 1) for k, v in ledger.by_component().items() if v
+                    },
+                }
+            )
     finally:
         _set_depth(model, trained)
     return {"mode": trained.mode, "knob": knob, "curve": points}
@@ -326,40 +376,64 @@ def _token_exit_curve(model, batches: list[dict]) -> dict:
             r = model.generate_exit_eval(batch["input_ids"], batch["labels"], thresholds=[t] * n_early)
             loss += r["loss"]
             layers += r["mean_layers"]
-        points.append({"threshold": t, "loss": loss / len(batches), "layers_per_token": layers / len(batches),
-                       "layers_fraction": layers / len(batches) / model.cfg.n_layers})
+        points.append(
+            {
+                "threshold": t,
+                "loss": loss / len(batches),
+                "layers_per_token": layers / len(batches),
+                "layers_fraction": layers / len(batches) / model.cfg.n_layers,
+            }
+        )
     return {"policy": model.exit_cfg.policy, "curve": points}
 
 
 def format_summary(result: dict) -> str:
-    lines = [f"{result['source']}: {result['task']} ({result['model_kind']}), {result['samples']} samples, "
-             f"{result['tokens']} tokens"]
+    lines = [
+        f"{result['source']}: {result['task']} ({result['model_kind']}), {result['samples']} samples, "
+        f"{result['tokens']} tokens"
+    ]
     lines.append("full network: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
     c = result["compute"]["full"]
-    lines.append(f"compute: {c['flops_per_token'] / 1e6:.3f} MFLOPs per token, {c['flops_per_sample'] / 1e9:.4f} GFLOPs "
-                 f"per sample; dense equivalent {result['compute']['dense_equivalent_flops_per_token'] / 1e6:.3f} "
-                 f"MFLOPs per token ({c['fraction_of_dense_equivalent']:.3f} of it)")
+    lines.append(
+        f"compute: {c['flops_per_token'] / 1e6:.3f} MFLOPs per token, {c['flops_per_sample'] / 1e9:.4f} GFLOPs "
+        f"per sample; dense equivalent {result['compute']['dense_equivalent_flops_per_token'] / 1e6:.3f} "
+        f"MFLOPs per token ({c['fraction_of_dense_equivalent']:.3f} of it)"
+    )
     parts = [f"{k} {v / 1e6:.3f}" for k, v in c["by_component_per_token"].items() if v]
     lines.append("  by component (MFLOPs per token): " + ", ".join(parts))
     for row in result["load_balance"]:
-        lines.append(f"MoE layer {row['layer']}: max/mean {row['max_over_mean']:.3f}, cv {row['cv']:.3f}, "
-                     f"dropped {100 * row['dropped_fraction']:.2f}%, H/lnE {row['entropy_normalized']:.3f}, "
-                     f"specialisation NMI {row['specialisation']['nmi']:.3f}")
+        lines.append(
+            f"MoE layer {row['layer']}: max/mean {row['max_over_mean']:.3f}, cv {row['cv']:.3f}, "
+            f"dropped {100 * row['dropped_fraction']:.2f}%, H/lnE {row['entropy_normalized']:.3f}, "
+            f"specialisation NMI {row['specialisation']['nmi']:.3f}"
+        )
     if "routing_stability" in result:
         s = result["routing_stability"]
-        lines.append(f"routing stability vs {s['against']}: top-1 changed for "
-                     + ", ".join(f"{100 * f:.1f}%" for f in s["changed_fraction"]) + " of tokens")
+        lines.append(
+            f"routing stability vs {s['against']}: top-1 changed for "
+            + ", ".join(f"{100 * f:.1f}%" for f in s["changed_fraction"])
+            + " of tokens"
+        )
     if "exits" in result:
         e = result["exits"]
-        lines.append(f"early exit ({e['policy']}, thresholds from {e['thresholds_from']}): accuracy {e['accuracy']:.4f} "
-                     f"at {e['compute']['fraction_of_full']:.3f} of the full network's FLOPs; samples per exit "
-                     + ", ".join(f"L{layer}: {n}" for layer, n in zip(e["exit_layers"], e["exit_counts"])))
+        lines.append(
+            f"early exit ({e['policy']}, thresholds from {e['thresholds_from']}): accuracy {e['accuracy']:.4f} "
+            f"at {e['compute']['fraction_of_full']:.3f} of the full network's FLOPs; samples per exit "
+            + ", ".join(f"L{layer}: {n}" for layer, n in zip(e["exit_layers"], e["exit_counts"]))
+        )
     if "depth" in result:
         d = result["depth"]
         metric = "accuracy" if result["task"] != "lm" else "loss"
-        lines.append(f"conditional depth ({d['mode']}, {d['knob'] or 'trained setting'}): " + ", ".join(
-            f"{p['setting']}: {metric} {p[metric]:.4f} at {p['flops_per_token'] / 1e6:.3f} MFLOPs/token" for p in d["curve"]))
+        lines.append(
+            f"conditional depth ({d['mode']}, {d['knob'] or 'trained setting'}): "
+            + ", ".join(
+                f"{p['setting']}: {metric} {p[metric]:.4f} at {p['flops_per_token'] / 1e6:.3f} MFLOPs/token"
+                for p in d["curve"]
+            )
+        )
     if "token_exits" in result:
-        lines.append("per-token exits (loss at layers per token): " + ", ".join(
-            f"{p['loss']:.3f}@{p['layers_per_token']:.2f}" for p in result["token_exits"]["curve"]))
+        lines.append(
+            "per-token exits (loss at layers per token): "
+            + ", ".join(f"{p['loss']:.3f}@{p['layers_per_token']:.2f}" for p in result["token_exits"]["curve"])
+        )
     return "\n".join(lines)

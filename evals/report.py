@@ -23,8 +23,15 @@ def hardware_info() -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
-            "cpu_model": model, "cpu_count": os.cpu_count(), "python": platform.python_version(), **versions}
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        **versions,
+    }
 
 
 def write_json(result: dict, path: str | None) -> None:

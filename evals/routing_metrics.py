@@ -62,8 +62,13 @@ def specialisation(top1: torch.Tensor, keys: torch.Tensor, num_experts: int, top
         row = joint[e]
         total = float(row.sum())
         order = torch.argsort(row, descending=True)[:top]
-        experts.append({"expert": e, "tokens": int(total),
-                        "top_keys": [[int(key_ids[i]), float(row[i] / total)] for i in order.tolist() if row[i] > 0]})
+        experts.append(
+            {
+                "expert": e,
+                "tokens": int(total),
+                "top_keys": [[int(key_ids[i]), float(row[i] / total)] for i in order.tolist() if row[i] > 0],
+            }
+        )
     return {"nmi": mi / he if he > 0 else 0.0, "experts": experts}
 
 

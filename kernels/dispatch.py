@@ -100,7 +100,11 @@ def _sum_rows(rows_Nf: torch.Tensor, row_map_Tk: torch.Tensor, weights_Tk: torch
     """out[t] = sum_j w[t, j] * rows[row_map[t, j]] (w = 1 when None), in fp32 or wider, dropped slots skipped."""
     acc = torch.promote_types(rows_Nf.dtype, torch.float32)
     kept_Tk = row_map_Tk >= 0
-    w_Tk = kept_Tk.to(acc) if weights_Tk is None else torch.where(kept_Tk, weights_Tk.to(acc), torch.zeros((), dtype=acc, device=rows_Nf.device))
+    w_Tk = (
+        kept_Tk.to(acc)
+        if weights_Tk is None
+        else torch.where(kept_Tk, weights_Tk.to(acc), torch.zeros((), dtype=acc, device=rows_Nf.device))
+    )
     rows_Tkf = _gather_slots(rows_Nf, row_map_Tk).to(acc)
     out_Tf = torch.bmm(w_Tk.unsqueeze(1), rows_Tkf).squeeze(1)  # (T, 1, k) @ (T, k, f)
     return out_Tf.to(rows_Nf.dtype)

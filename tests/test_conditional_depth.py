@@ -9,18 +9,26 @@ import math
 import pytest
 import torch
 
+from dynamoe.compute.flops import transformer_block_flops
 from dynamoe.config import ConfigError, ModelConfig, from_dict
 from dynamoe.depth import depth_summary
 from dynamoe.depth import halting as H
-from dynamoe.compute.flops import transformer_block_flops
 from dynamoe.exits.multi_exit import infer
 from dynamoe.models import build_model
 from dynamoe.stage import StageState
 
 torch.set_num_threads(1)
 
-SMALL = {"d_model": 32, "n_layers": 4, "n_heads": 4, "d_ff": 64, "max_seq_len": 16, "vocab_size": 40,
-         "moe_every": 2, "moe": {"num_experts": 4, "d_expert": 24}}
+SMALL = {
+    "d_model": 32,
+    "n_layers": 4,
+    "n_heads": 4,
+    "d_ff": 64,
+    "max_seq_len": 16,
+    "vocab_size": 40,
+    "moe_every": 2,
+    "moe": {"num_experts": 4, "d_expert": 24},
+}
 
 
 def lm_cfg(**depth) -> ModelConfig:
@@ -32,9 +40,16 @@ def enc_cfg(**depth) -> ModelConfig:
 
 
 def cnn_cfg(exits=(), **depth) -> ModelConfig:
-    return from_dict(ModelConfig, {"kind": "cnn", "num_classes": 10, "exits": {"layers": list(exits)},
-                                   "cnn": {"in_channels": 1, "image_size": 8, "moe_every": 2, "blocks_per_stage": 3},
-                                   "depth": depth})
+    return from_dict(
+        ModelConfig,
+        {
+            "kind": "cnn",
+            "num_classes": 10,
+            "exits": {"layers": list(exits)},
+            "cnn": {"in_channels": 1, "image_size": 8, "moe_every": 2, "blocks_per_stage": 3},
+            "depth": depth,
+        },
+    )
 
 
 def with_weights_of(cfg: ModelConfig, model: torch.nn.Module) -> torch.nn.Module:
@@ -118,8 +133,16 @@ def test_act_weights_sum_to_one_and_the_ponder_cost_has_a_gradient():
 
 def test_act_in_the_encoder_with_padding_and_early_exits_compacts_like_the_full_pass():
     torch.manual_seed(2)
-    cfg = from_dict(ModelConfig, {**SMALL, "kind": "encoder", "num_classes": 3, "exits": {"layers": [1, 2]},
-                                  "depth": {"mode": "act", "halt_threshold": 0.9}})
+    cfg = from_dict(
+        ModelConfig,
+        {
+            **SMALL,
+            "kind": "encoder",
+            "num_classes": 3,
+            "exits": {"layers": [1, 2]},
+            "depth": {"mode": "act", "halt_threshold": 0.9},
+        },
+    )
     model = build_model(cfg).eval()
     randomise_halting(model.depth.halting, 3, scale=40.0)
     ids = torch.randint(0, 40, (6, 10))
@@ -226,7 +249,9 @@ def test_cnn_gates_forced_open_and_closed_and_compaction_equals_the_mixed_pass()
     assert 0 < sum(executed) < 12 * len(executed)
     # Reported compute: the gated blocks on the executing samples only, plus gates; infer agrees.
     result = infer(model, {"pixel_values": x})
-    assert result.flops == pytest.approx(depth_summary(got.depth)["flops"] + model.head_flops(0, StageState(torch.zeros(12))))
+    assert result.flops == pytest.approx(
+        depth_summary(got.depth)["flops"] + model.head_flops(0, StageState(torch.zeros(12)))
+    )
     assert result.predictions.tolist() == got.logits.argmax(-1).tolist()
 
 
@@ -274,7 +299,7 @@ def test_mod_routes_the_top_c_tokens_through_the_block_by_hand():
             r = model.depth.routers[str(i)].score(x).squeeze(-1)
             for b in range(2):
                 sel = sorted(r[b].topk(C).indices.tolist())
-                y, _ = block(x[b: b + 1, sel])  # the selected tokens alone, in order, causal
+                y, _ = block(x[b : b + 1, sel])  # the selected tokens alone, in order, causal
                 w = torch.sigmoid(r[b, sel])[:, None]
                 x[b, sel] = x[b, sel] + w * (y[0] - x[b, sel])
         want = model.head(model.ln_f(x))
@@ -370,34 +395,53 @@ def test_cnn_act_compaction_equals_the_hand_computed_stagewise_act():
 
     scores = all_exit_scores("max_prob", out.exits)
     thresholds = scores[:, :-1].median(0).values.tolist()
-    assert infer(model, {"pixel_values": x}, "max_prob", thresholds).exit_index.tolist() == first_exit(scores, thresholds).tolist()
+    assert (
+        infer(model, {"pixel_values": x}, "max_prob", thresholds).exit_index.tolist()
+        == first_exit(scores, thresholds).tolist()
+    )
 
 
 # --- configuration -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model, match", [
-    ({"kind": "decoder", "depth": {"mode": "mod", "capacity": 0}}, r"model.depth.capacity: must be in \(0, 1\]"),
-    ({"kind": "decoder", "depth": {"mode": "mod", "capacity": 1.5}}, r"model.depth.capacity"),
-    ({"kind": "encoder", "depth": {"mode": "skip", "target_rate": 0}}, r"model.depth.target_rate: must be in \(0, 1\]"),
-    ({"kind": "decoder", "depth": {"mode": "skip"}}, r"model.depth.mode: 'skip' is not supported with kind 'decoder'.*use mod"),
-    ({"kind": "encoder", "depth": {"mode": "pondernet"}}, r"'pondernet' is not supported with kind 'encoder'"),
-    ({"kind": "cnn", "depth": {"mode": "mod"}}, r"'mod' is not supported with kind 'cnn'"),
-    ({"kind": "decoder", "exits": {"layers": [1]}, "depth": {"mode": "pondernet"}}, r"remove model.exits.layers"),
-    ({"kind": "decoder", "depth": {"mode": "act", "halt_threshold": 0}}, r"model.depth.halt_threshold"),
-    ({"kind": "decoder", "depth": {"mode": "pondernet", "lambda_p": 1.0}}, r"model.depth.lambda_p"),
-    ({"kind": "encoder", "depth": {"mode": "skip", "gumbel_temperature_min": 2.0}}, r"anneal downwards"),
-    ({"kind": "decoder", "n_layers": 2, "depth": {"mode": "mod", "mod_every": 3}}, r"model.depth.mod_every"),
-    ({"kind": "decoder", "depth": {"mode": "halting"}}, r"model.depth.mode: 'halting' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        ({"kind": "decoder", "depth": {"mode": "mod", "capacity": 0}}, r"model.depth.capacity: must be in \(0, 1\]"),
+        ({"kind": "decoder", "depth": {"mode": "mod", "capacity": 1.5}}, r"model.depth.capacity"),
+        (
+            {"kind": "encoder", "depth": {"mode": "skip", "target_rate": 0}},
+            r"model.depth.target_rate: must be in \(0, 1\]",
+        ),
+        (
+            {"kind": "decoder", "depth": {"mode": "skip"}},
+            r"model.depth.mode: 'skip' is not supported with kind 'decoder'.*use mod",
+        ),
+        ({"kind": "encoder", "depth": {"mode": "pondernet"}}, r"'pondernet' is not supported with kind 'encoder'"),
+        ({"kind": "cnn", "depth": {"mode": "mod"}}, r"'mod' is not supported with kind 'cnn'"),
+        ({"kind": "decoder", "exits": {"layers": [1]}, "depth": {"mode": "pondernet"}}, r"remove model.exits.layers"),
+        ({"kind": "decoder", "depth": {"mode": "act", "halt_threshold": 0}}, r"model.depth.halt_threshold"),
+        ({"kind": "decoder", "depth": {"mode": "pondernet", "lambda_p": 1.0}}, r"model.depth.lambda_p"),
+        ({"kind": "encoder", "depth": {"mode": "skip", "gumbel_temperature_min": 2.0}}, r"anneal downwards"),
+        ({"kind": "decoder", "n_layers": 2, "depth": {"mode": "mod", "mod_every": 3}}, r"model.depth.mod_every"),
+        ({"kind": "decoder", "depth": {"mode": "halting"}}, r"model.depth.mode: 'halting' is not allowed"),
+    ],
+)
 def test_depth_config_errors(model, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(ModelConfig, model, "model")
 
 
 def test_a_cnn_with_nothing_to_skip_is_refused():
-    cfg = from_dict(ModelConfig, {"kind": "cnn", "num_classes": 10, "cnn": {"in_channels": 1, "image_size": 8,
-                                                                             "blocks_per_stage": 1}, "depth": {"mode": "skip"}})
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "kind": "cnn",
+            "num_classes": 10,
+            "cnn": {"in_channels": 1, "image_size": 8, "blocks_per_stage": 1},
+            "depth": {"mode": "skip"},
+        },
+    )
     with pytest.raises(ValueError, match="blocks_per_stage to 2"):
         build_model(cfg)
 
@@ -406,8 +450,9 @@ def test_mode_none_adds_no_parameters():
     torch.manual_seed(0)
     a = build_model(lm_cfg())
     assert a.depth is None and not any("depth" in k for k in a.state_dict())
-    assert math.isclose(sum(r.total_flops for r in a(torch.randint(0, 40, (2, 5))).depth),
-                        sum(a.layer_flops(i, 2, 5) for i in range(4)))
+    assert math.isclose(
+        sum(r.total_flops for r in a(torch.randint(0, 40, (2, 5))).depth), sum(a.layer_flops(i, 2, 5) for i in range(4))
+    )
 
 
 # --- the results script, end to end --------------------------------------------------------------
@@ -418,7 +463,9 @@ def test_conditional_depth_eval_quick(tmp_path):
 
     from dynamoe.evals.conditional_depth import main
 
-    result = main(["--quick", "--threads", "1", "--json", str(tmp_path / "r.json"), "--out-dir", str(tmp_path / "runs")])
+    result = main(
+        ["--quick", "--threads", "1", "--json", str(tmp_path / "r.json"), "--out-dir", str(tmp_path / "runs")]
+    )
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["hardware"]["cpu_count"] and [r["name"] for r in saved["lm"]] == ["dense", "mod_50", "act"]
     dense, mod, act = result["lm"]

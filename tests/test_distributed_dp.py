@@ -7,9 +7,20 @@ from dist_helper import torchrun_train, train_metrics
 
 pytestmark = pytest.mark.distributed
 
-COMMON = ["--set", "train.log_every=1", "--set", "train.steps=6", "--set", "train.warmup_steps=1",
-          "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0",
-          "--set", "model.moe.router.aux_free_bias=true"]
+COMMON = [
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.steps=6",
+    "--set",
+    "train.warmup_steps=1",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "train.checkpoint_every=0",
+    "--set",
+    "model.moe.router.aux_free_bias=true",
+]
 
 
 def test_two_processes_with_half_batches_equal_one_process(tmp_path):

@@ -25,8 +25,18 @@ def minilm_encoder():
 
 
 def test_minilm_wrapper_reproduces_every_hidden_state():
-    model = build_model(from_dict(ModelConfig, {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0,
-                                                "num_classes": 2, "exits": {"layers": [1, 3, 5]}})).eval()
+    model = build_model(
+        from_dict(
+            ModelConfig,
+            {
+                "kind": "hf_encoder",
+                "pretrained": "minilm",
+                "moe_every": 0,
+                "num_classes": 2,
+                "exits": {"layers": [1, 3, 5]},
+            },
+        )
+    ).eval()
     ref = minilm_encoder()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (4, 16), generator=g)
@@ -45,8 +55,18 @@ def test_minilm_compaction_equals_the_full_pass():
     from dynamoe.exits.heads import all_exit_scores, first_exit
 
     torch.manual_seed(0)
-    model = build_model(from_dict(ModelConfig, {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0,
-                                                "num_classes": 2, "exits": {"layers": [1, 2, 3, 4, 5]}})).eval()
+    model = build_model(
+        from_dict(
+            ModelConfig,
+            {
+                "kind": "hf_encoder",
+                "pretrained": "minilm",
+                "moe_every": 0,
+                "num_classes": 2,
+                "exits": {"layers": [1, 2, 3, 4, 5]},
+            },
+        )
+    ).eval()
     ids = torch.randint(1000, 20000, (12, 10))
     mask = torch.ones_like(ids)
     mask[::2, 6:] = 0
@@ -68,8 +88,14 @@ def tiny_bert(tmp_path):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     folder = tmp_path / "tiny-bert"
     BertModel(cfg).save_pretrained(folder)
     return folder
@@ -86,9 +112,17 @@ def _train(cfg_name: str, run_dir, *overrides):
 def test_hf_encoder_trains_saves_and_reloads(tiny_bert, tmp_path):
     from dynamoe.training.checkpoint import export_model, load_exported, load_model
 
-    trainer, result = _train("bert_early_exit_sst2", tmp_path / "run", f"model.pretrained={tiny_bert}",
-                             "model.exits.layers=[1, 2]", "train.steps=4", "train.warmup_steps=1", "train.batch_size=8",
-                             "data.max_train_samples=64", "train.threads=1")
+    trainer, result = _train(
+        "bert_early_exit_sst2",
+        tmp_path / "run",
+        f"model.pretrained={tiny_bert}",
+        "model.exits.layers=[1, 2]",
+        "train.steps=4",
+        "train.warmup_steps=1",
+        "train.batch_size=8",
+        "data.max_train_samples=64",
+        "train.threads=1",
+    )
     assert set(result.final_eval) >= {"accuracy", "exit0_accuracy", "exit1_accuracy", "exit2_accuracy"}
     assert result.final_eval["accuracy"] == result.final_eval["exit2_accuracy"]
     out = export_model(tmp_path / "run", tmp_path / "model.safetensors")
@@ -112,9 +146,17 @@ def _snapshot(model, names):
 def test_two_stage_training_freezes_each_part_in_turn(tmp_path):
     from dynamoe.training.trainer import Trainer
 
-    cfg = load_config("digits_cnn_early_exit", ["model.exits.training=two_stage", "model.exits.stage_one_fraction=0.5",
-                                                "train.steps=6", "train.warmup_steps=1", "train.eval_every=0",
-                                                "train.threads=1"])
+    cfg = load_config(
+        "digits_cnn_early_exit",
+        [
+            "model.exits.training=two_stage",
+            "model.exits.stage_one_fraction=0.5",
+            "train.steps=6",
+            "train.warmup_steps=1",
+            "train.eval_every=0",
+            "train.threads=1",
+        ],
+    )
     trainer = Trainer(cfg, run_dir=str(tmp_path / "run"), progress=False)
     model = trainer.model
     backbone = ("stem", "stages", "moes", "head.")
@@ -168,9 +210,19 @@ def test_classification_batches_are_cut_to_their_longest_row():
 
 def test_per_token_exits_in_the_decoder():
     torch.manual_seed(0)
-    cfg = from_dict(ModelConfig, {"kind": "decoder", "vocab_size": 40, "d_model": 32, "n_layers": 3, "n_heads": 4,
-                                  "moe_every": 2, "moe": {"num_experts": 4, "d_expert": 32},
-                                  "exits": {"layers": [1, 2], "policy": "max_prob"}})
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "kind": "decoder",
+            "vocab_size": 40,
+            "d_model": 32,
+            "n_layers": 3,
+            "n_heads": 4,
+            "moe_every": 2,
+            "moe": {"num_experts": 4, "d_expert": 32},
+            "exits": {"layers": [1, 2], "policy": "max_prob"},
+        },
+    )
     model = build_model(cfg).eval()
     ids = torch.randint(0, 40, (2, 12))
     labels = torch.randint(0, 40, (2, 12))
@@ -187,8 +239,14 @@ def test_per_token_exits_in_the_decoder():
 def test_moe_calibrate_command(tmp_path, capsys):
     from dynamoe.launch.cli import main
 
-    _train("digits_cnn_early_exit", tmp_path / "run", "train.steps=40", "train.warmup_steps=5", "train.eval_every=0",
-           "train.threads=1")
+    _train(
+        "digits_cnn_early_exit",
+        tmp_path / "run",
+        "train.steps=40",
+        "train.warmup_steps=5",
+        "train.eval_every=0",
+        "train.threads=1",
+    )
     assert main(["calibrate", str(tmp_path / "run"), "--budget", "0.6", "--unit", "flops"]) == 0
     saved = json.loads((tmp_path / "run" / "calibration.json").read_text())
     assert saved["calibration"]["cost"] <= 0.6 + 1e-9
@@ -207,5 +265,8 @@ def test_unknown_pretrained_encoder_fails_clearly(monkeypatch, tmp_path):
     with pytest.raises(ConfigError, match="no-such-org/no-such-bert"):
         fill_from_pretrained(cfg)
     with pytest.raises(ConfigError, match="before the encoder's last layer"):
-        fill_from_pretrained(from_dict(ModelConfig, {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0,
-                                                     "exits": {"layers": [6]}}))
+        fill_from_pretrained(
+            from_dict(
+                ModelConfig, {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0, "exits": {"layers": [6]}}
+            )
+        )

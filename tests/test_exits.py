@@ -10,25 +10,42 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dynamoe.exits.calibration import ExitRecord, calibrate, evaluate_thresholds, record_exits
 from dynamoe.config import ConfigError, ExitConfig, ModelConfig, from_dict
-from dynamoe.exits.multi_exit import infer, infer_full
+from dynamoe.exits.calibration import ExitRecord, calibrate, evaluate_thresholds, record_exits
 from dynamoe.exits.heads import HeadOutput, PolicyState, all_exit_scores, exit_loss, exit_score, first_exit
+from dynamoe.exits.multi_exit import infer, infer_full
 from dynamoe.models import build_model
 
 
 def encoder_cfg(**exits) -> ModelConfig:
-    return from_dict(ModelConfig, {
-        "kind": "encoder", "vocab_size": 60, "num_classes": 3, "d_model": 32, "n_layers": 4, "n_heads": 4, "d_ff": 64,
-        "moe_every": 2, "moe": {"num_experts": 4, "d_expert": 32, "router": {"top_k": 2}}, "exits": exits,
-    })
+    return from_dict(
+        ModelConfig,
+        {
+            "kind": "encoder",
+            "vocab_size": 60,
+            "num_classes": 3,
+            "d_model": 32,
+            "n_layers": 4,
+            "n_heads": 4,
+            "d_ff": 64,
+            "moe_every": 2,
+            "moe": {"num_experts": 4, "d_expert": 32, "router": {"top_k": 2}},
+            "exits": exits,
+        },
+    )
 
 
 def cnn_cfg(**exits) -> ModelConfig:
-    return from_dict(ModelConfig, {
-        "kind": "cnn", "num_classes": 10, "cnn": {"in_channels": 1, "image_size": 8, "moe_every": 2},
-        "moe": {"num_experts": 4, "d_expert": 16}, "exits": {"head_hidden": 0, **exits},
-    })
+    return from_dict(
+        ModelConfig,
+        {
+            "kind": "cnn",
+            "num_classes": 10,
+            "cnn": {"in_channels": 1, "image_size": 8, "moe_every": 2},
+            "moe": {"num_experts": 4, "d_expert": 16},
+            "exits": {"head_hidden": 0, **exits},
+        },
+    )
 
 
 def text_batch(B=12, S=10, seed=0):
@@ -36,7 +53,7 @@ def text_batch(B=12, S=10, seed=0):
     ids = torch.randint(1, 60, (B, S), generator=g)
     mask = torch.ones(B, S, dtype=torch.long)
     for b in range(B):
-        mask[b, 3 + b % (S - 3):] = 0
+        mask[b, 3 + b % (S - 3) :] = 0
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -53,8 +70,15 @@ def test_final_output_is_the_plain_backbone(kind):
         plain_cfg, exit_cfg = cnn_cfg(), cnn_cfg(layers=[1, 2])
         inputs = {"pixel_values": torch.randn(6, 1, 8, 8)}
     else:
-        base = {"kind": "decoder", "vocab_size": 60, "d_model": 32, "n_layers": 3, "n_heads": 4, "moe_every": 2,
-                "moe": {"num_experts": 4, "d_expert": 32}}
+        base = {
+            "kind": "decoder",
+            "vocab_size": 60,
+            "d_model": 32,
+            "n_layers": 3,
+            "n_heads": 4,
+            "moe_every": 2,
+            "moe": {"num_experts": 4, "d_expert": 32},
+        }
         plain_cfg = from_dict(ModelConfig, base)
         exit_cfg = from_dict(ModelConfig, {**base, "exits": {"layers": [1, 2]}})
         inputs = {"input_ids": torch.randint(0, 60, (3, 9))}
@@ -85,11 +109,15 @@ def test_exits_disabled_is_the_plain_loss():
 
 def _heads(seed=0, n=3, B=5, C=4):
     g = torch.Generator().manual_seed(seed)
-    return [HeadOutput(torch.randn(B, C, generator=g, requires_grad=True), torch.randn(B, generator=g)) for _ in range(n)]
+    return [
+        HeadOutput(torch.randn(B, C, generator=g, requires_grad=True), torch.randn(B, generator=g)) for _ in range(n)
+    ]
 
 
-@pytest.mark.parametrize("weighting,weights,expected", [
-    ("uniform", None, [1, 1, 1]), ("linear", None, [1, 2, 3]), ("custom", [0.5, 0.0, 2.0], [0.5, 0.0, 2.0])])
+@pytest.mark.parametrize(
+    "weighting,weights,expected",
+    [("uniform", None, [1, 1, 1]), ("linear", None, [1, 2, 3]), ("custom", [0.5, 0.0, 2.0], [0.5, 0.0, 2.0])],
+)
 def test_weighted_joint_loss(weighting, weights, expected):
     cfg = ExitConfig(layers=[1, 2], weighting=weighting, weights=weights)
     heads = _heads()
@@ -108,7 +136,9 @@ def test_two_stage_phases_use_their_heads_only():
     backbone, _ = exit_loss(cfg, heads, labels, phase="backbone")
     torch.testing.assert_close(backbone, F.cross_entropy(heads[-1].logits, labels))
     exits, _ = exit_loss(cfg, heads, labels, phase="exits")
-    torch.testing.assert_close(exits, (F.cross_entropy(heads[0].logits, labels) + F.cross_entropy(heads[1].logits, labels)) / 2)
+    torch.testing.assert_close(
+        exits, (F.cross_entropy(heads[0].logits, labels) + F.cross_entropy(heads[1].logits, labels)) / 2
+    )
 
 
 def test_self_distillation_term():
@@ -148,7 +178,9 @@ def test_policies_on_hand_made_logits():
     torch.testing.assert_close(s, torch.tensor([0.5, 0.0, 0.0]), atol=1e-6, rtol=0)
     s, _ = exit_score("entropy", head, PolicyState())
     h0 = -(0.7 * math.log(0.7) + 0.2 * math.log(0.2) + 0.1 * math.log(0.1))
-    torch.testing.assert_close(s, torch.tensor([1 - h0 / math.log(3), 0.0, 1 - math.log(2) / math.log(3)]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        s, torch.tensor([1 - h0 / math.log(3), 0.0, 1 - math.log(2) / math.log(3)]), atol=1e-5, rtol=0
+    )
     s, _ = exit_score("learned", head, PolicyState())
     torch.testing.assert_close(s, torch.sigmoid(torch.tensor([0.0, 2.0, -2.0])))
 
@@ -263,8 +295,14 @@ def test_calibration_finds_the_brute_force_optimum_on_a_small_grid():
     rec = synthetic_record(n=200, J=3, seed=4)
     scores = rec.scores("max_prob")[:, :-1]
     grid = sorted(set(torch.quantile(scores.flatten(), torch.linspace(0, 1, 12)).tolist())) + [math.inf]
-    best = max((evaluate_thresholds(rec, "max_prob", [a, b], "layers") for a, b in itertools.product(grid, grid)
-                if evaluate_thresholds(rec, "max_prob", [a, b], "layers").cost <= 0.6), key=lambda p: p.accuracy)
+    best = max(
+        (
+            evaluate_thresholds(rec, "max_prob", [a, b], "layers")
+            for a, b in itertools.product(grid, grid)
+            if evaluate_thresholds(rec, "max_prob", [a, b], "layers").cost <= 0.6
+        ),
+        key=lambda p: p.accuracy,
+    )
     result = calibrate(rec, "max_prob", 0.6, "layers", per_exit=True)
     assert result.cost <= 0.6 + 1e-9
     assert result.accuracy >= best.accuracy - 1e-9
@@ -299,7 +337,7 @@ def test_record_exits_matches_the_model():
     split = {**text_batch(B=10), "labels": torch.randint(0, 3, (10,))}
     rec = record_exits(model, split, batch_size=4)
     for i in range(10):
-        row = {k: v[i: i + 1, : int(split["attention_mask"][i].sum())] for k, v in split.items() if k != "labels"}
+        row = {k: v[i : i + 1, : int(split["attention_mask"][i].sum())] for k, v in split.items() if k != "labels"}
         with torch.no_grad():
             heads, _ = model.forward_heads(row)
         torch.testing.assert_close(rec.logits[i], torch.cat([h.logits for h in heads]), atol=1e-5, rtol=1e-5)
@@ -309,15 +347,18 @@ def test_record_exits_matches_the_model():
 # --- config errors ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("exits,match", [
-    ({"layers": [2, 1]}, "increasing"),
-    ({"layers": [1], "weighting": "custom"}, "no weights"),
-    ({"layers": [1], "weighting": "custom", "weights": [1.0]}, "needs 2"),
-    ({"layers": [1], "weights": [1.0, 1.0]}, "only read with weighting: custom"),
-    ({"layers": [1, 2], "thresholds": [0.5]}, "one threshold per early exit"),
-    ({"layers": [4]}, "before the last"),
-    ({"layers": [1], "policy": "entropie"}, "did you mean 'entropy'"),
-])
+@pytest.mark.parametrize(
+    "exits,match",
+    [
+        ({"layers": [2, 1]}, "increasing"),
+        ({"layers": [1], "weighting": "custom"}, "no weights"),
+        ({"layers": [1], "weighting": "custom", "weights": [1.0]}, "needs 2"),
+        ({"layers": [1], "weights": [1.0, 1.0]}, "only read with weighting: custom"),
+        ({"layers": [1, 2], "thresholds": [0.5]}, "one threshold per early exit"),
+        ({"layers": [4]}, "before the last"),
+        ({"layers": [1], "policy": "entropie"}, "did you mean 'entropy'"),
+    ],
+)
 def test_exit_config_errors(exits, match):
     with pytest.raises(ConfigError, match=match):
         encoder_cfg(**exits)
@@ -331,15 +372,27 @@ def test_hf_encoder_config_errors():
     from dynamoe.config import RunConfig
 
     with pytest.raises(ConfigError, match="data.tokenizer"):
-        from_dict(RunConfig, {"model": {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0},
-                              "data": {"dataset": "sst2", "tokenizer": "char"}})
+        from_dict(
+            RunConfig,
+            {
+                "model": {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0},
+                "data": {"dataset": "sst2", "tokenizer": "char"},
+            },
+        )
 
 
 def test_cnn_exits_after_blocks():
     torch.manual_seed(6)
-    cfg = from_dict(ModelConfig, {"kind": "cnn", "num_classes": 10,
-                                  "cnn": {"in_channels": 1, "image_size": 8, "exit_after": "block", "moe_every": 3},
-                                  "moe": {"num_experts": 4, "d_expert": 16}, "exits": {"layers": [1, 3, 4], "head_hidden": 0}})
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "kind": "cnn",
+            "num_classes": 10,
+            "cnn": {"in_channels": 1, "image_size": 8, "exit_after": "block", "moe_every": 3},
+            "moe": {"num_experts": 4, "d_expert": 16},
+            "exits": {"layers": [1, 3, 4], "head_hidden": 0},
+        },
+    )
     model = build_model(cfg).eval()
     assert model.num_stages == 6 and model.exit_stages == [0, 2, 3, 5]
     assert [h.out.in_features for h in model.exit_heads] == [16, 32, 32]

@@ -13,10 +13,14 @@ def _layer(seed: int, num_experts: int, top_k: int, capacity_factor=None, activa
     from dynamoe.layers.moe_layer import MoELayer
 
     torch.manual_seed(seed)
-    cfg = MoEConfig(num_experts=num_experts, d_expert=12, activation=activation,
-                    # Router losses are means over each rank's own tokens (as in DeepSpeed and Megatron),
-                    # so they are left out of this one-device comparison.
-                    router=RouterConfig(top_k=top_k, capacity_factor=capacity_factor, aux_loss_coef=0.0))
+    cfg = MoEConfig(
+        num_experts=num_experts,
+        d_expert=12,
+        activation=activation,
+        # Router losses are means over each rank's own tokens (as in DeepSpeed and Megatron),
+        # so they are left out of this one-device comparison.
+        router=RouterConfig(top_k=top_k, capacity_factor=capacity_factor, aux_loss_coef=0.0),
+    )
     return MoELayer(cfg, d_model=8).double()
 
 
@@ -70,8 +74,15 @@ def _ep_worker(rank, world, num_experts, top_k, capacity_factor, starve, activat
     ],
 )
 def test_expert_parallel_equals_one_device(world, num_experts, top_k, capacity_factor, starve, activation):
-    results = run_workers(_ep_worker, world, num_experts=num_experts, top_k=top_k, capacity_factor=capacity_factor,
-                          starve=starve, activation=activation)
+    results = run_workers(
+        _ep_worker,
+        world,
+        num_experts=num_experts,
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        starve=starve,
+        activation=activation,
+    )
     x, g = _inputs(6 * world, starve)
 
     def reference_layer():
@@ -83,7 +94,9 @@ def test_expert_parallel_equals_one_device(world, num_experts, top_k, capacity_f
     if capacity_factor is None:
         y, dx, grads, counts = _forward_backward(reference_layer(), x, g)
     else:  # capacity is per rank's batch: the reference routes each rank's tokens separately
-        pieces = [_forward_backward(reference_layer(), x[r * 6:(r + 1) * 6], g[r * 6:(r + 1) * 6]) for r in range(world)]
+        pieces = [
+            _forward_backward(reference_layer(), x[r * 6 : (r + 1) * 6], g[r * 6 : (r + 1) * 6]) for r in range(world)
+        ]
         y = torch.cat([p[0] for p in pieces])
         dx = torch.cat([p[1] for p in pieces])
         grads = {n: sum(p[2][n] for p in pieces) for n in pieces[0][2]}

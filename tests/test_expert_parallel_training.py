@@ -6,13 +6,24 @@ import shutil
 import pytest
 import torch
 
-from dist_helper import torchrun_train, train_metrics
 from dynamoe.training.checkpoint import export_model, load_checkpoint, load_exported
+
+from dist_helper import torchrun_train, train_metrics
 
 pytestmark = pytest.mark.distributed
 
-STEPS20 = ["--set", "train.steps=20", "--set", "train.log_every=1", "--set", "train.eval_every=0",
-           "--set", "train.checkpoint_every=0", "--set", "train.batch_size=2"]
+STEPS20 = [
+    "--set",
+    "train.steps=20",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "train.checkpoint_every=0",
+    "--set",
+    "train.batch_size=2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +35,17 @@ def ep1_losses(tmp_path_factory):
 
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_ep2_trains_like_ep1(tmp_path, ep1_losses, zero_stage):
-    torchrun_train(2, "debug_tiny", "--run-dir", str(tmp_path), *STEPS20, "--set", "parallel.ep_size=2",
-                   "--set", f"parallel.zero_stage={zero_stage}")
+    torchrun_train(
+        2,
+        "debug_tiny",
+        "--run-dir",
+        str(tmp_path),
+        *STEPS20,
+        "--set",
+        "parallel.ep_size=2",
+        "--set",
+        f"parallel.zero_stage={zero_stage}",
+    )
     losses, norms = ep1_losses
     got, got_norms = train_metrics(tmp_path), train_metrics(tmp_path, key="grad_norm")
     assert sorted(got) == list(range(1, 21))
@@ -37,9 +57,20 @@ def test_ep2_trains_like_ep1(tmp_path, ep1_losses, zero_stage):
 
 # Router losses are means over each process's own tokens, so they change with the number of
 # processes; they are off here, where runs with 1, 2 and 4 processes must agree.
-RESHARD = ["--set", "train.log_every=1", "--set", "train.eval_every=0", "--set", "train.checkpoint_every=2",
-           "--set", "train.keep_checkpoints=5", "--set", "model.moe.router.aux_loss_coef=0",
-           "--set", "model.moe.router.z_loss_coef=0"]
+RESHARD = [
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "train.checkpoint_every=2",
+    "--set",
+    "train.keep_checkpoints=5",
+    "--set",
+    "model.moe.router.aux_loss_coef=0",
+    "--set",
+    "model.moe.router.z_loss_coef=0",
+]
 
 
 def _tensors(folder):
@@ -55,8 +86,19 @@ def _assert_same_tensors(a: dict, b: dict):
 
 def test_checkpoints_reshard_across_expert_parallel_sizes(tmp_path):
     source = tmp_path / "ep2"
-    torchrun_train(2, "debug_tiny", "--run-dir", str(source), *RESHARD, "--set", "train.steps=6",
-                   "--set", "train.batch_size=2", "--set", "parallel.ep_size=2")
+    torchrun_train(
+        2,
+        "debug_tiny",
+        "--run-dir",
+        str(source),
+        *RESHARD,
+        "--set",
+        "train.steps=6",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "parallel.ep_size=2",
+    )
     saved = source / "checkpoints" / "step_00000004"
     model, optim, state = _tensors(saved)
     assert model["blocks.0.ffn.experts.w1_EDF"].shape[0] == 4  # global experts 0..3, not a shard
@@ -70,9 +112,21 @@ def test_checkpoints_reshard_across_expert_parallel_sizes(tmp_path):
         # Load with another EP size and save again at once: every weight and moment survives exactly.
         round_trip = tmp_path / f"rt_ep{nproc}_zero{zero}" / "checkpoints"
         shutil.copytree(saved, round_trip / saved.name)
-        torchrun_train(nproc, "debug_tiny", "--resume", str(round_trip / saved.name), *RESHARD,
-                       "--set", "train.steps=4", "--set", f"train.batch_size={batch}",
-                       "--set", f"parallel.ep_size={nproc}", "--set", f"parallel.zero_stage={zero}")
+        torchrun_train(
+            nproc,
+            "debug_tiny",
+            "--resume",
+            str(round_trip / saved.name),
+            *RESHARD,
+            "--set",
+            "train.steps=4",
+            "--set",
+            f"train.batch_size={batch}",
+            "--set",
+            f"parallel.ep_size={nproc}",
+            "--set",
+            f"parallel.zero_stage={zero}",
+        )
         again_model, again_optim, _ = _tensors(round_trip / saved.name)
         _assert_same_tensors(model, again_model)
         _assert_same_tensors(optim, again_optim)
@@ -82,9 +136,19 @@ def test_checkpoints_reshard_across_expert_parallel_sizes(tmp_path):
         # Resume training with the other EP size: the same losses as the uninterrupted EP=2 run.
         resumed = tmp_path / f"resumed_ep{nproc}" / "checkpoints"
         shutil.copytree(saved, resumed / saved.name)
-        torchrun_train(nproc, "debug_tiny", "--resume", str(resumed / saved.name), *RESHARD,
-                       "--set", "train.steps=6", "--set", f"train.batch_size={batch}",
-                       "--set", f"parallel.ep_size={nproc}")
+        torchrun_train(
+            nproc,
+            "debug_tiny",
+            "--resume",
+            str(resumed / saved.name),
+            *RESHARD,
+            "--set",
+            "train.steps=6",
+            "--set",
+            f"train.batch_size={batch}",
+            "--set",
+            f"parallel.ep_size={nproc}",
+        )
         got = train_metrics(resumed.parent)
         for step in (5, 6):
             assert got[step] == pytest.approx(reference[step], abs=1e-4), (nproc, step)
@@ -99,9 +163,30 @@ def test_the_deepspeed_launcher_runs_expert_parallel_training(tmp_path):
 
     repo = Path(__file__).resolve().parent.parent
     env = {**clean_env(), "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-           "dynamoe.launch.cli", "train", "debug_tiny", "--quiet", "--run-dir", str(tmp_path), "--set", "parallel.ep_size=2",
-           "--set", "train.steps=4", "--set", "train.warmup_steps=1", "--set", "train.log_every=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "dynamoe.launch.cli",
+        "train",
+        "debug_tiny",
+        "--quiet",
+        "--run-dir",
+        str(tmp_path),
+        "--set",
+        "parallel.ep_size=2",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.warmup_steps=1",
+        "--set",
+        "train.log_every=1",
+    ]
     out = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert sorted(train_metrics(tmp_path)) == [1, 2, 3, 4]

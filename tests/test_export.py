@@ -4,8 +4,8 @@ import pytest
 import torch
 import yaml
 
-from dynamoe.training.checkpoint import CheckpointError, export_model, list_checkpoints, load_checkpoint, load_exported
 from dynamoe.config import ConfigError, RunConfig, from_dict, load_config
+from dynamoe.training.checkpoint import CheckpointError, export_model, list_checkpoints, load_checkpoint, load_exported
 from dynamoe.training.trainer import Trainer, train
 
 TINY = ["train.log_every=1", "train.eval_every=0", "train.steps=3", "train.warmup_steps=1"]
@@ -35,8 +35,9 @@ def test_export_round_trips_every_weight_and_the_config(exported):
 def test_training_can_start_from_an_exported_model(exported, tmp_path):
     _, out = exported
     _, model = load_exported(out)
-    trainer = Trainer(load_config("debug_tiny", TINY + [f"train.init_from={out}"]), run_dir=str(tmp_path / "r"),
-                      progress=False)
+    trainer = Trainer(
+        load_config("debug_tiny", TINY + [f"train.init_from={out}"]), run_dir=str(tmp_path / "r"), progress=False
+    )
     for name, tensor in model.state_dict().items():
         assert torch.equal(trainer.model.state_dict()[name], tensor), name
 
@@ -44,8 +45,11 @@ def test_training_can_start_from_an_exported_model(exported, tmp_path):
 def test_init_from_a_different_model_is_refused(exported, tmp_path):
     _, out = exported
     with pytest.raises(ConfigError, match="model.d_model: 32 there, 64 here"):
-        Trainer(load_config("debug_tiny", TINY + [f"train.init_from={out}", "model.d_model=64"]),
-                run_dir=str(tmp_path / "r"), progress=False)
+        Trainer(
+            load_config("debug_tiny", TINY + [f"train.init_from={out}", "model.d_model=64"]),
+            run_dir=str(tmp_path / "r"),
+            progress=False,
+        )
 
 
 def test_corrupt_or_foreign_files_are_refused(exported, tmp_path):

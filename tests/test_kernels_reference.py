@@ -108,7 +108,9 @@ def test_bf16_logits_give_fp32_scores():
     assert torch.equal(ex, ex32) and torch.equal(counts, counts32)
 
 
-@pytest.mark.parametrize("score,normalize,k", [("softmax", False, 2), ("softmax", True, 3), ("sigmoid", True, 2), ("sigmoid", False, 1)])
+@pytest.mark.parametrize(
+    "score,normalize,k", [("softmax", False, 2), ("softmax", True, 3), ("sigmoid", True, 2), ("sigmoid", False, 1)]
+)
 def test_topk_route_gradient_matches_naive(score, normalize, k):
     g = _gen("grad", score, normalize, k)
     logits = torch.randn(9, 5, generator=g, requires_grad=True)
@@ -285,7 +287,12 @@ def naive_grouped(x, w, counts):
     return torch.stack(outs) if outs else torch.zeros(0, w.shape[2], dtype=torch.float64)
 
 
-COUNT_CASES = {"mixed": [3, 0, 5, 0, 9], "one_expert": [0, 0, 17, 0, 0], "last": [0, 0, 0, 0, 4], "single": [1, 1, 0, 1, 0]}
+COUNT_CASES = {
+    "mixed": [3, 0, 5, 0, 9],
+    "one_expert": [0, 0, 17, 0, 0],
+    "last": [0, 0, 0, 0, 4],
+    "single": [1, 1, 0, 1, 0],
+}
 
 
 @pytest.mark.parametrize("counts_name", list(COUNT_CASES))

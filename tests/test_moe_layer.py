@@ -1,4 +1,5 @@
-"""dynamoe.layers.moe_layer.MoELayer against a naive per-token loop: outputs, every gradient, dense equivalence, statistics."""
+"""dynamoe.layers.moe_layer.MoELayer against a naive per-token loop: outputs, every gradient, dense equivalence,
+statistics."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import math
 import pytest
 import torch
 
-from dynamoe.kernels.grouped_gemm import _torch_grouped_mm_applies
 from dynamoe.config import MoEConfig, RouterConfig
+from dynamoe.kernels.grouped_gemm import _torch_grouped_mm_applies
 from dynamoe.layers.experts import DenseMLP
 from dynamoe.layers.moe_layer import MoELayer
 
@@ -62,12 +63,14 @@ def naive_layer(layer, x):
     return torch.stack(ys).reshape(x.shape), aux + z, counts, probs
 
 
-def make_layer(activation="gelu", shared=0, kind="token_choice", k=2, score="softmax", starve=False, seed=0,
-               d=D, f=F, **rkw):
+def make_layer(
+    activation="gelu", shared=0, kind="token_choice", k=2, score="softmax", starve=False, seed=0, d=D, f=F, **rkw
+):
     torch.manual_seed(seed)
     router = RouterConfig(kind=kind, top_k=k, score=score, aux_loss_coef=0.05, z_loss_coef=0.01, **rkw)
-    cfg = MoEConfig(num_experts=E, d_expert=f, activation=activation, num_shared_experts=shared, d_shared=7,
-                    router=router)
+    cfg = MoEConfig(
+        num_experts=E, d_expert=f, activation=activation, num_shared_experts=shared, d_shared=7, router=router
+    )
     layer = MoELayer(cfg, d, init_std=0.4)
     with torch.no_grad():
         layer.router.gate.weight.normal_(0, 0.7)
@@ -94,8 +97,9 @@ def _params(layer):
 def _close(actual, expected, tol, what):
     """Close up to ``tol`` relative to the reference's largest magnitude (fp32 router error spreads evenly)."""
     scale = max(1.0, float(expected.detach().abs().max()))
-    torch.testing.assert_close(actual.double(), expected.double(), atol=tol * scale, rtol=tol,
-                               msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def check_against_naive(layer, x, tol, shared_tol=None, starve=False):

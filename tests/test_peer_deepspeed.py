@@ -46,11 +46,31 @@ def test_layer_benchmark_writes_its_table_as_json(deepspeed, tmp_path, capsys):
     from dynamoe.evals.bench_moe_layer import main
 
     out = tmp_path / "bench.json"
-    result = main(["--tokens", "64", "--d-model", "32", "--d-ff", "32", "--experts", "4", "--iters", "2",
-                   "--warmup", "1", "--threads", "1", "--json", str(out)])
+    result = main(
+        [
+            "--tokens",
+            "64",
+            "--d-model",
+            "32",
+            "--d-ff",
+            "32",
+            "--experts",
+            "4",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert saved["rows"] == result["rows"]
     assert [r["name"] for r in saved["rows"]][:2] == ["dynamoe dropless", "deepspeed dropless"]
     assert all(r["median_ms"] > 0 for r in saved["rows"])
-    assert saved["hardware"]["torch"] and saved["flops"]["total_fwd_bwd"] == 3 * (2 * 64 * 2 * 32 * 32 * 2 + 2 * 64 * 32 * 4)
+    assert saved["hardware"]["torch"] and saved["flops"]["total_fwd_bwd"] == 3 * (
+        2 * 64 * 2 * 32 * 32 * 2 + 2 * 64 * 32 * 4
+    )
     assert "faster than DeepSpeed dropless" in capsys.readouterr().out

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_helper import clean_env, free_port, torchrun_train, train_metrics
 from dynamoe.training.checkpoint import list_checkpoints, load_checkpoint
+
+from dist_helper import clean_env, free_port, torchrun_train, train_metrics
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parent.parent
@@ -21,8 +22,14 @@ JOB = ["debug_tiny", "--workers", "2", "--ep-size", "2", "--set", "train.log_eve
 
 def moe_launch(*args, extra_env=None, timeout=400):
     env = {**clean_env(), "PYTHONPATH": str(REPO), "RAY_DEDUP_LOGS": "1", **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", "dynamoe.launch.cli", "launch", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "dynamoe.launch.cli", "launch", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +41,9 @@ def ray_run(tmp_path_factory):
 
 
 def test_two_ray_workers_train_like_torchrun(ray_run, tmp_path):
-    torchrun_train(2, "debug_tiny", "--run-dir", str(tmp_path), "--set", "parallel.ep_size=2",
-                   "--set", "train.log_every=1")
+    torchrun_train(
+        2, "debug_tiny", "--run-dir", str(tmp_path), "--set", "parallel.ep_size=2", "--set", "train.log_every=1"
+    )
     ray_losses, torchrun_losses = train_metrics(ray_run), train_metrics(tmp_path)
     assert sorted(ray_losses) == list(range(1, 9))
     for step, loss in torchrun_losses.items():
@@ -46,8 +54,14 @@ def test_two_ray_workers_train_like_torchrun(ray_run, tmp_path):
 
 def test_a_crashed_worker_resumes_from_the_last_committed_checkpoint(ray_run, tmp_path):
     run = tmp_path / "run"
-    out = moe_launch(*JOB, "--run-dir", str(run), "--set", "launch.max_failures=1",
-                     extra_env={"DYNAMOE_KILL_WORKER_AT_STEP": "6", "DYNAMOE_KILL_WORKER_RANK": "1"})
+    out = moe_launch(
+        *JOB,
+        "--run-dir",
+        str(run),
+        "--set",
+        "launch.max_failures=1",
+        extra_env={"DYNAMOE_KILL_WORKER_AT_STEP": "6", "DYNAMOE_KILL_WORKER_RANK": "1"},
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     assert (run / ".killed_at_step_6").exists()  # the crash did happen, after the step-4 checkpoint
     # No step lost or counted twice, and the losses continue exactly from the checkpoint.
@@ -60,8 +74,12 @@ def test_a_crashed_worker_resumes_from_the_last_committed_checkpoint(ray_run, tm
 
 
 def test_a_crash_without_restarts_left_fails_with_the_workers_error(tmp_path):
-    out = moe_launch(*JOB, "--run-dir", str(tmp_path / "run"),
-                     extra_env={"DYNAMOE_KILL_WORKER_AT_STEP": "2", "DYNAMOE_KILL_WORKER_RANK": "0"})
+    out = moe_launch(
+        *JOB,
+        "--run-dir",
+        str(tmp_path / "run"),
+        extra_env={"DYNAMOE_KILL_WORKER_AT_STEP": "2", "DYNAMOE_KILL_WORKER_RANK": "0"},
+    )
     assert out.returncode == 1
     assert "moe launch: error: the job failed" in out.stderr
 

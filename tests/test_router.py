@@ -143,8 +143,12 @@ def test_losses_match_megatron(mcore, k, E):
     r = router(x)
     logits = router.logits(x)
     ref_aux = mcore.switch_load_balancing_loss_func(
-        probs=torch.softmax(logits, -1), tokens_per_expert=r.counts, total_num_tokens=37, topk=k,
-        num_experts=E, moe_aux_loss_coeff=coef,
+        probs=torch.softmax(logits, -1),
+        tokens_per_expert=r.counts,
+        total_num_tokens=37,
+        topk=k,
+        num_experts=E,
+        moe_aux_loss_coeff=coef,
     )
     torch.testing.assert_close(r.aux_loss, ref_aux, atol=1e-7, rtol=1e-5)
     torch.testing.assert_close(r.z_loss, mcore.z_loss_func(logits, zcoef), atol=1e-7, rtol=1e-5)
@@ -196,8 +200,9 @@ def test_capacity_without_overflow_equals_dropless():
 
 def test_aux_free_bias_update():
     rate = 0.05
-    router, x = _router(T=30, E=5, seed=11, skew=3.0, top_k=2, score="sigmoid", aux_free_bias=True,
-                        bias_update_rate=rate)
+    router, x = _router(
+        T=30, E=5, seed=11, skew=3.0, top_k=2, score="sigmoid", aux_free_bias=True, bias_update_rate=rate
+    )
     with torch.no_grad():
         router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0]))  # forces expert 4 in
     router.train()
@@ -268,8 +273,17 @@ def test_jitter_only_in_training():
 @pytest.mark.parametrize("T,E,k,cf", [(10, 4, 2, 1.0), (7, 3, 1, 1.0), (5, 4, 2, 4.0), (1, 4, 1, 1.0), (23, 6, 2, 0.5)])
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_expert_choice(T, E, k, cf, score):
-    router, x = _router(T, E, seed=T + E, cls=ExpertChoiceRouter, kind="expert_choice", top_k=k,
-                        capacity_factor=cf, score=score, z_loss_coef=0.01)
+    router, x = _router(
+        T,
+        E,
+        seed=T + E,
+        cls=ExpertChoiceRouter,
+        kind="expert_choice",
+        top_k=k,
+        capacity_factor=cf,
+        score=score,
+        z_loss_coef=0.01,
+    )
     assert isinstance(build_router(router.cfg, 10, E), ExpertChoiceRouter)
     r = router(x)
     C = min(T, math.ceil(cf * T * k / E))

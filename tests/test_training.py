@@ -8,15 +8,17 @@ import pytest
 import torch
 import yaml
 
-from dynamoe.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from dynamoe.config import ConfigError, load_config
+from dynamoe.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from dynamoe.training.trainer import lr_at, train
 
 TINY = ["train.log_every=1", "train.eval_every=0"]
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
-    cfg = load_config("debug_tiny", TINY + ["train.steps=60", "train.batch_size=16", "train.lr=1e-2", "train.checkpoint_every=0"])
+    cfg = load_config(
+        "debug_tiny", TINY + ["train.steps=60", "train.batch_size=16", "train.lr=1e-2", "train.checkpoint_every=0"]
+    )
     result = train(cfg, run_dir=str(tmp_path / "run"), progress=False)
     first = sum(result.train_losses[s] for s in range(3)) / 3
     last = sum(result.train_losses[s] for s in range(57, 60)) / 3
@@ -46,8 +48,18 @@ def test_run_folder_holds_config_metrics_tensorboard_and_balance(tmp_path):
     assert [p.name for p in list_checkpoints(run)] == ["step_00000004", "step_00000008"]
 
 
-@pytest.mark.parametrize("extra", [[], ["model.dropout=0.1", "model.moe.router.jitter_eps=0.05",
-                                        "model.moe.router.aux_free_bias=true", "train.grad_accum=2"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        [
+            "model.dropout=0.1",
+            "model.moe.router.jitter_eps=0.05",
+            "model.moe.router.aux_free_bias=true",
+            "train.grad_accum=2",
+        ],
+    ],
+)
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, extra):
     cfg = load_config("debug_tiny", TINY + ["train.steps=10", "train.checkpoint_every=4"] + extra)
     full = train(cfg, run_dir=str(tmp_path / "full"), progress=False)
@@ -73,8 +85,11 @@ def test_resume_latest_continues_in_the_same_folder(tmp_path):
     longer = load_config("debug_tiny", TINY + ["train.steps=6", "train.warmup_steps=1"])
     result = train(longer, resume=str(run), progress=False)
     assert sorted(result.train_losses) == [4, 5]
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["split"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    ]
     assert steps == [1, 2, 3, 4, 5, 6]  # nothing lost, nothing logged twice
 
 
@@ -125,7 +140,9 @@ def test_expert_parallel_size_must_divide_the_processes(tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stages_train_and_resume_exactly(tmp_path, stage):
-    cfg = load_config("debug_tiny", TINY + ["train.steps=6", "train.checkpoint_every=3", f"parallel.zero_stage={stage}"])
+    cfg = load_config(
+        "debug_tiny", TINY + ["train.steps=6", "train.checkpoint_every=3", f"parallel.zero_stage={stage}"]
+    )
     full = train(cfg, run_dir=str(tmp_path / "full"), progress=False)
     resumed = train(cfg, resume=str(tmp_path / "full" / "checkpoints" / "step_00000003"), progress=False)
     for step in (3, 4, 5):
@@ -135,9 +152,22 @@ def test_zero_stages_train_and_resume_exactly(tmp_path, stage):
 def test_encoder_classifier_trains_on_sst2(tmp_path):
     cfg = load_config(
         "sst2_moe_classifier",
-        TINY + ["data.tokenizer=char", "data.seq_len=32", "data.max_train_samples=256", "model.max_seq_len=32",
-                "model.d_model=32", "model.n_layers=2", "model.moe.d_expert=32", "model.d_ff=64", "model.n_heads=2",
-                "train.steps=6", "train.warmup_steps=1", "train.batch_size=16", "train.checkpoint_every=0"],
+        TINY
+        + [
+            "data.tokenizer=char",
+            "data.seq_len=32",
+            "data.max_train_samples=256",
+            "model.max_seq_len=32",
+            "model.d_model=32",
+            "model.n_layers=2",
+            "model.moe.d_expert=32",
+            "model.d_ff=64",
+            "model.n_heads=2",
+            "train.steps=6",
+            "train.warmup_steps=1",
+            "train.batch_size=16",
+            "train.checkpoint_every=0",
+        ],
     )
     result = train(cfg, run_dir=str(tmp_path / "run"), progress=False)
     assert 0.0 <= result.final_eval["accuracy"] <= 1.0

@@ -9,8 +9,15 @@ from dynamoe.models import TransformerClassifier, TransformerLM, build_model
 
 
 def small(**kw):
-    base = dict(vocab_size=50, d_model=32, n_layers=4, n_heads=4, d_ff=48, max_seq_len=24,
-                moe=MoEConfig(num_experts=4, d_expert=16, router=RouterConfig(top_k=2, z_loss_coef=1e-3)))
+    base = dict(
+        vocab_size=50,
+        d_model=32,
+        n_layers=4,
+        n_heads=4,
+        d_ff=48,
+        max_seq_len=24,
+        moe=MoEConfig(num_experts=4, d_expert=16, router=RouterConfig(top_k=2, z_loss_coef=1e-3)),
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -73,8 +80,14 @@ def test_sequences_longer_than_the_model_are_refused():
 
 def test_gradients_reach_every_parameter():
     torch.manual_seed(0)
-    model = TransformerLM(small(moe_every=2, moe=MoEConfig(num_experts=4, d_expert=16, num_shared_experts=1,
-                                                           activation="swiglu", router=RouterConfig(top_k=4))))
+    model = TransformerLM(
+        small(
+            moe_every=2,
+            moe=MoEConfig(
+                num_experts=4, d_expert=16, num_shared_experts=1, activation="swiglu", router=RouterConfig(top_k=4)
+            ),
+        )
+    )
     ids = torch.randint(0, 50, (4, 20))
     model(ids, ids).total_loss.backward()
     for name, p in model.named_parameters():

@@ -11,11 +11,13 @@ import torch
 
 def test_dynamoe_puts_no_kernels_package_on_the_path(tmp_path):
     # From a folder other than the checkout (whose folders are importable from its root).
-    code = ("import importlib.util, dynamoe, dynamoe.kernels, transformers\n"
-            "from transformers.utils import is_kernels_available\n"
-            "spec = importlib.util.find_spec('kernels')\n"
-            "print(spec is None or 'site-packages' in (spec.origin or ''), is_kernels_available() == (spec is not None))\n"
-            "print(dynamoe.kernels.__name__, hasattr(dynamoe.kernels, 'grouped_mm'))")
+    code = (
+        "import importlib.util, dynamoe, dynamoe.kernels, transformers\n"
+        "from transformers.utils import is_kernels_available\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print(spec is None or 'site-packages' in (spec.origin or ''), is_kernels_available() == (spec is not None))\n"
+        "print(dynamoe.kernels.__name__, hasattr(dynamoe.kernels, 'grouped_mm'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     first, second = out.stdout.split("\n")[:2]

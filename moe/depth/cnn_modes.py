@@ -48,8 +48,9 @@ class CnnDepthMode(nn.Module):
         return float(sum(model.unit_flops_by_component(i, B, H_in, W_in).values()))
 
 
-def plain_unit(model, i: int, state: StageState, x: torch.Tensor, kind: str = "dense"
-               ) -> tuple[StageState, StageRecords]:
+def plain_unit(
+    model, i: int, state: StageState, x: torch.Tensor, kind: str = "dense"
+) -> tuple[StageState, StageRecords]:
     B, _, H_in, W_in = state.x.shape
     x, moe = model.run_unit(i, x)
     flops = model.unit_flops_by_component(i, B, H_in, W_in)
@@ -62,11 +63,14 @@ class CnnSkipDepth(CnnDepthMode):
     def __init__(self, cfg: ModelConfig, units: list[tuple[int, int]], shortcut: list[bool]):
         super().__init__(cfg, units, shortcut)
         channels = cfg.cnn.channels
-        self.gates = nn.ModuleDict({str(i): SkipGate(channels[s], self.dcfg)
-                                    for i, (s, _) in enumerate(units) if i > 0 and shortcut[i]})
+        self.gates = nn.ModuleDict(
+            {str(i): SkipGate(channels[s], self.dcfg) for i, (s, _) in enumerate(units) if i > 0 and shortcut[i]}
+        )
         if not len(self.gates):
-            raise ValueError("model.depth.mode skip: no block can be skipped (each is the first or downsamples); "
-                             "fix: raise model.cnn.blocks_per_stage to 2 or more")
+            raise ValueError(
+                "model.depth.mode skip: no block can be skipped (each is the first or downsamples); "
+                "fix: raise model.cnn.blocks_per_stage to 2 or more"
+            )
         # At inference run a gated block only on the samples that execute it. Off runs every
         # sample and mixes, as training does (the two must agree; a test holds it).
         self.compaction = True
@@ -108,8 +112,13 @@ class CnnActDepth(CnnDepthMode):
         super().__init__(cfg, units, shortcut)
         self.units = units
         per_stage = cfg.cnn.blocks_per_stage
-        self.halting = nn.ModuleDict({str(i): H.HaltingUnit(cfg.cnn.channels[s], self.dcfg.halt_bias_init)
-                                      for i, (s, b) in enumerate(units) if b < per_stage - 1})
+        self.halting = nn.ModuleDict(
+            {
+                str(i): H.HaltingUnit(cfg.cnn.channels[s], self.dcfg.halt_bias_init)
+                for i, (s, b) in enumerate(units)
+                if b < per_stage - 1
+            }
+        )
 
     def _halting_flops(self, i: int, executed) -> dict:
         unit = self.halting[str(i)] if str(i) in self.halting else None
@@ -141,8 +150,11 @@ class CnnActDepth(CnnDepthMode):
         flops = {**model.unit_flops_by_component(i, executed, H_in, W_in), **self._halting_flops(i, executed)}
         if unit is not None:
             pooled = x.mean(dim=(2, 3))
-            h = unit(pooled) if idx is None else torch.zeros(B, device=x.device).index_copy(
-                0, idx, unit(pooled.index_select(0, idx)))
+            h = (
+                unit(pooled)
+                if idx is None
+                else torch.zeros(B, device=x.device).index_copy(0, idx, unit(pooled.index_select(0, idx)))
+            )
         st = H.act_update(st, x, h, d.halt_threshold)
         loss, stats = None, {}
         if unit is None:  # the stage's last block: its output is the weighted sum
@@ -169,6 +181,7 @@ def build_cnn_depth(cfg: ModelConfig, units: list[tuple[int, int]], shortcut: li
     """The depth mode ``cfg.depth.mode`` asks for (``none``: every unit on every sample).
     ``shortcut[i]``: unit ``i`` passes its input on unchanged when skipped (an identity shortcut)."""
     if cfg.depth.mode not in CNN_DEPTH_MODES:
-        raise ValueError(f"model.depth.mode {cfg.depth.mode!r} has no CNN implementation; "
-                         f"fix: use one of {sorted(CNN_DEPTH_MODES)}")
+        raise ValueError(
+            f"model.depth.mode {cfg.depth.mode!r} has no CNN implementation; fix: use one of {sorted(CNN_DEPTH_MODES)}"
+        )
     return CNN_DEPTH_MODES[cfg.depth.mode](cfg, units, shortcut)

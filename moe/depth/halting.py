@@ -61,12 +61,19 @@ class PonderState:
     steps: torch.Tensor
 
 
-def act_start(shape: tuple, state_shape: tuple, running: torch.Tensor, dtype, device,
-              ponder: torch.Tensor | None = None) -> ActState:
+def act_start(
+    shape: tuple, state_shape: tuple, running: torch.Tensor, dtype, device, ponder: torch.Tensor | None = None
+) -> ActState:
     """ACT bookkeeping for rows of ``shape`` whose states have ``state_shape``."""
     zeros = torch.zeros(shape, dtype=torch.float32, device=device)
-    return ActState(running.clone(), zeros, zeros.clone(), zeros.clone(),
-                    torch.zeros(state_shape, dtype=dtype, device=device), ponder)
+    return ActState(
+        running.clone(),
+        zeros,
+        zeros.clone(),
+        zeros.clone(),
+        torch.zeros(state_shape, dtype=dtype, device=device),
+        ponder,
+    )
 
 
 def act_update(st: ActState, s_new: torch.Tensor, h: torch.Tensor | None, threshold: float) -> ActState:
@@ -81,11 +88,14 @@ def act_update(st: ActState, s_new: torch.Tensor, h: torch.Tensor | None, thresh
     p = torch.where(halt, 1.0 - cum, torch.where(running, h, torch.zeros_like(h)))
     extra = s_new.dim() - p.dim()
     acc = st.acc + p.view(*p.shape, *([1] * extra)).to(s_new.dtype) * s_new
-    return ActState(running=running & ~halt,
-                    cum=torch.where(running & ~halt, cum + h, cum),
-                    rem=torch.where(halt, 1.0 - cum, st.rem),
-                    steps=st.steps + running.float(),
-                    acc=acc, ponder=st.ponder)
+    return ActState(
+        running=running & ~halt,
+        cum=torch.where(running & ~halt, cum + h, cum),
+        rem=torch.where(halt, 1.0 - cum, st.rem),
+        steps=st.steps + running.float(),
+        acc=acc,
+        ponder=st.ponder,
+    )
 
 
 def ponder_cost(st: ActState) -> torch.Tensor:
@@ -107,8 +117,12 @@ def pondernet_update(st: PonderState, h: torch.Tensor | None, quantile: float) -
     else:
         p = h * st.survive
         halt = running & (st.cdf + p >= quantile)
-    return PonderState(running=running & ~halt, survive=st.survive * (1 - (h if h is not None else 1.0)),
-                       cdf=st.cdf + p, steps=st.steps + running.float())
+    return PonderState(
+        running=running & ~halt,
+        survive=st.survive * (1 - (h if h is not None else 1.0)),
+        cdf=st.cdf + p,
+        steps=st.steps + running.float(),
+    )
 
 
 def halting_distribution(h_list: list[torch.Tensor]) -> torch.Tensor:
@@ -130,8 +144,9 @@ def geometric_prior(lambda_p: float, steps: int) -> torch.Tensor:
     return (prior / prior.sum()).float()
 
 
-def pondernet_loss(p_LN: torch.Tensor, losses_LN: torch.Tensor, valid_N: torch.Tensor | None, lambda_p: float,
-                   kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def pondernet_loss(
+    p_LN: torch.Tensor, losses_LN: torch.Tensor, valid_N: torch.Tensor | None, lambda_p: float, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(expected task loss, kl_coef * KL(p || prior)), both means over the valid rows."""
     prior = geometric_prior(lambda_p, p_LN.shape[0]).to(p_LN.device)
     expected = (p_LN * losses_LN).sum(0)

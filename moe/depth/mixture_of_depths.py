@@ -31,7 +31,9 @@ class MoDRouter(nn.Module):
         nn.init.normal_(self.score.weight, std=0.02)
         self.predictor = None
         if predictor_hidden:
-            self.predictor = nn.Sequential(nn.Linear(d_model, predictor_hidden), nn.ReLU(), nn.Linear(predictor_hidden, 1))
+            self.predictor = nn.Sequential(
+                nn.Linear(d_model, predictor_hidden), nn.ReLU(), nn.Linear(predictor_hidden, 1)
+            )
 
     def scores(self, x_BSD: torch.Tensor) -> torch.Tensor:
         return self.score(x_BSD).squeeze(-1).float()
@@ -43,8 +45,9 @@ class MoDRouter(nn.Module):
     def flops(self, rows, predictor: bool) -> dict:
         out = {"mod_router": F_.linear_flops(rows, self.score.in_features, 1)}
         if predictor and self.predictor is not None:
-            out["mod_predictor"] = (F_.linear_flops(rows, self.predictor[0].in_features, self.predictor[0].out_features)
-                                    + F_.linear_flops(rows, self.predictor[2].in_features, 1))
+            out["mod_predictor"] = F_.linear_flops(
+                rows, self.predictor[0].in_features, self.predictor[0].out_features
+            ) + F_.linear_flops(rows, self.predictor[2].in_features, 1)
         return out
 
 

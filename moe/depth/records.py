@@ -75,6 +75,11 @@ def depth_summary(records: list[DepthAux]) -> dict:
     full = sum(float(r.full_flops) for r in records)
     rows = float(records[0].rows)
     executed = sum(float(r.executed) for r in records) / max(sum(float(r.rows) for r in records), 1.0)
-    return {"flops": total, "full_flops": full, "flops_per_row": total / max(rows, 1.0),
-            "compute_fraction": total / full if full else 1.0, "executed_fraction": executed,
-            "by_component": by_component}
+    return {
+        "flops": total,
+        "full_flops": full,
+        "flops_per_row": total / max(rows, 1.0),
+        "compute_fraction": total / full if full else 1.0,
+        "executed_fraction": executed,
+        "by_component": by_component,
+    }

@@ -45,8 +45,9 @@ class SkipGate(nn.Module):
         return (logits[:, 1] > logits[:, 0]).float()
 
     def flops(self, rows) -> int:
-        return (F_.linear_flops(rows, self.hidden.in_features, self.hidden.out_features)
-                + F_.linear_flops(rows, self.out.in_features, 2))
+        return F_.linear_flops(rows, self.hidden.in_features, self.hidden.out_features) + F_.linear_flops(
+            rows, self.out.in_features, 2
+        )
 
 
 def mix(x: torch.Tensor, y: torch.Tensor, g_N: torch.Tensor) -> torch.Tensor:

@@ -68,8 +68,9 @@ def moe_records(aux) -> tuple:
     return () if aux is None else (aux,)
 
 
-def plain_layer(cfg: ModelConfig, i: int, block, state: StageState, kind: str = "dense"
-                ) -> tuple[StageState, StageRecords]:
+def plain_layer(
+    cfg: ModelConfig, i: int, block, state: StageState, kind: str = "dense"
+) -> tuple[StageState, StageRecords]:
     """Block ``i`` on every token, as the plain backbone runs it."""
     x, aux = block(state.x, state.mask)
     B, S = x.shape[:2]
@@ -118,8 +119,9 @@ class _HaltingDepth(TransformerDepthMode):
 
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__(cfg, causal)
-        self.halting = nn.ModuleList(H.HaltingUnit(cfg.d_model, self.dcfg.halt_bias_init)
-                                     for _ in range(cfg.n_layers - 1))
+        self.halting = nn.ModuleList(
+            H.HaltingUnit(cfg.d_model, self.dcfg.halt_bias_init) for _ in range(cfg.n_layers - 1)
+        )
 
     def _halting_flops(self, i: int, block, running_BS: torch.Tensor) -> dict:
         B, S = running_BS.shape
@@ -164,8 +166,9 @@ class _HaltingDepth(TransformerDepthMode):
         if last:
             valid = torch.ones_like(running) if mask is None else mask.bool()
             loss, stats = self._final_loss(bookkeeping, valid)
-        record = DepthAux(i, self.mode, B * S, running.sum(), flops, full_block_flops(self.cfg, block, B, S),
-                          loss=loss, stats=stats)
+        record = DepthAux(
+            i, self.mode, B * S, running.sum(), flops, full_block_flops(self.cfg, block, B, S), loss=loss, stats=stats
+        )
         return state.replace(x=x, depth=bookkeeping), StageRecords(moe, record)
 
 
@@ -267,8 +270,15 @@ class SkipDepth(TransformerDepthMode):
 
         x, moe = run_gated(run, x, g, not self.training and self.compaction, mask)
         executed = (g > 0.5).sum()
-        record = DepthAux(i, self.mode, B * S, executed * S, self._skip_flops(i, block, executed, B, S),
-                          full_block_flops(self.cfg, block, B, S), rate=g.mean())
+        record = DepthAux(
+            i,
+            self.mode,
+            B * S,
+            executed * S,
+            self._skip_flops(i, block, executed, B, S),
+            full_block_flops(self.cfg, block, B, S),
+            rate=g.mean(),
+        )
         return state.replace(x=x), StageRecords(tuple(moe), record)
 
 
@@ -281,8 +291,9 @@ class MoDDepth(TransformerDepthMode):
         super().__init__(cfg, causal)
         d = self.dcfg
         hidden = d.predictor_hidden if causal else None  # an encoder may read the whole sequence
-        self.routers = nn.ModuleDict({str(i): MoD.MoDRouter(cfg.d_model, hidden)
-                                      for i in range(cfg.n_layers) if (i + 1) % d.mod_every == 0})
+        self.routers = nn.ModuleDict(
+            {str(i): MoD.MoDRouter(cfg.d_model, hidden) for i in range(cfg.n_layers) if (i + 1) % d.mod_every == 0}
+        )
 
     def start(self, state: StageState, mod_rule: str = "top_c") -> StageState:
         if mod_rule not in MOD_RULES:
@@ -340,13 +351,17 @@ class MoDDepth(TransformerDepthMode):
             flops = transformer_block_flops(self.cfg, block.is_moe, B * Q, B * Q * Q, kv_rows=B * Q, ffn_rows=executed)
             stats["routed_fraction"] = chosen.float().mean().detach()
         flops.update(router.flops(B * S, predictor=pred is not None))
-        record = DepthAux(i, self.mode, B * S, executed, flops, full_block_flops(self.cfg, block, B, S),
-                          loss=loss, stats=stats)
+        record = DepthAux(
+            i, self.mode, B * S, executed, flops, full_block_flops(self.cfg, block, B, S), loss=loss, stats=stats
+        )
         return state.replace(x=x), StageRecords(moe_records(aux), record)
 
 
 TRANSFORMER_DEPTH_MODES: dict[str, type[TransformerDepthMode]] = {
-    "act": ActDepth, "pondernet": PonderNetDepth, "skip": SkipDepth, "mod": MoDDepth,
+    "act": ActDepth,
+    "pondernet": PonderNetDepth,
+    "skip": SkipDepth,
+    "mod": MoDDepth,
 }
 
 
@@ -355,6 +370,8 @@ def build_transformer_depth(cfg: ModelConfig, causal: bool) -> TransformerDepthM
     if not cfg.depth.enabled:
         return None
     if cfg.depth.mode not in TRANSFORMER_DEPTH_MODES:
-        raise ValueError(f"model.depth.mode {cfg.depth.mode!r} has no Transformer implementation; "
-                         f"fix: use one of {sorted(TRANSFORMER_DEPTH_MODES)} or none")
+        raise ValueError(
+            f"model.depth.mode {cfg.depth.mode!r} has no Transformer implementation; "
+            f"fix: use one of {sorted(TRANSFORMER_DEPTH_MODES)} or none"
+        )
     return TRANSFORMER_DEPTH_MODES[cfg.depth.mode](cfg, causal)

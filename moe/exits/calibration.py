@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
 from dynamoe.data import trim_padding
-from dynamoe.exits.multi_exit import MultiExitModel
 from dynamoe.exits.heads import all_exit_scores, first_exit
+from dynamoe.exits.multi_exit import MultiExitModel
 
 UNITS = ("layers", "flops")
 
@@ -48,8 +47,10 @@ class ExitRecord:
         from dynamoe.exits.heads import HeadOutput
 
         J = self.logits.shape[1]
-        heads = [HeadOutput(self.logits[:, j], None if self.predictor is None or j == J - 1 else self.predictor[:, j])
-                 for j in range(J)]
+        heads = [
+            HeadOutput(self.logits[:, j], None if self.predictor is None or j == J - 1 else self.predictor[:, j])
+            for j in range(J)
+        ]
         return all_exit_scores(policy, heads)
 
     def cost(self, unit: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +73,7 @@ def _length_batches(split: dict, batch_size: int):
     for length in lengths.unique().tolist():
         rows = (lengths == length).nonzero().squeeze(1)
         for lo in range(0, rows.numel(), batch_size):
-            yield rows[lo: lo + batch_size]
+            yield rows[lo : lo + batch_size]
 
 
 @torch.no_grad()
@@ -141,8 +142,9 @@ class Calibration:
         return asdict(self)
 
 
-def evaluate_thresholds(record: ExitRecord, policy: str, thresholds, unit: str = "layers",
-                        scores: torch.Tensor | None = None) -> CurvePoint:
+def evaluate_thresholds(
+    record: ExitRecord, policy: str, thresholds, unit: str = "layers", scores: torch.Tensor | None = None
+) -> CurvePoint:
     """Accuracy, compute fraction and exit distribution of ``thresholds`` on a recorded pass."""
     scores = record.scores(policy) if scores is None else scores
     exits = first_exit(scores, thresholds)
@@ -166,8 +168,9 @@ def _candidates(values: torch.Tensor, policy: str, limit: int = 200) -> list[flo
     return sorted(set(qs.tolist())) + [math.inf]
 
 
-def calibrate(record: ExitRecord, policy: str, budget: float, unit: str = "layers", per_exit: bool = False,
-              sweeps: int = 2) -> Calibration:
+def calibrate(
+    record: ExitRecord, policy: str, budget: float, unit: str = "layers", per_exit: bool = False, sweeps: int = 2
+) -> Calibration:
     """Thresholds with the best accuracy whose average compute is within ``budget`` (a fraction
     of the plain network): the best shared threshold first, then, with ``per_exit``, coordinate
     ascent over each exit's threshold. Raises when even leaving at the first exit costs more.
@@ -183,13 +186,17 @@ def calibrate(record: ExitRecord, policy: str, budget: float, unit: str = "layer
     shared = shared_threshold_sweep(record, policy, unit, scores)
     cheapest = min(p.cost for p in shared)
     if cheapest > budget + 1e-12:
-        raise ValueError(f"budget {budget:.3f} is below the cheapest setting ({cheapest:.3f} of the full {unit}: every "
-                         "sample at the first exit); fix: raise the budget or add an earlier exit")
+        raise ValueError(
+            f"budget {budget:.3f} is below the cheapest setting ({cheapest:.3f} of the full {unit}: every "
+            "sample at the first exit); fix: raise the budget or add an earlier exit"
+        )
 
     def better(a: CurvePoint, b: CurvePoint | None) -> bool:
         if a.cost > budget + 1e-12:
             return False
-        return b is None or a.accuracy > b.accuracy + 1e-12 or (abs(a.accuracy - b.accuracy) <= 1e-12 and a.cost < b.cost)
+        return (
+            b is None or a.accuracy > b.accuracy + 1e-12 or (abs(a.accuracy - b.accuracy) <= 1e-12 and a.cost < b.cost)
+        )
 
     best = None
     for p in shared:
@@ -203,26 +210,40 @@ def calibrate(record: ExitRecord, policy: str, budget: float, unit: str = "layer
             changed = False
             for j in range(J - 1):
                 for c in per_exit_candidates[j]:
-                    trial = thresholds[:j] + [c] + thresholds[j + 1:]
+                    trial = thresholds[:j] + [c] + thresholds[j + 1 :]
                     point = evaluate_thresholds(record, policy, trial, unit, scores)
-                    if better(point, best) and (point.accuracy > best.accuracy + 1e-12 or point.cost < best.cost - 1e-12):
+                    if better(point, best) and (
+                        point.accuracy > best.accuracy + 1e-12 or point.cost < best.cost - 1e-12
+                    ):
                         best, thresholds, changed = point, trial, True
             if not changed:
                 break
     cost, full = record.cost(unit)
     anytime = anytime_curve(record, unit)
     frontier = _pareto(shared)
-    return Calibration(policy, unit, budget, [float(t) for t in thresholds], best.accuracy, best.cost,
-                       float(record.correct[:, -1].float().mean()), anytime, frontier)
+    return Calibration(
+        policy,
+        unit,
+        budget,
+        [float(t) for t in thresholds],
+        best.accuracy,
+        best.cost,
+        float(record.correct[:, -1].float().mean()),
+        anytime,
+        frontier,
+    )
 
 
-def shared_threshold_sweep(record: ExitRecord, policy: str, unit: str = "layers",
-                           scores: torch.Tensor | None = None) -> list[CurvePoint]:
+def shared_threshold_sweep(
+    record: ExitRecord, policy: str, unit: str = "layers", scores: torch.Tensor | None = None
+) -> list[CurvePoint]:
     """One point per shared threshold (the same at every early exit), from "everyone leaves at the
     first exit" to "nobody leaves early" (the budgeted-batch setting)."""
     scores = record.scores(policy) if scores is None else scores
     J = scores.shape[1]
-    points = [evaluate_thresholds(record, policy, [t] * (J - 1), unit, scores) for t in _candidates(scores[:, :-1], policy)]
+    points = [
+        evaluate_thresholds(record, policy, [t] * (J - 1), unit, scores) for t in _candidates(scores[:, :-1], policy)
+    ]
     for p in points:
         p.threshold = p.threshold[0]
     return points

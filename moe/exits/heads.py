@@ -127,7 +127,7 @@ class PolicyState:
         self.prev_pred = prev_pred
         self.streak = streak
 
-    def select(self, idx: torch.Tensor) -> "PolicyState":
+    def select(self, idx: torch.Tensor) -> PolicyState:
         if self.prev_pred is None:
             return self
         return PolicyState(self.prev_pred.index_select(0, idx), self.streak.index_select(0, idx))
@@ -146,7 +146,9 @@ def exit_score(policy: str, head: HeadOutput, state: PolicyState) -> tuple[torch
         return streak, new_state
     if policy == "learned":
         if head.predictor is None:
-            raise ValueError("policy 'learned' needs exit heads with predictors: train with model.exits.policy: learned")
+            raise ValueError(
+                "policy 'learned' needs exit heads with predictors: train with model.exits.policy: learned"
+            )
         return torch.sigmoid(head.predictor.float()), new_state
     probs = torch.softmax(logits, dim=-1)
     if policy == "max_prob":

@@ -106,7 +106,9 @@ class ExitResult:
 
 
 @torch.no_grad()
-def infer(model: MultiExitModel, batch: dict, policy: str | None = None, thresholds: list[float] | None = None) -> ExitResult:
+def infer(
+    model: MultiExitModel, batch: dict, policy: str | None = None, thresholds: list[float] | None = None
+) -> ExitResult:
     """Batched early-exit inference: after each exit, the samples that leave are removed from the
     batch before the next stage. ``policy``/``thresholds`` default to the model's exit config."""
     cfg = model.exit_cfg

@@ -57,19 +57,35 @@ class GroupedExperts(nn.Module):
         h_NF = kernels.grouped_mm(x_ND, self.w1_EDF.to(x_ND.dtype), offsets=offsets)
         return kernels.grouped_mm(_activate(h_NF, self.activation), self.w2_EFD.to(x_ND.dtype), offsets=offsets)
 
-    def forward_tokens(self, x_TD: torch.Tensor, experts_Tk: torch.Tensor, weights_Tk: torch.Tensor,
-                       counts_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    def forward_tokens(
+        self,
+        x_TD: torch.Tensor,
+        experts_Tk: torch.Tensor,
+        weights_Tk: torch.Tensor,
+        counts_E: torch.Tensor,
+        num_rows: int,
+    ) -> torch.Tensor:
         """Dispatch, both GEMMs and the weighted combine as one op (``dynamoe.kernels.moe_mlp``), token order in
         and out; the layer uses it when a fused backend applies (Triton on CUDA)."""
-        return kernels.moe_mlp(x_TD, experts_Tk, weights_Tk, counts_E, self.w1_EDF.to(x_TD.dtype),
-                               self.w2_EFD.to(x_TD.dtype), activation=self.activation, num_rows=num_rows)
+        return kernels.moe_mlp(
+            x_TD,
+            experts_Tk,
+            weights_Tk,
+            counts_E,
+            self.w1_EDF.to(x_TD.dtype),
+            self.w2_EFD.to(x_TD.dtype),
+            activation=self.activation,
+            num_rows=num_rows,
+        )
 
     @torch.no_grad()
     def shard(self, first: int, count: int) -> None:
         """Keep only the global experts [first, first + count) (expert parallelism)."""
         if first < 0 or count < 1 or first + count > self.num_local + self.first_expert:
-            raise ValueError(f"cannot keep experts [{first}, {first + count}) of [{self.first_expert}, "
-                             f"{self.first_expert + self.num_local})")
+            raise ValueError(
+                f"cannot keep experts [{first}, {first + count}) of [{self.first_expert}, "
+                f"{self.first_expert + self.num_local})"
+            )
         lo = first - self.first_expert
         self.w1_EDF = nn.Parameter(self.w1_EDF[lo : lo + count].clone())
         self.w2_EFD = nn.Parameter(self.w2_EFD[lo : lo + count].clone())

@@ -84,7 +84,10 @@ def reduce_stats(model: nn.Module, reduce) -> None:
 def format_balance_table(rows: list[LayerBalance]) -> str:
     if not rows:
         return "(no MoE layers)"
-    header = f"{'layer':>5} {'tokens':>9} {'max/mean':>9} {'cv':>6} {'dropped':>8} {'entropy':>8} {'H/lnE':>6}  tokens per expert"
+    header = (
+        f"{'layer':>5} {'tokens':>9} {'max/mean':>9} {'cv':>6} {'dropped':>8} {'entropy':>8} {'H/lnE':>6}"
+        "  tokens per expert"
+    )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(

@@ -112,7 +112,11 @@ class TokenChoiceRouter(_RouterBase):
         )
         scores_TE = self.scores(logits_TE)
         probs_TE = scores_TE if cfg.score == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
-        aux = cfg.aux_loss_coef * load_balancing_loss(probs_TE, counts_E, k) if cfg.aux_loss_coef else logits_TE.new_zeros(())
+        aux = (
+            cfg.aux_loss_coef * load_balancing_loss(probs_TE, counts_E, k)
+            if cfg.aux_loss_coef
+            else logits_TE.new_zeros(())
+        )
         z = cfg.z_loss_coef * router_z_loss(logits_TE) if cfg.z_loss_coef else logits_TE.new_zeros(())
         if self.training and cfg.aux_free_bias:
             self.load_since_update += counts_E.to(self.load_since_update.dtype)

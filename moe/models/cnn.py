@@ -76,12 +76,15 @@ class ResNetExits(MultiExitModel):
         super().__init__()
         c = cfg.cnn
         if cfg.num_classes is None or c.in_channels is None or c.image_size is None:
-            raise ValueError("model.num_classes, model.cnn.in_channels and model.cnn.image_size must be set "
-                             "(building the data sets them)")
+            raise ValueError(
+                "model.num_classes, model.cnn.in_channels and model.cnn.image_size must be set "
+                "(building the data sets them)"
+            )
         self.cfg = cfg
         self.exit_cfg = cfg.exits
-        self.stem = nn.Sequential(nn.Conv2d(c.in_channels, c.channels[0], 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(c.channels[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(c.in_channels, c.channels[0], 3, padding=1, bias=False), nn.BatchNorm2d(c.channels[0]), nn.ReLU()
+        )
         self.stages = nn.ModuleList()
         self.moes = nn.ModuleDict()  # "stage_block" -> PointwiseMoE
         c_in, block_no = c.channels[0], 0
@@ -173,6 +176,6 @@ class ResNetExits(MultiExitModel):
 
 def _rename_legacy_depth_keys(state_dict, prefix, *args) -> None:
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix):]
+        rest = key[len(prefix) :]
         if rest.startswith(_LEGACY_DEPTH_PREFIXES):
             state_dict[prefix + "depth." + rest] = state_dict.pop(key)

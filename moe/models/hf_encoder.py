@@ -25,6 +25,7 @@ from dynamoe.models.output import ModelOutput, classification_output
 from dynamoe.models.pooling import masked_mean
 from dynamoe.stage import StageRecords, StageState
 
+
 def resolve_pretrained(name: str) -> str:
     """A local folder for a bundled short name (``minilm``); anything else goes to transformers as is."""
     return resolve_bundled(name, "model.pretrained", ConfigError)
@@ -57,14 +58,23 @@ def fill_from_pretrained(cfg: ModelConfig) -> ModelConfig:
     try:
         hf = AutoConfig.from_pretrained(path)
     except Exception as err:
-        raise ConfigError(f"model.pretrained: '{cfg.pretrained}' has no readable config ({type(err).__name__}: {err}); "
-                          "fix: point it at a folder with config.json or a hub name") from None
+        raise ConfigError(
+            f"model.pretrained: '{cfg.pretrained}' has no readable config ({type(err).__name__}: {err}); "
+            "fix: point it at a folder with config.json or a hub name"
+        ) from None
     if cfg.exits.layers and cfg.exits.layers[-1] >= hf.num_hidden_layers:
-        raise ConfigError(f"model.exits.layers: {cfg.exits.layers} must lie before the encoder's last layer "
-                          f"({hf.num_hidden_layers}); fix: use layers 1..{hf.num_hidden_layers - 1}")
+        raise ConfigError(
+            f"model.exits.layers: {cfg.exits.layers} must lie before the encoder's last layer "
+            f"({hf.num_hidden_layers}); fix: use layers 1..{hf.num_hidden_layers - 1}"
+        )
     return dataclasses.replace(
-        cfg, d_model=hf.hidden_size, n_layers=hf.num_hidden_layers, n_heads=hf.num_attention_heads,
-        d_ff=hf.intermediate_size, vocab_size=hf.vocab_size, max_seq_len=hf.max_position_embeddings,
+        cfg,
+        d_model=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads,
+        d_ff=hf.intermediate_size,
+        vocab_size=hf.vocab_size,
+        max_seq_len=hf.max_position_embeddings,
     )
 
 
@@ -134,8 +144,13 @@ class HFExitClassifier(MultiExitModel):
             out.append(state.x)
         return out
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> ModelOutput:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             batch["token_type_ids"] = token_type_ids

@@ -23,7 +23,7 @@ from dynamoe.depth.transformer_modes import build_transformer_depth, plain_layer
 from dynamoe.exits.heads import ExitHead, HeadOutput, PolicyState, exit_loss, exit_score, thresholds_for
 from dynamoe.exits.multi_exit import MultiExitModel
 from dynamoe.layers.experts import DenseMLP
-from dynamoe.layers.moe_layer import MoELayer
+from dynamoe.layers.moe_layer import MoEAux, MoELayer
 from dynamoe.models.base import DynamoeModel
 from dynamoe.models.output import ModelOutput, aux_total, classification_output
 from dynamoe.models.pooling import masked_mean
@@ -41,8 +41,9 @@ class SelfAttention(nn.Module):
         nn.init.normal_(self.qkv.weight, std=0.02)
         nn.init.normal_(self.proj.weight, std=out_init_std)
 
-    def forward(self, x_BSD: torch.Tensor, key_mask_BS: torch.Tensor | None = None, *, rows: tuple | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, key_mask_BS: torch.Tensor | None = None, *, rows: tuple | None = None
+    ) -> torch.Tensor:
         """Self-attention over the whole sequence, or, with ``rows = (q_pos, x_kv, k_pos, k_valid)``,
         for the query rows ``x_BSD`` only against the key rows ``x_kv`` (:meth:`attend`). Both go
         through the module call, so forward hooks (compute accounting) see every use."""
@@ -53,13 +54,23 @@ class SelfAttention(nn.Module):
         q, k, v = (t.view(B, S, self.n_heads, D // self.n_heads).transpose(1, 2) for t in (q, k, v))  # (B, H, S, Dh)
         attn_mask = None if key_mask_BS is None else key_mask_BS[:, None, None, :].bool()  # (B, 1, 1, S)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
             is_causal=self.causal and attn_mask is None,
         )
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
-    def attend(self, xq_BQD: torch.Tensor, q_pos_BQ: torch.Tensor, xkv_BKD: torch.Tensor, k_pos_BK: torch.Tensor,
-               k_valid_BK: torch.Tensor | None) -> torch.Tensor:
+    def attend(
+        self,
+        xq_BQD: torch.Tensor,
+        q_pos_BQ: torch.Tensor,
+        xkv_BKD: torch.Tensor,
+        k_pos_BK: torch.Tensor,
+        k_valid_BK: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Attention for some query rows against some key rows, each with its sequence position
         (causal order by position); ``k_valid`` marks real keys. Only the queries' Q and output
         projections and the keys' K and V are computed."""
@@ -67,7 +78,9 @@ class SelfAttention(nn.Module):
         K = xkv_BKD.shape[1]
         Dh = D // self.n_heads
         q = F.linear(xq_BQD, self.qkv.weight[:D]).view(B, Q, self.n_heads, Dh).transpose(1, 2)  # (B, H, Q, Dh)
-        k, v = (t.view(B, K, self.n_heads, Dh).transpose(1, 2) for t in F.linear(xkv_BKD, self.qkv.weight[D:]).split(D, -1))
+        k, v = (
+            t.view(B, K, self.n_heads, Dh).transpose(1, 2) for t in F.linear(xkv_BKD, self.qkv.weight[D:]).split(D, -1)
+        )
         allowed = torch.ones(B, Q, K, dtype=torch.bool, device=xq_BQD.device)
         if self.causal:
             allowed = k_pos_BK[:, None, :] <= q_pos_BQ[:, :, None]
@@ -75,7 +88,9 @@ class SelfAttention(nn.Module):
             allowed = allowed & k_valid_BK[:, None, :].bool()
         # A query always sees itself, so padding queries have no empty row (no NaN to mask later).
         allowed = allowed | (k_pos_BK[:, None, :] == q_pos_BQ[:, :, None])
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed[:, None], dropout_p=self.dropout if self.training else 0.0
+        )
         return self.proj(y.transpose(1, 2).reshape(B, Q, D))
 
 
@@ -103,8 +118,14 @@ class Block(nn.Module):
             h = self.ffn(self.ln2(x))
         return x + self.drop(h), aux
 
-    def forward_rows(self, x_BSD: torch.Tensor, q_idx_BQ: torch.Tensor, q_valid_BQ: torch.Tensor,
-                     key_mask_BS: torch.Tensor | None = None, keys: str = "all"):
+    def forward_rows(
+        self,
+        x_BSD: torch.Tensor,
+        q_idx_BQ: torch.Tensor,
+        q_valid_BQ: torch.Tensor,
+        key_mask_BS: torch.Tensor | None = None,
+        keys: str = "all",
+    ):
         """The block for some tokens only: positions ``q_idx`` of each sequence (``q_valid`` marks
         real ones; the rest is padding). Keys are every token (``keys="all"``: halting, where halted
         tokens still serve as keys) or the chosen tokens only (``"queries"``: mixture-of-depths).
@@ -154,8 +175,7 @@ class _Backbone(DynamoeModel):
         pos = torch.arange(S, device=idx_BS.device)
         return self.drop(self.tok_emb(idx_BS) + self.pos_emb(pos))
 
-    def start_state(self, x_BSD: torch.Tensor, key_mask_BS: torch.Tensor | None, mod_rule: str = "top_c"
-                    ) -> StageState:
+    def start_state(self, x_BSD: torch.Tensor, key_mask_BS: torch.Tensor | None, mod_rule: str = "top_c") -> StageState:
         state = StageState(x_BSD, key_mask_BS)
         return state if self.depth is None else self.depth.start(state, mod_rule)
 
@@ -169,8 +189,9 @@ class _Backbone(DynamoeModel):
         """The residual stream the final head reads (ACT: the halting-weighted sum of states)."""
         return state.x if self.depth is None else self.depth.output(state)
 
-    def hidden(self, idx_BS: torch.Tensor, key_mask_BS: torch.Tensor | None = None, mod_rule: str = "top_c"
-               ) -> tuple[torch.Tensor, RecordLog, StageState]:
+    def hidden(
+        self, idx_BS: torch.Tensor, key_mask_BS: torch.Tensor | None = None, mod_rule: str = "top_c"
+    ) -> tuple[torch.Tensor, RecordLog, StageState]:
         """Final hidden states [B, S, D], the records of every layer, and the last state."""
         state = self.start_state(self._embed(idx_BS), key_mask_BS, mod_rule)
         log = RecordLog()
@@ -187,8 +208,11 @@ class _Backbone(DynamoeModel):
         """FLOPs of block ``i`` on ``batch`` sequences of ``seq`` tokens (dropless routing)."""
         cfg = self.cfg
         tokens = batch * seq
-        ffn = (F_.moe_ffn_flops(tokens, cfg.d_model, cfg.moe) if self.blocks[i].is_moe
-               else F_.dense_ffn_flops(tokens, cfg.d_model, cfg.d_ff, cfg.moe.activation))
+        ffn = (
+            F_.moe_ffn_flops(tokens, cfg.d_model, cfg.moe)
+            if self.blocks[i].is_moe
+            else F_.dense_ffn_flops(tokens, cfg.d_model, cfg.d_ff, cfg.moe.activation)
+        )
         return F_.attention_flops(batch, seq, cfg.d_model) + ffn
 
 
@@ -226,7 +250,9 @@ class TransformerLM(_Backbone):
         pred = self.exit_predictors[j](h.detach()).squeeze(-1) if len(self.exit_predictors) else None
         return HeadOutput(self.head(h), pred)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, mod_rule: str = "top_c") -> ModelOutput:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, mod_rule: str = "top_c"
+    ) -> ModelOutput:
         """``mod_rule``: mixture-of-depths routing by top-C over the sequence (training, and the
         reference), or "causal", the decoding rule (each token's predictor decides)."""
         if self.depth is not None and self.depth.trains_on_halting_distribution and self.training:
@@ -237,8 +263,14 @@ class TransformerLM(_Backbone):
             loss = None
             if labels is not None:
                 loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-            return ModelOutput(logits_BSV, loss, aux_total(log.moe), log.moe, depth=log.depth,
-                               depth_loss=depth_loss(log.depth, self.cfg.depth))
+            return ModelOutput(
+                logits_BSV,
+                loss,
+                aux_total(log.moe),
+                log.moe,
+                depth=log.depth,
+                depth_loss=depth_loss(log.depth, self.cfg.depth),
+            )
         state = self.start_state(self._embed(input_ids), None, mod_rule)
         heads, log = [], RecordLog()
         exit_after = {layer - 1: j for j, layer in enumerate(self.exit_cfg.layers)}
@@ -250,11 +282,21 @@ class TransformerLM(_Backbone):
         heads.append(self._exit_head(len(self.exit_norms), self.final_state(state)))
         loss, per_exit = None, []
         if labels is not None:
-            flat = [HeadOutput(h.logits.flatten(0, 1), None if h.predictor is None else h.predictor.flatten())
-                    for h in heads]
+            flat = [
+                HeadOutput(h.logits.flatten(0, 1), None if h.predictor is None else h.predictor.flatten())
+                for h in heads
+            ]
             loss, per_exit = exit_loss(self.exit_cfg, flat, labels.flatten(), self.exit_phase)
-        return ModelOutput(heads[-1].logits, loss, aux_total(log.moe), log.moe, heads, per_exit, log.depth,
-                           depth_loss(log.depth, self.cfg.depth))
+        return ModelOutput(
+            heads[-1].logits,
+            loss,
+            aux_total(log.moe),
+            log.moe,
+            heads,
+            per_exit,
+            log.depth,
+            depth_loss(log.depth, self.cfg.depth),
+        )
 
     def _pondernet_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> ModelOutput:
         """PonderNet training: every layer on every token; the loss is the task loss expected under
@@ -264,8 +306,12 @@ class TransformerLM(_Backbone):
         logits_L = [self.head(self.ln_f(s)) for s in state.depth.states]
         loss = kl = None
         if labels is not None:
-            ce_LT = torch.stack([F.cross_entropy(lg.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                                 reduction="none") for lg in logits_L])
+            ce_LT = torch.stack(
+                [
+                    F.cross_entropy(lg.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+                    for lg in logits_L
+                ]
+            )
             d = self.cfg.depth
             loss, kl = pondernet_loss(p_LBS.flatten(1), ce_LT, labels.flatten() != -100, d.lambda_p, d.kl_coef)
         last = log.depth[-1]
@@ -275,7 +321,11 @@ class TransformerLM(_Backbone):
 
     @torch.no_grad()
     def generate_exit_eval(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, policy: str | None = None, thresholds: list[float] | None = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        policy: str | None = None,
+        thresholds: list[float] | None = None,
     ) -> dict:
         """Per-token early exit on a whole sequence, with state copying (CALM): a token that exits
         keeps its hidden state for the later layers, which still read it as a key and value, so the
@@ -283,7 +333,9 @@ class TransformerLM(_Backbone):
         the layers each token ran; the FLOPs saved are those of a KV-cache decoder that skips the
         exited tokens' later layers (this dense pass computes them and discards them)."""
         if self.depth is not None:
-            raise ValueError("generate_exit_eval runs the plain layers; with model.depth use forward(..., mod_rule=...)")
+            raise ValueError(
+                "generate_exit_eval runs the plain layers; with model.depth use forward(..., mod_rule=...)"
+            )
         cfg = self.exit_cfg
         policy = policy or cfg.policy
         thresholds = thresholds_for(cfg) if thresholds is None else thresholds
@@ -300,7 +352,9 @@ class TransformerLM(_Backbone):
             if i in exit_after:
                 j = exit_after[i]
                 head = self._exit_head(j, x)
-                flat = HeadOutput(head.logits.flatten(0, 1), None if head.predictor is None else head.predictor.flatten())
+                flat = HeadOutput(
+                    head.logits.flatten(0, 1), None if head.predictor is None else head.predictor.flatten()
+                )
                 score, pstate = exit_score(policy, flat, pstate)
                 leave = (score.view(B, S) >= thresholds[j]) & active
                 chosen[leave] = head.logits[leave].float()

@@ -51,7 +51,9 @@ def save_checkpoint(folder: Path, *, model_state: dict, optim_tensors: dict, tra
     save_file(optim_tensors, tmp / "optimizer.safetensors")
     (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
-    _write_json_atomic(tmp / MANIFEST, {"format_version": FORMAT_VERSION, "files": files, "step": trainer_state["step"]})
+    _write_json_atomic(
+        tmp / MANIFEST, {"format_version": FORMAT_VERSION, "files": files, "step": trainer_state["step"]}
+    )
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
@@ -72,10 +74,13 @@ def verify_checkpoint(folder: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint '{folder}': {MANIFEST} is unreadable; fix: resume from an earlier checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint '{folder}': {MANIFEST} is unreadable; fix: resume from an earlier checkpoint"
+        ) from None
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
-            f"checkpoint '{folder}' has format version {manifest.get('format_version')}, this dynamoe reads {FORMAT_VERSION}; "
+            f"checkpoint '{folder}' has format version {manifest.get('format_version')}, "
+            f"this dynamoe reads {FORMAT_VERSION}; "
             "fix: use the dynamoe version that wrote it"
         )
     for name, meta in files.items():
@@ -98,7 +103,9 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
         model_state = load_file(folder / "model.safetensors")
         optim = load_file(folder / "optimizer.safetensors")
     except SafetensorError as err:
-        raise CheckpointError(f"checkpoint '{folder}' cannot be read ({err}); fix: resume from an earlier checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint '{folder}' cannot be read ({err}); fix: resume from an earlier checkpoint"
+        ) from None
     return model_state, optim, json.loads((folder / "trainer.json").read_text())
 
 
@@ -107,7 +114,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).exists() and not p.name.endswith(".partial"))
+    return sorted(
+        p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).exists() and not p.name.endswith(".partial")
+    )
 
 
 def resolve_resume(path: Path) -> Path:
@@ -117,7 +126,10 @@ def resolve_resume(path: Path) -> Path:
         return path
     found = list_checkpoints(path)
     if not found:
-        raise CheckpointError(f"no committed checkpoint under '{path}/checkpoints'; fix: pass a checkpoint folder or start without --resume")
+        raise CheckpointError(
+            f"no committed checkpoint under '{path}/checkpoints'; "
+            "fix: pass a checkpoint folder or start without --resume"
+        )
     return found[-1]
 
 
@@ -135,7 +147,9 @@ def export_model(source: Path, out: Path) -> Path:
     folder = resolve_resume(Path(source))
     model_state, _, state = load_checkpoint(folder)
     if "model_config" not in state:
-        raise CheckpointError(f"checkpoint '{folder}' records no model config; fix: export a checkpoint written by this version")
+        raise CheckpointError(
+            f"checkpoint '{folder}' records no model config; fix: export a checkpoint written by this version"
+        )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": EXPORT_FORMAT, "model_config": json.dumps(state["model_config"]), "step": str(state["step"])}
@@ -160,8 +174,10 @@ def load_exported(path: Path):
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"exported model '{path}' cannot be read ({err}); fix: export it again") from None
     if metadata.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"'{path}' is not a dynamoe model export (format {metadata.get('format')!r}); "
-                              "fix: pass a file written by `moe export`")
+        raise CheckpointError(
+            f"'{path}' is not a dynamoe model export (format {metadata.get('format')!r}); "
+            "fix: pass a file written by `moe export`"
+        )
     cfg = from_dict(ModelConfig, json.loads(metadata["model_config"]), "model")
     model = build_model(cfg)
     model.load_state_dict(tensors, strict=True)
@@ -181,11 +197,15 @@ def load_model(source: Path):
     folder = resolve_resume(source)
     model_state, _, state = load_checkpoint(folder)
     if "model_config" not in state:
-        raise CheckpointError(f"checkpoint '{folder}' records no model config; fix: use a checkpoint written by this version")
+        raise CheckpointError(
+            f"checkpoint '{folder}' records no model config; fix: use a checkpoint written by this version"
+        )
     cfg = from_dict(ModelConfig, state["model_config"], "model")
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(model_state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint '{folder}' does not fit its recorded model (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}); fix: load it with the version of dynamoe that wrote it")
+        raise CheckpointError(
+            f"checkpoint '{folder}' does not fit its recorded model (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}); fix: load it with the version of dynamoe that wrote it"
+        )
     return cfg, model.eval()

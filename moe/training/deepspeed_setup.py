@@ -36,8 +36,12 @@ def init_distributed(backend: str):
     return deepspeed
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, expert_group: str | None,
-                 early_exit: set[int] | frozenset = frozenset()):
+def param_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    expert_group: str | None,
+    early_exit: set[int] | frozenset = frozenset(),
+):
     """AdamW groups: matrices decay; norms, biases and embeddings do not. Expert parameters form a
     group of their own, marked the way DeepSpeed's ZeRO expects (``moe``, ``name``), so ZeRO
     partitions them over the expert-data-parallel group. Parameters whose id is in ``early_exit``
@@ -53,8 +57,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float, expert_group: str 
         else:
             (exit_no_decay if id(p) in early_exit else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups += [g for g in ({"params": exit_decay, "weight_decay": weight_decay, "early_exit": True},
-                           {"params": exit_no_decay, "weight_decay": 0.0, "early_exit": True}) if g["params"]]
+    groups += [
+        g
+        for g in (
+            {"params": exit_decay, "weight_decay": weight_decay, "early_exit": True},
+            {"params": exit_no_decay, "weight_decay": 0.0, "early_exit": True},
+        )
+        if g["params"]
+    ]
     if experts:
         groups.append({"params": experts, "weight_decay": weight_decay, "moe": True, "name": expert_group})
     return groups

@@ -152,8 +152,9 @@ def load_full_optimizer_state(optimizer, model: nn.Module, tensors: dict, groups
     for name, p in model.named_parameters():
         state = by_param.get(name)
         if state:
-            optimizer.state[p] = {k: (_local(v, name, shards).to(p.device).clone() if v.dim() else v.clone())
-                                  for k, v in state.items()}
+            optimizer.state[p] = {
+                k: (_local(v, name, shards).to(p.device).clone() if v.dim() else v.clone()) for k, v in state.items()
+            }
 
 
 def _relink_fragments(optimizer) -> None:

@@ -25,18 +25,35 @@ from pathlib import Path
 import torch
 import yaml
 
-from dynamoe.training import checkpoint as ckpt
 from dynamoe.config import ConfigError, RunConfig, to_dict
-from dynamoe.training.cpu_runtime import keep_large_allocations
 from dynamoe.data import build_data
 from dynamoe.depth import depth_summary
-from dynamoe.training.deepspeed_setup import clip_gradients_, deepspeed_recognises, global_grad_norm, init_distributed, param_groups
 from dynamoe.layers.expert_parallel import TrafficCounter, shard_experts
+from dynamoe.layers.load_stats import (
+    format_balance_table,
+    layer_balance,
+    reduce_stats,
+    reset_stats,
+    stats_paused,
+)
 from dynamoe.layers.moe_layer import MoELayer
-from dynamoe.training.sharded_state import full_model_state, full_optimizer_state, load_full_model_state, load_full_optimizer_state
-from dynamoe.training.metrics import MetricsWriter
-from dynamoe.layers.load_stats import format_balance_table, layer_balance, moe_layers, reduce_stats, reset_stats, stats_paused
 from dynamoe.models import build_model
+from dynamoe.training import checkpoint as ckpt
+from dynamoe.training.cpu_runtime import keep_large_allocations
+from dynamoe.training.deepspeed_setup import (
+    clip_gradients_,
+    deepspeed_recognises,
+    global_grad_norm,
+    init_distributed,
+    param_groups,
+)
+from dynamoe.training.metrics import MetricsWriter
+from dynamoe.training.sharded_state import (
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
 
 
 class TrainerHooks:
@@ -75,7 +92,9 @@ def lr_at(step: int, cfg) -> float:
 def _code_version() -> str:
     try:
         repo = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -89,10 +108,14 @@ def _fill_from_data(cfg: RunConfig, data) -> RunConfig:
     model = cfg.model
     if cfg.task == "image_classification":
         C, H, W = data.image_shape
-        cnn = dataclasses.replace(model.cnn, in_channels=model.cnn.in_channels or C, image_size=model.cnn.image_size or H)
+        cnn = dataclasses.replace(
+            model.cnn, in_channels=model.cnn.in_channels or C, image_size=model.cnn.image_size or H
+        )
         if cnn.in_channels != C or cnn.image_size != H:
-            raise ConfigError(f"model.cnn: in_channels={cnn.in_channels}, image_size={cnn.image_size} do not fit the data's "
-                              f"{C}x{H}x{W} images; fix: remove them to take them from the data")
+            raise ConfigError(
+                f"model.cnn: in_channels={cnn.in_channels}, image_size={cnn.image_size} do not fit the data's "
+                f"{C}x{H}x{W} images; fix: remove them to take them from the data"
+            )
         model = dataclasses.replace(model, cnn=cnn, num_classes=model.num_classes or data.num_classes)
         return dataclasses.replace(cfg, model=model)
     if model.kind == "hf_encoder":
@@ -112,8 +135,16 @@ def _fill_from_data(cfg: RunConfig, data) -> RunConfig:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, *, run_dir: str | None = None, resume: str | None = None, progress: bool = True,
-                 hooks: TrainerHooks | None = None, restart: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        run_dir: str | None = None,
+        resume: str | None = None,
+        progress: bool = True,
+        hooks: TrainerHooks | None = None,
+        restart: bool = False,
+    ):
         """``restart``: a launcher restarts this job with no checkpoint to resume from; checkpoints
         already in the run folder are this job's own, written but never committed, and are dropped."""
         self.hooks = hooks or TrainerHooks()
@@ -139,7 +170,12 @@ class Trainer:
         self.traffic = TrafficCounter()
         self.ep_group, expert_group = self._shard_experts()
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, self.cfg.train.weight_decay, expert_group, {id(p) for p in self.model.early_exit_parameters()}),
+            param_groups(
+                self.model,
+                self.cfg.train.weight_decay,
+                expert_group,
+                {id(p) for p in self.model.early_exit_parameters()},
+            ),
             lr=self.cfg.train.lr,
             betas=self.cfg.train.betas,
         )
@@ -158,7 +194,9 @@ class Trainer:
         if self.cfg.parallel.zero_stage == 2:
             ds_config["zero_optimization"]["contiguous_gradients"] = True  # required by ZeRO-2 with MoE
         with deepspeed_recognises(MoELayer):
-            self.engine, _, _, _ = self.deepspeed.initialize(model=self.model, optimizer=self.optimizer, config=ds_config)
+            self.engine, _, _, _ = self.deepspeed.initialize(
+                model=self.model, optimizer=self.optimizer, config=ds_config
+            )
         self.start_step = 0
         if resume is not None:
             self._resume(Path(resume))
@@ -251,7 +289,9 @@ class Trainer:
 
     def _micro_batch(self, step: int, micro: int) -> dict:
         t = self.cfg.train
-        return self._on_device(self.data.train_batch(t.seed, step * t.grad_accum + micro, t.batch_size, self.rank, self.world))
+        return self._on_device(
+            self.data.train_batch(t.seed, step * t.grad_accum + micro, t.batch_size, self.rank, self.world)
+        )
 
     def _on_device(self, batch: dict) -> dict:
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
@@ -277,8 +317,11 @@ class Trainer:
             return
         first = max(1, int(t.steps * exits.stage_one_fraction))
         in_first = step < first
-        stage = dataclasses.replace(t, steps=first if in_first else t.steps - first,
-                                    warmup_steps=min(t.warmup_steps, first if in_first else t.steps - first))
+        stage = dataclasses.replace(
+            t,
+            steps=first if in_first else t.steps - first,
+            warmup_steps=min(t.warmup_steps, first if in_first else t.steps - first),
+        )
         lr = lr_at(step if in_first else step - first, stage)
         for group in self.optimizer.param_groups:
             trains = group.get("early_exit", False) != in_first
@@ -384,8 +427,13 @@ class Trainer:
             else:
                 for j, value in enumerate(out.exit_losses[:n_exits]):
                     exit_totals[j] += float(value) * n
-        totals = torch.cat([torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64), exit_totals,
-                            torch.tensor(depth_flops, dtype=torch.float64)])
+        totals = torch.cat(
+            [
+                torch.tensor([loss_sum, float(correct), float(count)], dtype=torch.float64),
+                exit_totals,
+                torch.tensor(depth_flops, dtype=torch.float64),
+            ]
+        )
         totals = totals.to(self.engine.device)
         if self.reduce is not None:
             self.reduce(totals)
@@ -395,7 +443,7 @@ class Trainer:
         for j in range(n_exits):
             result[f"exit{j}_{'accuracy' if classify else 'loss'}"] = float(totals[3 + j] / totals[2])
         if self.cfg.model.depth.enabled:
-            result.update(_depth_fields(totals[3 + n_exits:].tolist()))
+            result.update(_depth_fields(totals[3 + n_exits :].tolist()))
         return result
 
     def save(self, step: int) -> Path | None:
@@ -404,9 +452,15 @@ class Trainer:
         tensors, groups = full_optimizer_state(self.engine.optimizer, self.model, self.ep_group)
         folder = None
         if self.is_main:
-            state = {"step": step, "optimizer_groups": groups, "seed": self.cfg.train.seed, "world_size": self.world,
-                     "ep_size": self.cfg.parallel.ep_size, "zero_stage": self.cfg.parallel.zero_stage,
-                     "model_config": to_dict(self.cfg.model)}
+            state = {
+                "step": step,
+                "optimizer_groups": groups,
+                "seed": self.cfg.train.seed,
+                "world_size": self.world,
+                "ep_size": self.cfg.parallel.ep_size,
+                "zero_stage": self.cfg.parallel.zero_stage,
+                "model_config": to_dict(self.cfg.model),
+            }
             folder = ckpt.save_checkpoint(
                 self.run_dir / "checkpoints" / f"step_{step:08d}",
                 model_state=model_state,
@@ -462,8 +516,13 @@ class Trainer:
         self.hooks.on_checkpoint(t.steps, self.save(t.steps))
         baseline = self.data.unigram_loss() if self.cfg.task == "lm" else None
         if self.is_main:
-            summary = {"final_eval": final, "train_wall_s": wall, "steps": t.steps, "unigram_baseline_loss": baseline,
-                       "load_balance": [b.as_dict() for b in balance]}
+            summary = {
+                "final_eval": final,
+                "train_wall_s": wall,
+                "steps": t.steps,
+                "unigram_baseline_loss": baseline,
+                "load_balance": [b.as_dict() for b in balance],
+            }
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.metrics.close()
         return TrainResult(self.run_dir, t.steps, wall, losses, final, balance, baseline)
@@ -511,7 +570,10 @@ def _add_depth(sums: list[float], out) -> None:
 def _depth_fields(sums: list[float]) -> dict:
     """Compute per token (sample, for images) of the blocks and its share of the plain network's."""
     flops, full, rows = sums
-    return {"depth_compute_fraction": flops / full if full else 1.0, "depth_flops_per_token": flops / rows if rows else 0.0}
+    return {
+        "depth_compute_fraction": flops / full if full else 1.0,
+        "depth_flops_per_token": flops / rows if rows else 0.0,
+    }
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
@@ -522,7 +584,9 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def train(cfg: RunConfig, *, run_dir: str | None = None, resume: str | None = None, progress: bool = True) -> TrainResult:
+def train(
+    cfg: RunConfig, *, run_dir: str | None = None, resume: str | None = None, progress: bool = True
+) -> TrainResult:
     """Train ``cfg`` to completion (or continue from ``resume``) and return the summary."""
     trainer = Trainer(cfg, run_dir=run_dir, resume=resume, progress=progress)
     result = trainer.fit()
