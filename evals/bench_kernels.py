@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script (python evals/...): make the re
 
 from dynamoe import kernels
 from dynamoe.evals.report import hardware_info, write_json
-from dynamoe.kernels.grouped_gemm import _grouped_mm_pytorch, _torch_grouped_mm_applies, grouped_mm_ref
+from dynamoe.kernels.grouped_gemm import grouped_mm_pytorch, grouped_mm_ref, torch_grouped_mm_applies
 
 SHAPES = {  # T tokens, d model width, f expert hidden width, E experts, k experts per token
     "mixtral": {"T": 8192, "d": 4096, "f": 14336, "E": 8, "k": 2},
@@ -134,10 +134,10 @@ def bench_ops(name: str, s: dict, args, device, dtype) -> list[dict]:
         rows.append(_row(name, op, provider, fn, device, args, **kw))
 
     triton = kernels.backend_for(x, "grouped_mm") == "triton"
-    from dynamoe.kernels.backend import _IMPLS  # the implementations themselves, to time each backend by name
+    from dynamoe.kernels.backend import registered_implementation
 
     def impl(op):
-        return _IMPLS[op]["triton"] if triton else None
+        return registered_implementation(op, "triton") if triton else None
 
     # Routing and dispatch: memory-bound, so GB/s.
     b_route = T * E * logits.element_size() + T * k * 12 + E * 8
@@ -185,10 +185,10 @@ def bench_ops(name: str, s: dict, args, device, dtype) -> list[dict]:
         )
     )
     off_dev = offsets.to(device)
-    tg = _torch_grouped_mm_applies(x_sorted, w1)
+    tg = torch_grouped_mm_applies(x_sorted, w1)
     gmm_fwd = {
         "triton": (lambda: impl("grouped_mm")(x_sorted, w1, off_dev)) if triton else None,
-        "reference": lambda: _grouped_mm_pytorch(x_sorted, w1, offsets),
+        "reference": lambda: grouped_mm_pytorch(x_sorted, w1, offsets),
         "torch loop": lambda: torch_loop(x_sorted, w1, counts_list),
         "torch._grouped_mm": (lambda: torch._grouped_mm(x_sorted, w1, offs=off_dev)) if tg else None,
     }
@@ -211,7 +211,7 @@ def bench_ops(name: str, s: dict, args, device, dtype) -> list[dict]:
     add("grouped_mm fwd+bwd", "dense", fwd_bwd(lambda: xg @ wdg, (xg, wdg)), flops=3 * fl, dense_ms=dense_fb)
     gmm_fb = {
         "triton": fwd_bwd(lambda: impl("grouped_mm")(xg, w1g, off_dev), (xg, w1g)) if triton else None,
-        "reference": fwd_bwd(lambda: _grouped_mm_pytorch(xg, w1g, offsets), (xg, w1g)),
+        "reference": fwd_bwd(lambda: grouped_mm_pytorch(xg, w1g, offsets), (xg, w1g)),
         "torch loop": fwd_bwd(lambda: grouped_mm_ref(xg, w1g, offsets), (xg, w1g)),
     }
     for provider, fn in gmm_fb.items():

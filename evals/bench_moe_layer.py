@@ -45,7 +45,7 @@ def step_flops(T: int, d: int, f: int, E: int, k: int) -> dict:
     return {"expert_fwd": expert_fwd, "router_fwd": router_fwd, "total_fwd_bwd": 3 * (expert_fwd + router_fwd)}
 
 
-def _init_deepspeed():
+def init_deepspeed():
     """DeepSpeed on CPU with a 1-process gloo group (its MoE layer needs torch.distributed)."""
     os.environ["DS_ACCELERATOR"] = "cpu"  # this benchmark measures the CPU path even where a GPU exists
     return init_distributed("gloo")
@@ -132,7 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     malloc_tuned = False if args.default_malloc else keep_large_allocations()
-    deepspeed = _init_deepspeed()
+    deepspeed = init_deepspeed()
     torch.set_num_threads(args.threads)  # after DeepSpeed's import, which may change the thread count
     torch.manual_seed(args.seed)
     T, d, f, E, k, cf = args.tokens, args.d_model, args.d_ff, args.experts, args.top_k, args.capacity_factor

@@ -54,6 +54,14 @@ def backend_for(t: torch.Tensor, op: str | None = None) -> str:
     return REFERENCE
 
 
+def registered_implementation(op: str, backend: str) -> Callable:
+    """The implementation ``backend`` registered for ``op`` (benchmarks time each backend by name)."""
+    try:
+        return _IMPLS[op][backend]
+    except KeyError:
+        raise NotImplementedError(f"kernel op {op!r} has no {backend!r} implementation") from None
+
+
 def implementation(op: str, t: torch.Tensor) -> Callable:
     """The implementation of ``op`` chosen for main input ``t``."""
     backend = backend_for(t, op)

@@ -14,7 +14,7 @@ import torch
 from dynamoe.kernels.backend import REFERENCE, implementation, register_impl
 
 
-def _check_assignments(experts: torch.Tensor, num_experts: int) -> None:
+def check_assignments(experts: torch.Tensor, num_experts: int) -> None:
     if experts.dim() != 2:
         raise ValueError(f"experts must be [T, k], got shape {tuple(experts.shape)}")
     if experts.dtype not in (torch.int32, torch.int64):
@@ -25,7 +25,7 @@ def _check_assignments(experts: torch.Tensor, num_experts: int) -> None:
 
 def _dispatch_plan(experts: torch.Tensor, num_experts: int, num_rows: int | None):
     """(row_map [T, k], token_of_row [N]) for ``experts`` [T, k] (entries in [0, E), -1 when dropped)."""
-    _check_assignments(experts, num_experts)
+    check_assignments(experts, num_experts)
     flat = experts.reshape(-1).long()
     # Dropped assignments sort after every real expert and receive no row.
     key = torch.where(flat < 0, torch.full_like(flat, num_experts), flat)

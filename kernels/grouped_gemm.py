@@ -20,7 +20,7 @@ def offsets_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, dim=0).to(torch.int32)
 
 
-def _resolve_groups(x, w, counts, offsets) -> torch.Tensor:
+def resolve_groups(x, w, counts, offsets) -> torch.Tensor:
     if (counts is None) == (offsets is None):
         raise ValueError("grouped_mm: pass exactly one of counts= or offsets=")
     if x.dim() != 2 or w.dim() != 3 or x.shape[1] != w.shape[1]:
@@ -70,7 +70,7 @@ class _TorchGroupedMM(torch.autograd.Function):
         return dx, dw, None
 
 
-def _torch_grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+def torch_grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or x.device != w.device:
         return False
     if x.device.type == "cuda":
@@ -85,8 +85,8 @@ def _torch_grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 @register_impl("grouped_mm", REFERENCE)
-def _grouped_mm_pytorch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    if _torch_grouped_mm_applies(x, w):
+def grouped_mm_pytorch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    if torch_grouped_mm_applies(x, w):
         return _TorchGroupedMM.apply(x.contiguous(), w.contiguous(), offsets)
     return grouped_mm_ref(x, w, offsets)
 
@@ -103,5 +103,5 @@ def grouped_mm(
     Differentiable w.r.t. ``x`` and ``w``. Uses ``torch._grouped_mm`` where it applies (CPU fp32/bf16,
     CUDA bf16 on sm90+, 16-byte aligned widths) and a loop over experts otherwise.
     """
-    offsets = _resolve_groups(x, w, counts, offsets)
+    offsets = resolve_groups(x, w, counts, offsets)
     return implementation("grouped_mm", x)(x, w, offsets)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from dynamoe.kernels.backend import REFERENCE, backend_for, implementation, register_impl
 from dynamoe.kernels.dispatch import permute_ref, unpermute_ref
-from dynamoe.kernels.grouped_gemm import _grouped_mm_pytorch, _resolve_groups
+from dynamoe.kernels.grouped_gemm import grouped_mm_pytorch, resolve_groups
 
 ACTIVATIONS = ("gelu", "swiglu")
 
@@ -27,7 +27,7 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(h)
 
 
-def _check_mlp_args(x, experts, weights, w1, w2, activation) -> None:
+def check_mlp_args(x, experts, weights, w1, w2, activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"moe_mlp: activation={activation!r} must be one of {ACTIVATIONS}")
     if x.dim() != 2 or experts.shape != weights.shape or experts.shape[0] != x.shape[0]:
@@ -67,11 +67,11 @@ def moe_mlp_ref(
         x: [T, d]; experts, weights: [T, k] (routing output); counts: [E] kept rows per expert;
         w1: [E, d, f] ([E, d, 2f] for SwiGLU, gate then up); w2: [E, f, d]; num_rows: see ``permute``.
     """
-    _check_mlp_args(x, experts, weights, w1, w2, activation)
+    check_mlp_args(x, experts, weights, w1, w2, activation)
     x_sorted, row_map = permute_ref(x, experts, w1.shape[0], num_rows)
-    offsets = _resolve_groups(x_sorted, w1, counts, None)
-    h = _grouped_mm_pytorch(x_sorted, w1, offsets)
-    y_sorted = _grouped_mm_pytorch(activate(h, activation), w2, offsets)
+    offsets = resolve_groups(x_sorted, w1, counts, None)
+    h = grouped_mm_pytorch(x_sorted, w1, offsets)
+    y_sorted = grouped_mm_pytorch(activate(h, activation), w2, offsets)
     return unpermute_ref(y_sorted, row_map, weights)
 
 

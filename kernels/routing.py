@@ -14,7 +14,7 @@ from dynamoe.kernels.backend import REFERENCE, implementation, register_impl
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 
 
-def _check_route_args(logits: torch.Tensor, k: int, score: str, bias: torch.Tensor | None) -> None:
+def check_route_args(logits: torch.Tensor, k: int, score: str, bias: torch.Tensor | None) -> None:
     if logits.dim() != 2:
         raise ValueError(f"topk_route: logits must be [T, E], got shape {tuple(logits.shape)}")
     num_experts = logits.shape[1]
@@ -49,7 +49,7 @@ def topk_route_ref(
         weights [T, k] fp32 (differentiable w.r.t. ``logits``), experts [T, k] int64 in descending
         score order, counts [E] int64 (assignments per expert).
     """
-    _check_route_args(logits, k, score, bias)
+    check_route_args(logits, k, score, bias)
     logits_f32 = logits.float()
     scores_TE = torch.softmax(logits_f32, dim=-1) if score == "softmax" else torch.sigmoid(logits_f32)
     select_TE = scores_TE if bias is None else scores_TE + bias.float()

@@ -48,7 +48,7 @@ from dynamoe.kernels.dispatch import permute_ref, unpermute_ref
 from dynamoe.kernels.grouped_gemm import grouped_mm_ref
 from dynamoe.kernels.routing import topk_route_ref
 from dynamoe.kernels.triton import autotune
-from dynamoe.kernels.triton.grouped_gemm import _tile_table
+from dynamoe.kernels.triton.grouped_gemm import tile_table
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 
@@ -277,8 +277,8 @@ def test_grouped_mm_float64_exact_enough_and_tile_table():
     ry = grouped_mm_ref(x, w, kernels.offsets_from_counts(counts))
     torch.testing.assert_close(y, ry, atol=1e-12, rtol=1e-12)
     ends = kernels.offsets_from_counts(counts)
-    assert _tile_table(ends, 32).tolist() == [0, 1, 1, 3, 4]  # cumulative ceil(count / 32)
-    assert _tile_table(ends, 32)[-1] <= math.ceil(46 / 32) + 5  # within the launch grid's bound
+    assert tile_table(ends, 32).tolist() == [0, 1, 1, 3, 4]  # cumulative ceil(count / 32)
+    assert tile_table(ends, 32)[-1] <= math.ceil(46 / 32) + 5  # within the launch grid's bound
 
 
 def test_grouped_mm_errors():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dynamoe.config import MoEConfig, RouterConfig
-from dynamoe.kernels.grouped_gemm import _torch_grouped_mm_applies
+from dynamoe.kernels.grouped_gemm import torch_grouped_mm_applies
 from dynamoe.layers.experts import DenseMLP
 from dynamoe.layers.moe_layer import MoELayer
 
@@ -153,8 +153,8 @@ def test_layer_matches_naive_float64(shape, routing, activation, shared):
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_layer_fp32_grouped_mm_path(activation):
     layer = make_layer(activation, shared=1, starve=True, seed=3, d=32, f=16)  # 16-byte aligned widths
-    assert _torch_grouped_mm_applies(torch.zeros(1, 32), layer.experts.w1_EDF)
-    assert _torch_grouped_mm_applies(torch.zeros(1, 16), layer.experts.w2_EFD)
+    assert torch_grouped_mm_applies(torch.zeros(1, 32), layer.experts.w1_EDF)
+    assert torch_grouped_mm_applies(torch.zeros(1, 16), layer.experts.w2_EFD)
     x = make_input((3, 9), seed=4, starve=True, dtype=torch.float32, d=32)
     check_against_naive(layer, x, tol=1e-4, starve=True)
 

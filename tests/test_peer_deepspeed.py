@@ -12,9 +12,9 @@ from dynamoe.layers.moe_layer import MoELayer
 
 @pytest.fixture(scope="module")
 def deepspeed():
-    from dynamoe.evals.bench_moe_layer import _init_deepspeed
+    from dynamoe.evals.bench_moe_layer import init_deepspeed
 
-    return _init_deepspeed()
+    return init_deepspeed()
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from dynamoe.kernels.dispatch import _check_assignments
+from dynamoe.kernels.dispatch import check_assignments
 from dynamoe.kernels.triton._jit import acc_is_f64, cdiv, check_device, kernel, next_pow2, tl
 
 BLOCK_ASSIGN = 128  # assignments per plan program; the one-hot tile is [128, next_pow2(E)]
@@ -182,7 +182,7 @@ def _row_blocks(width: int) -> tuple[int, int]:
 
 def dispatch_plan(experts: torch.Tensor, num_experts: int, num_rows: int | None):
     """(row_map [T, k] int64, token_of_row [N] int64, kept assignments per expert [E] int64), on device."""
-    _check_assignments(experts, num_experts)
+    check_assignments(experts, num_experts)
     T, k = experts.shape
     A = T * k
     if num_rows is None:

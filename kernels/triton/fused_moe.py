@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from dynamoe.kernels.moe_mlp import _check_mlp_args, activate
+from dynamoe.kernels.moe_mlp import activate, check_mlp_args
 from dynamoe.kernels.triton._jit import check_device
 from dynamoe.kernels.triton.dispatch import dispatch_plan, gather_rows, sum_rows
-from dynamoe.kernels.triton.grouped_gemm import _check_operands, gmm, gmm_weight_grad
+from dynamoe.kernels.triton.grouped_gemm import check_operands, gmm, gmm_weight_grad
 
 
 def _row_weights(weights_Tk: torch.Tensor, row_map_Tk: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -67,9 +67,9 @@ class _FusedMoEMLP(torch.autograd.Function):
 def moe_mlp_triton(x, experts, weights, counts, w1, w2, *, activation="gelu", num_rows=None):
     """Triton implementation of :func:`dynamoe.kernels.moe_mlp.moe_mlp_ref` (``counts`` is re-derived from
     ``experts`` by the dispatch plan, so the groups always agree with the rows)."""
-    _check_mlp_args(x, experts, weights, w1, w2, activation)
-    _check_operands(x, w1, "moe_mlp")
-    _check_operands(x, w2, "moe_mlp")
+    check_mlp_args(x, experts, weights, w1, w2, activation)
+    check_operands(x, w1, "moe_mlp")
+    check_operands(x, w2, "moe_mlp")
     check_device(x, "moe_mlp")
     E = w1.shape[0]
     # bincount would read its maximum back to the host on CUDA; the plan's counts need no sync.

@@ -197,7 +197,7 @@ def _gmm_dw_kernel(
     tl.store(w_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=d_ok[:, None] & f_ok[None, :])
 
 
-def _check_operands(x: torch.Tensor, w: torch.Tensor, op: str) -> None:
+def check_operands(x: torch.Tensor, w: torch.Tensor, op: str) -> None:
     if x.dtype != w.dtype:
         raise ValueError(f"{op}: x is {x.dtype} but w is {w.dtype}; cast w to x's dtype (w.to(x.dtype))")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -207,7 +207,7 @@ def _check_operands(x: torch.Tensor, w: torch.Tensor, op: str) -> None:
     check_device(x, op)
 
 
-def _tile_table(group_end: torch.Tensor, block_m: int) -> torch.Tensor:
+def tile_table(group_end: torch.Tensor, block_m: int) -> torch.Tensor:
     """Cumulative row-tile count per expert [E] int32, from the group ends, on device."""
     ends = group_end.to(torch.int64)
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
@@ -252,7 +252,7 @@ def gmm(
     BLOCK_E = next_pow2(E)
 
     def launch(tile: Tile) -> None:
-        table = _tile_table(group_end, tile.BLOCK_M)
+        table = tile_table(group_end, tile.BLOCK_M)
         m_tiles = cdiv(M, tile.BLOCK_M) + E  # upper bound: each group wastes at most one partial tile
         grid = (m_tiles * cdiv(N, tile.BLOCK_N),)
         _gmm_kernel.on(a.device)[grid](
@@ -351,5 +351,5 @@ class _GroupedMM(torch.autograd.Function):
 
 def grouped_mm_triton(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Triton implementation of the ``grouped_mm`` op (offsets already validated, int32 [E])."""
-    _check_operands(x, w, "grouped_mm")
+    check_operands(x, w, "grouped_mm")
     return _GroupedMM.apply(x.contiguous(), w.contiguous(), offsets.to(device=x.device, dtype=torch.int32).contiguous())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dynamoe.kernels.routing import _check_route_args
+from dynamoe.kernels.routing import check_route_args
 from dynamoe.kernels.triton._jit import cdiv, check_device, kernel, next_pow2, tl
 
 MAX_EXPERTS = 256
@@ -150,7 +150,7 @@ def topk_route_triton(
     normalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton implementation of :func:`dynamoe.kernels.routing.topk_route_ref` (same contract and outputs)."""
-    _check_route_args(logits, k, score, bias)
+    check_route_args(logits, k, score, bias)
     check_device(logits, "topk_route")
     if bias is not None and bias.device != logits.device:
         raise ValueError(

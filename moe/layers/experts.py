@@ -8,17 +8,10 @@ plain ``x @ w[e]``; both MLP kinds are bias-free, so one expert equals a dense F
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dynamoe import kernels
-
-
-def _activate(h: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(h)
+from dynamoe.kernels.moe_mlp import activate
 
 
 class DenseMLP(nn.Module):
@@ -34,7 +27,7 @@ class DenseMLP(nn.Module):
         nn.init.normal_(self.w_out.weight, std=init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_out(_activate(self.w_in(x), self.activation))
+        return self.w_out(activate(self.w_in(x), self.activation))
 
 
 class GroupedExperts(nn.Module):
@@ -55,7 +48,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         offsets = kernels.offsets_from_counts(counts_E)
         h_NF = kernels.grouped_mm(x_ND, self.w1_EDF.to(x_ND.dtype), offsets=offsets)
-        return kernels.grouped_mm(_activate(h_NF, self.activation), self.w2_EFD.to(x_ND.dtype), offsets=offsets)
+        return kernels.grouped_mm(activate(h_NF, self.activation), self.w2_EFD.to(x_ND.dtype), offsets=offsets)
 
     def forward_tokens(
         self,
