@@ -13,7 +13,7 @@ T tokens per global step, top-k, d_model, b bytes per element, P = ep_size). The
 (P-1)/P does not need balanced experts, only that every rank's tokens pick experts from the same
 distribution, since the experts' shares summed over ranks are 1 whatever the imbalance.
 
-    python evals/bench_all_to_all.py [--worlds 1,2,4 --steps 12 --global-batch 32 --json PATH]
+    python -m dynamoe.evals.bench_all_to_all [--worlds 1,2,4 --steps 12 --global-batch 32 --json PATH]
 """
 
 from __future__ import annotations
@@ -26,9 +26,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dynamoe.config import load_config
 from dynamoe.evals.report import hardware_info, write_json

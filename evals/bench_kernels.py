@@ -11,7 +11,7 @@ Providers per op (each runs where it can; a row that cannot run says why):
 
 FLOPs and bytes are nominal, from the formulas in ``FORMULAS`` (dropless, so N = T * k rows).
 
-    python evals/bench_kernels.py [--shapes mixtral,fine_grained,deepseek] [--small] [--balanced]
+    python -m dynamoe.evals.bench_kernels [--shapes mixtral,fine_grained,deepseek] [--small] [--balanced]
                                   [--dtype bf16] [--iters 20] [--json PATH]
 """
 
@@ -19,16 +19,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-
-if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dynamoe import kernels
 from dynamoe.evals.report import hardware_info, write_json

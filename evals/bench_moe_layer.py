@@ -6,7 +6,7 @@ dispatch, expert GEMMs, combine. DeepSpeed's expert Linears are built with bias=
 the same FLOPs (ours are bias-free), and DeepSpeed's Gumbel sampling of the 2nd expert is turned
 off so both routers make the same top-k choices.
 
-    python evals/bench_moe_layer.py [--tokens 4096 --iters 10 --balanced --json PATH]
+    python -m dynamoe.evals.bench_moe_layer [--tokens 4096 --iters 10 --balanced --json PATH]
 """
 
 from __future__ import annotations
@@ -15,15 +15,10 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
-
-if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dynamoe.config import MoEConfig, RouterConfig
 from dynamoe.evals.report import hardware_info, write_json

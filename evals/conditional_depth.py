@@ -1,7 +1,7 @@
 """Conditional depth against the dense model: mixture-of-depths and ACT on Tiny Shakespeare at
 equal training FLOPs, and the digits CNN with gated block skipping at several target rates.
 
-    python evals/conditional_depth.py [--lm-steps 600] [--cnn-steps 400] [--rates 0.25 0.5 0.75 1.0]
+    python -m dynamoe.evals.conditional_depth [--lm-steps 600] [--cnn-steps 400] [--rates 0.25 0.5 0.75 1.0]
                                       [--threads 1] [--json PATH] [--quick]
 
 (a) Language modelling: configs shakespeare_dense, shakespeare_mod (capacity 0.5 in every other
@@ -23,15 +23,11 @@ equal training FLOPs, and the digits CNN with gated block skipping at several ta
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dynamoe.config import load_config
 from dynamoe.depth import depth_summary

@@ -1,7 +1,7 @@
 """Early-exit evaluation of a trained run: accuracy against compute, every policy, and the measured
 wall-clock speed of batched inference with compaction against the plain network.
 
-    python evals/early_exit.py RUN_DIR [--budget 0.6 --unit layers --batch-sizes 1 8 64 --json PATH]
+    python -m dynamoe.evals.early_exit RUN_DIR [--budget 0.6 --unit layers --batch-sizes 1 8 64 --json PATH]
 
 1. Thresholds are calibrated on the run's calibration split (never the validation split) for each
    policy at ``--budget``; validation accuracy and compute are then read from one full pass.
@@ -16,14 +16,10 @@ wall-clock speed of batched inference with compaction against the plain network.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-if __package__ in (None, ""):  # run as a script (python evals/...): make the repo's packages importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dynamoe.data import trim_padding
 from dynamoe.evals.calibrate_run import load_run

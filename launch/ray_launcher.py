@@ -20,7 +20,6 @@ from dynamoe.config import ConfigError, RunConfig, from_dict, load_config, to_di
 from dynamoe.training.checkpoint import list_checkpoints
 from dynamoe.training.trainer import TrainerHooks, resolve_run_dir
 
-REPO = Path(__file__).resolve().parent.parent
 # Test aid: the worker of this rank exits abruptly after this step, once per run folder.
 KILL_AT_STEP_ENV = "DYNAMOE_KILL_WORKER_AT_STEP"
 KILL_RANK_ENV = "DYNAMOE_KILL_WORKER_RANK"
@@ -192,7 +191,6 @@ def launch(
             f"{folder} holds no committed checkpoint to evaluate; fix: pass a run folder of a finished run"
         )
     env_vars = {
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         "OMP_NUM_THREADS": str(cfg.launch.cpus_per_worker),
         "TOKENIZERS_PARALLELISM": "false",
     }

@@ -1,6 +1,6 @@
 """The Triton backend: routing, dispatch and grouped-GEMM kernels for CUDA tensors.
 
-Registration imports nothing from triton: ``import kernels`` stays cheap and works where triton is
+Registration imports nothing from triton: ``import dynamoe.kernels`` stays cheap and works where triton is
 absent (macOS, minimal installs). The kernel modules load on the first call that selects this
 backend: CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` (Triton's interpreter; for tests,
 and it must be set before triton is first imported).

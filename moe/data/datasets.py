@@ -33,7 +33,7 @@ def data_search_dirs() -> list[Path]:
     dirs = []
     if os.environ.get("DYNAMOE_DATA_DIR"):
         dirs.append(Path(os.environ["DYNAMOE_DATA_DIR"]))
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]  # moe/data/datasets.py -> the checkout
     dirs += [repo.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
     return list(dict.fromkeys(d.resolve() for d in dirs))
 

@@ -3,7 +3,7 @@
 Every exit produces logits; a policy turns an exit's logits (and, for the learned policy, the
 exit predictor's output) into a per-sample *confidence score*, and a sample leaves at the first
 exit whose score reaches that exit's threshold. All policies share this one rule, so calibration
-(``moe/calibration.py``) and compaction (``moe/early_exit.py``) never special-case a policy:
+(``calibration.py``) and compaction (``multi_exit.py``) never special-case a policy:
 
     max_prob   top-1 probability                              in [1/C, 1]
     entropy    1 - H(p) / ln C (1: certain, 0: uniform)        in [0, 1]

@@ -1,6 +1,6 @@
 """The trainer: one loop on the DeepSpeed engine for every model and task.
 
-DeepSpeed is imported only here and in ``moe/deepspeed_setup.py``, lazily, after the accelerator
+DeepSpeed is imported only here and in ``dynamoe.training.deepspeed_setup``, lazily, after the accelerator
 is chosen (``DS_ACCELERATOR=cpu`` when no GPU is present; gloo on CPU). ``moe train`` runs one process;
 under a standard launcher (torchrun, deepspeed) each process runs this same loop.
 
@@ -91,7 +91,7 @@ def lr_at(step: int, cfg) -> float:
 
 def _code_version() -> str:
     try:
-        repo = Path(__file__).resolve().parent.parent
+        repo = Path(__file__).resolve().parents[2]  # moe/training/trainer.py -> the checkout
         out = subprocess.run(
             ["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True, text=True, timeout=5
         )
