@@ -26,7 +26,7 @@ from dynamoe.config import ExitConfig
 DEFAULT_THRESHOLDS = {"max_prob": 0.9, "entropy": 0.6, "margin": 0.8, "patience": 2.0, "learned": 0.9}
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadOutput:
     logits: torch.Tensor  # [N, C]
     predictor: torch.Tensor | None = None  # [N] exit-predictor logit (learned policy), else None

@@ -15,7 +15,7 @@ from dynamoe import kernels
 from dynamoe.layers.router import Routing
 
 
-@dataclass
+@dataclass(frozen=True)
 class DispatchState:
     row_map: torch.Tensor  # [T, k] sorted row of each assignment, -1 where dropped
     weights: torch.Tensor  # [T, k] combine weights

@@ -72,7 +72,7 @@ class _Permutation(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExpertParallelState(DispatchState):
     send_splits: list[int]  # rows this rank sends to each rank of the group
     recv_splits: list[int]  # rows this rank receives from each rank

@@ -18,7 +18,7 @@ from dynamoe.layers.experts import DenseMLP, GroupedExperts
 from dynamoe.layers.router import build_router, routing_entropy
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEAux:
     aux_loss: torch.Tensor  # scaled load-balancing loss (differentiable)
     z_loss: torch.Tensor  # scaled router z-loss (differentiable)

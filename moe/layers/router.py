@@ -23,7 +23,7 @@ from dynamoe import kernels
 from dynamoe.config import RouterConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class Routing:
     weights: torch.Tensor  # [T, k] fp32 combine weights, 0 where dropped; differentiable
     experts: torch.Tensor  # [T, k] int64 expert ids, -1 where dropped
