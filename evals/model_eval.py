@@ -204,12 +204,22 @@ def training_load(run_dir: Path | None) -> dict:
 
 
 def _previous_checkpoint(run_dir: Path | None, current: Path) -> Path | None:
-    from dynamoe.training.checkpoint import list_checkpoints
+    """The newest intact checkpoint before ``current`` (routing stability is measured against it);
+    a corrupt one is skipped with a warning."""
+    import warnings
+
+    from dynamoe.training.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
 
     if run_dir is None:
         return None
-    found = [c for c in list_checkpoints(run_dir) if c.resolve() != current.resolve()]
-    return found[-1] if found else None
+    for folder in reversed([c for c in list_checkpoints(run_dir) if c.resolve() != current.resolve()]):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as err:
+            warnings.warn(f"routing stability: skipped {folder.name}: {err}", stacklevel=2)
+            continue
+        return folder
+    return None
 
 
 def evaluate(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -59,8 +60,10 @@ def _launch(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from dynamoe.training.checkpoint import export_model
 
-    out = export_model(args.source, args.out)
-    print(f"wrote {out}")
+    result = export_model(args.source, args.out)
+    for folder, why in result.skipped:
+        print(f"moe export: warning: skipped {folder.name}: {why}", file=sys.stderr)
+    print(f"wrote {result.path}: the model at step {result.step} ({result.checkpoint})")
     return 0
 
 
@@ -115,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # The deepspeed launcher passes --local_rank; the trainer reads LOCAL_RANK from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks and full warnings")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model in this process (DeepSpeed engine, CPU or one GPU)")
@@ -226,11 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     from dynamoe.config import ConfigError
     from dynamoe.data import DataError
     from dynamoe.training.checkpoint import CheckpointError
+    from dynamoe.training.trainer import TrainingDiverged
 
     args = build_parser().parse_args(argv)
+    if not args.debug:  # warnings as one line each, without the source line
+        warnings.formatwarning = lambda message, category, *rest: f"moe {args.command}: warning: {message}\n"
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as err:
+        if args.debug:
+            raise
         print(f"moe {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,7 @@ import difflib
 import math
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,26 @@ class ConfigError(ValueError):
 
 def _fail(path: str, problem: str, fix: str) -> typing.NoReturn:
     raise ConfigError(f"{path}: {problem}; fix: {fix}")
+
+
+RUN_DIR_PLACEHOLDERS = ("name",)
+
+
+def _check_run_dir_template(template: str) -> None:
+    """``train.run_dir`` may hold ``{name}`` (the run's name) and nothing else to expand."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        _fail("train.run_dir", f"'{template}' is not a valid template ({err})", "write braces as {{ and }}")
+    for f in fields:
+        if f not in RUN_DIR_PLACEHOLDERS:
+            _fail(
+                "train.run_dir",
+                f"'{template}' uses the placeholder {{{f}}}",
+                "use {name} (the run's name) or a plain path",
+            )
 
 
 def _require_positive(section: str, obj: Any, *names: str) -> None:
@@ -423,10 +444,15 @@ class DataConfig:
     # Classification: share of the training rows held out to calibrate exit thresholds, when the
     # dataset has no labelled split of its own for it (local SST-2 uses its labelled test.tsv).
     calib_fraction: float = 0.1
+    num_classes: int | None = None  # classification: None takes one more than the largest label id
+    hub_config: str | None = None  # a hub dataset's configuration name (load_dataset's second argument)
+    train_split: str = "train"  # the split to train on (hub datasets and folders of train.*/validation.* files)
+    val_split: str | None = None  # None: "validation", else "test", else data.val_fraction held out of training
+    token_dtype: Literal["uint16", "uint32"] = "uint16"  # a pre-tokenised *.bin corpus's id type
 
     def __post_init__(self) -> None:
         s = self._section
-        _require_positive(s, self, "seq_len", "max_train_samples")
+        _require_positive(s, self, "seq_len", "max_train_samples", "num_classes")
         if not 0 < self.val_fraction < 1:
             _fail(f"{s}.val_fraction", f"must be in (0, 1), got {self.val_fraction}", "use a value such as 0.1")
         if not 0 < self.calib_fraction < 1:
@@ -464,6 +490,9 @@ class TrainConfig:
     name: str | None = None  # None: the config file's stem
     threads: int | None = None  # torch CPU threads; None leaves PyTorch's default
     init_from: str | None = None  # start from an exported model file (`moe export`)
+    # Steps in a row whose loss or gradient norm is not finite (each is skipped: no update) before
+    # training stops with an error.
+    max_bad_steps: int = 10
 
     def __post_init__(self) -> None:
         s = self._section
@@ -484,6 +513,12 @@ class TrainConfig:
                 _fail(f"{s}.{name}", f"must be >= 0, got {getattr(self, name)}", f"set {s}.{name} to 0 or more")
         if not 0 <= self.min_lr_ratio <= 1:
             _fail(f"{s}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}", "use a value such as 0.1")
+        for i, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                _fail(f"{s}.betas", f"betas[{i}]={beta} is outside [0, 1)", "use values such as [0.9, 0.95]")
+        if self.max_bad_steps < 1:
+            _fail(f"{s}.max_bad_steps", f"must be at least 1, got {self.max_bad_steps}", "use a value such as 10")
+        _check_run_dir_template(self.run_dir)
         if self.init_from is not None and not Path(self.init_from).expanduser().is_file():
             _fail(
                 f"{s}.init_from",
@@ -491,11 +526,12 @@ class TrainConfig:
                 "pass the .safetensors file written by `moe export`",
             )
         if self.warmup_steps > self.steps:
-            _fail(
-                f"{s}.warmup_steps",
-                f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}",
-                "use fewer warm-up steps than training steps",
+            warnings.warn(
+                f"{s}.warmup_steps={self.warmup_steps} exceeds {s}.steps={self.steps}: the warm-up is clamped to "
+                f"{self.steps} steps",
+                stacklevel=2,
             )
+            self.warmup_steps = self.steps
 
 
 @dataclass(kw_only=True)
@@ -648,6 +684,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
                 _fail(path, f"expected an integer, got {value!r}", "write a whole number")
             return int(number)
+        if not math.isfinite(number):
+            _fail(path, f"must be a finite number, got {value!r}", "write an ordinary number (no .nan or .inf)")
         return float(number)
     if tp is str:
         if not isinstance(value, str):
@@ -736,9 +774,16 @@ def load_config(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
     """Load a run config from YAML (a path or a shipped config's name), apply overrides, validate."""
     path = resolve_config_path(str(name_or_path))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); fix: pass a YAML config file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err}); fix: correct the file's syntax") from None
+    if data is None:
+        raise ConfigError(
+            f"{path}: the file is empty; fix: write the sections to change (model:, data:, train:), "
+            "or pass a shipped config such as quickstart"
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of sections; fix: start with 'model:', 'data:', ..."

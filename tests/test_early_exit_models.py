@@ -125,7 +125,7 @@ def test_hf_encoder_trains_saves_and_reloads(tiny_bert, tmp_path):
     )
     assert set(result.final_eval) >= {"accuracy", "exit0_accuracy", "exit1_accuracy", "exit2_accuracy"}
     assert result.final_eval["accuracy"] == result.final_eval["exit2_accuracy"]
-    out = export_model(tmp_path / "run", tmp_path / "model.safetensors")
+    out = export_model(tmp_path / "run", tmp_path / "model.safetensors").path
     cfg, reloaded = load_exported(out)
     assert cfg.kind == "hf_encoder" and cfg.n_layers == 3 and cfg.d_model == 32
     _, from_run = load_model(tmp_path / "run")

@@ -105,7 +105,7 @@ def test_checkpoints_reshard_across_expert_parallel_sizes(tmp_path):
     assert optim["exp_avg/blocks.0.ffn.experts.w1_EDF"].shape[0] == 4
     assert state["ep_size"] == 2
     reference = train_metrics(source)
-    _, exported = load_exported(export_model(saved, tmp_path / "model.safetensors"))
+    _, exported = load_exported(export_model(saved, tmp_path / "model.safetensors").path)
     _assert_same_tensors(model, exported.state_dict())  # one file, every global expert
 
     for nproc, batch, zero in ((1, 4, 0), (4, 1, 0), (4, 1, 2)):

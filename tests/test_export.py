@@ -15,7 +15,7 @@ TINY = ["train.log_every=1", "train.eval_every=0", "train.steps=3", "train.warmu
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     train(load_config("debug_tiny", TINY), run_dir=str(root / "run"), progress=False)
-    out = export_model(root / "run", root / "model.safetensors")
+    out = export_model(root / "run", root / "model.safetensors").path
     return root, out
 
 

@@ -1,4 +1,5 @@
-"""Datasets and tokenizers: language-model corpora, text classification, images (``datasets.py``)."""
+"""Datasets and tokenizers: language-model corpora, text classification, images (``datasets.py``);
+users' own files and hub datasets (``sources.py``); class labels checked and named (``labels.py``)."""
 
 from dynamoe.data.datasets import (
     DataError,

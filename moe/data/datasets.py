@@ -17,16 +17,14 @@ from pathlib import Path
 import torch
 
 from dynamoe.config import DataConfig
+from dynamoe.data import labels as L
+from dynamoe.data.sources import DataError, column, pick_splits, read_hub, read_local
 
 # name -> (file inside the local folder, hub dataset, text field)
 _LOCAL_LAYOUT = {
     "tinyshakespeare": ("tinyshakespeare/input.txt", "karpathy/tiny_shakespeare", "text"),
     "sst2": ("sst2", "stanfordnlp/sst2", "sentence"),
 }
-
-
-class DataError(RuntimeError):
-    """A dataset could not be found or read; the message says where we looked and how to fix it."""
 
 
 def data_search_dirs() -> list[Path]:
@@ -51,18 +49,7 @@ def _local_copy(cfg: DataConfig) -> Path | None:
 
 
 def _load_hub(name: str, cfg: DataConfig):
-    import datasets
-
-    try:
-        return datasets.load_dataset(name)
-    except Exception as err:  # the hub raises many kinds (offline, missing, auth): all mean "not available"
-        looked = ", ".join(str(d) for d in data_search_dirs())
-        raise DataError(
-            f"dataset '{cfg.dataset}': no local copy found (data.path unset; looked in {looked}) and the "
-            f"Hugging Face hub dataset '{name}' could not be loaded ({type(err).__name__}: {err}); "
-            "fix: set data.path to a local copy (see shared/data/README.md), set DYNAMOE_DATA_DIR, "
-            "or connect to the hub"
-        ) from None
+    return read_hub(name, cfg, data_search_dirs())
 
 
 # --- tokenizers ---------------------------------------------------------------------------------
@@ -75,6 +62,7 @@ class Tokenizer:
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
     pad_id: int = 0
+    hf: object = None  # the transformers tokenizer behind it (batched encoding), None for char
 
 
 def char_tokenizer(text: str, reserve_special: bool) -> Tokenizer:
@@ -130,7 +118,7 @@ def hf_tokenizer(name: str) -> Tokenizer:
             "fix: use 'char', 'minilm', a local tokenizer folder, or a hub name with network access"
         ) from None
     return Tokenizer(
-        name, len(tok), lambda s: tok.encode(s, add_special_tokens=False), tok.decode, tok.pad_token_id or 0
+        name, len(tok), lambda s: tok.encode(s, add_special_tokens=False), tok.decode, tok.pad_token_id or 0, tok
     )
 
 
@@ -178,9 +166,14 @@ class LMData:
 
     def unigram_loss(self) -> float:
         """Validation cross-entropy (nats/token) of the training set's unigram distribution."""
-        counts = torch.bincount(self.train_ids, minlength=self.vocab_size).double() + 1.0  # add-one for unseen
+        if isinstance(self.train_ids, TokenArray):
+            counts = self.train_ids.counts(self.vocab_size).double() + 1.0
+            val = self.val_ids[torch.arange(len(self.val_ids))]
+        else:
+            counts = torch.bincount(self.train_ids, minlength=self.vocab_size).double() + 1.0  # add-one for unseen
+            val = self.val_ids
         logp = (counts / counts.sum()).log()
-        return float(-logp[self.val_ids].mean())
+        return float(-logp[val].mean())
 
 
 def _mix(*values: int) -> int:
@@ -190,31 +183,140 @@ def _mix(*values: int) -> int:
     return h % (2**63 - 1)
 
 
-def load_lm(cfg: DataConfig) -> LMData:
+def _lm_texts(cfg: DataConfig) -> tuple[list[str] | str, list[str] | str]:
+    """(training text, validation text) of a language-modelling dataset: one string for plain text
+    files (the tail held out), else the text column's rows."""
     local = _local_copy(cfg)
-    if local is not None:
+    if local is not None and (local.suffix.lower() == ".txt" or (local.is_dir() and any(local.glob("*.txt")))):
         import datasets
 
         files = sorted(local.glob("*.txt")) if local.is_dir() else [local]
-        if not files:
-            raise DataError(f"data.path '{local}' holds no .txt file; fix: point it at a text file")
+        for f in files:
+            _check_utf8(f)
         ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train")
         text = "".join(ds["text"])
         split_at = int(len(text) * (1 - cfg.val_fraction))
-        train_text, val_text = text[:split_at], text[split_at:]
+        return text[:split_at], text[split_at:]
+    if local is not None:
+        ds, source = read_local(local, text_by_document=True), f"'{local}'"
+        field = cfg.text_field
     else:
         layout = _LOCAL_LAYOUT.get(cfg.dataset.lower())
         hub_name, field = (layout[1], layout[2]) if layout else (cfg.dataset, cfg.text_field)
-        ds = _load_hub(hub_name, cfg)
-        train_text = "\n".join(ds["train"][field])
-        val_split = "validation" if "validation" in ds else "test"
-        val_text = "\n".join(ds[val_split][field])
+        ds, source = _load_hub(hub_name, cfg), f"hub dataset '{hub_name}'"
+    train_split, val_split = pick_splits(ds, cfg, source)
+    train = [str(x) for x in column(ds[train_split], field, "text_field", source)]
+    if val_split is not None:
+        return train, [str(x) for x in column(ds[val_split], field, "text_field", source)]
+    cut = max(1, int(len(train) * (1 - cfg.val_fraction)))
+    if cut >= len(train):  # one row: split its text instead
+        text = "\n".join(train)
+        split_at = int(len(text) * (1 - cfg.val_fraction))
+        return text[:split_at], text[split_at:]
+    return train[:cut], train[cut:]
+
+
+def _check_utf8(path: Path) -> None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            f.read(1 << 16)
+    except UnicodeDecodeError:
+        raise DataError(
+            f"data.path: '{path}' is not UTF-8 text (a binary file?); fix: point data.path at a text file, or "
+            "name a pre-tokenised token file *.bin"
+        ) from None
+
+
+def _encode_lm(text: list[str] | str, tokenizer: Tokenizer) -> torch.Tensor:
+    """Token ids of a text (one string) or of rows joined by newlines. Rows go through the fast
+    tokenizer in batches (``datasets.map``), which also caches them on disk for file-backed rows."""
+    if isinstance(text, str):
+        return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    if tokenizer.hf is None:
+        return torch.tensor(tokenizer.encode("\n".join(text)), dtype=torch.long)
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"text": [t + "\n" for t in text]})
+    hf = tokenizer.hf
+    encoded = rows.map(
+        lambda batch: {"ids": hf(batch["text"], add_special_tokens=False)["input_ids"]},
+        batched=True,
+        remove_columns=["text"],
+    )
+    return torch.tensor([i for row in encoded["ids"] for i in row], dtype=torch.long)
+
+
+def load_token_file(cfg: DataConfig, path: Path) -> LMData:
+    """A pre-tokenised corpus: token ids as raw uint16 or uint32 (``data.token_dtype``), memory-mapped,
+    so it may be larger than memory; the last ``data.val_fraction`` is the validation split."""
+    import numpy as np
+
     if cfg.tokenizer == "char":
-        tokenizer = char_tokenizer(train_text + val_text, reserve_special=False)
+        raise DataError(
+            f"data.path: '{path}' is a token file, whose ids need the tokenizer that wrote them; "
+            "fix: set data.tokenizer to it (a transformers tokenizer folder or hub name)"
+        )
+    dtype = np.dtype(cfg.token_dtype)
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise DataError(
+            f"data.path: '{path}' is {size} bytes, not a whole number of {cfg.token_dtype} ids; "
+            "fix: set data.token_dtype to the type it was written with"
+        )
+    ids = np.memmap(path, dtype=dtype, mode="r")
+    tokenizer = hf_tokenizer(cfg.tokenizer)
+    largest = int(max(ids[i : i + (1 << 24)].max() for i in range(0, len(ids), 1 << 24))) if len(ids) else 0
+    if largest >= tokenizer.vocab_size:
+        raise DataError(
+            f"data.path: '{path}' holds token id {largest}, but the tokenizer '{cfg.tokenizer}' has "
+            f"{tokenizer.vocab_size} ids; fix: set data.tokenizer to the one that wrote the file, or data.token_dtype"
+        )
+    split_at = int(len(ids) * (1 - cfg.val_fraction))
+    train, val = TokenArray(ids[:split_at]), TokenArray(ids[split_at:])
+    if min(len(train), len(val)) <= cfg.seq_len + 1:
+        raise DataError(f"data.path: '{path}' is too short for data.seq_len={cfg.seq_len}; fix: lower data.seq_len")
+    return LMData(train, val, tokenizer, cfg.seq_len)
+
+
+class TokenArray:
+    """A memory-mapped token array read through the few tensor operations LMData uses."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def numel(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        return torch.from_numpy(np.asarray(self.ids[index.numpy()], dtype=np.int64))
+
+    def counts(self, minlength: int) -> torch.Tensor:
+        import numpy as np
+
+        total = np.zeros(minlength, dtype=np.int64)
+        for i in range(0, len(self.ids), 1 << 24):
+            total += np.bincount(self.ids[i : i + (1 << 24)], minlength=minlength)[:minlength]
+        return torch.from_numpy(total)
+
+
+def load_lm(cfg: DataConfig) -> LMData:
+    local = _local_copy(cfg)
+    if local is not None and local.is_file() and local.suffix.lower() == ".bin":
+        return load_token_file(cfg, local)
+    train_text, val_text = _lm_texts(cfg)
+    if cfg.tokenizer == "char":
+        joined = [x if isinstance(x, str) else "\n".join(x) for x in (train_text, val_text)]
+        tokenizer = char_tokenizer(joined[0] + joined[1], reserve_special=False)
+        train_text, val_text = joined
     else:
         tokenizer = hf_tokenizer(cfg.tokenizer)
-    train_ids = torch.tensor(tokenizer.encode(train_text), dtype=torch.long)
-    val_ids = torch.tensor(tokenizer.encode(val_text), dtype=torch.long)
+    train_ids = _encode_lm(train_text, tokenizer)
+    val_ids = _encode_lm(val_text, tokenizer)
     if min(train_ids.numel(), val_ids.numel()) <= cfg.seq_len + 1:
         raise DataError(f"dataset '{cfg.dataset}' is too short for data.seq_len={cfg.seq_len}; fix: lower data.seq_len")
     return LMData(train_ids, val_ids, tokenizer, cfg.seq_len)
@@ -295,6 +397,7 @@ class ClassificationData(_SplitData):
     tokenizer: Tokenizer | None = None
     seq_len: int = 0
     task: str = "classification"
+    labels: L.LabelSpace | None = None  # the class ids, and their names when the data named them
 
     @property
     def vocab_size(self) -> int:
@@ -325,8 +428,9 @@ def _encode_split(texts: list[str], labels: list[int], tokenizer: Tokenizer, seq
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=torch.long)}
 
 
-def _read_sst2_local(folder: Path) -> tuple[dict, dict, dict | None]:
-    """train.tsv, dev.tsv, and test.tsv when it has labels (the calibration split)."""
+def _read_sst2_local(folder: Path, cfg: DataConfig) -> tuple[dict, dict, dict | None]:
+    """train.tsv, dev.tsv, and test.tsv when it has labels (the calibration split). The text is
+    ``data.text_field`` when the file has it, else SST-2's own ``sentence`` (``content`` in dev.tsv)."""
     import datasets
 
     def read(name: str, required: bool = True) -> dict | None:
@@ -337,14 +441,26 @@ def _read_sst2_local(folder: Path) -> tuple[dict, dict, dict | None]:
             raise DataError(
                 f"SST-2 folder '{folder}' has no {name}; fix: point data.path at a folder with train.tsv and dev.tsv"
             )
-        ds = datasets.load_dataset("csv", data_files=str(file), delimiter="\t", split="train", quoting=3)
-        if "label" not in ds.column_names:
-            return None
-        text_col = "sentence" if "sentence" in ds.column_names else "content"  # dev.tsv names it 'content'
-        return {"text": [str(t) for t in ds[text_col]], "label": [int(x) for x in ds["label"]]}
+        try:
+            ds = datasets.load_dataset("csv", data_files=str(file), delimiter="\t", split="train", quoting=3)
+        except Exception as err:  # the csv builder's parser errors: all mean "cannot parse"
+            raise DataError(
+                f"data.path: cannot read '{file}' as TSV ({type(err).__name__}); fix: check the file"
+            ) from None
+        columns = ds.column_names
+        text_col = next((c for c in (cfg.text_field, "sentence", "content") if c in columns), None)
+        if cfg.label_field not in columns or text_col is None:
+            if not required and cfg.label_field not in columns:
+                return None  # an unlabelled test set
+            raise DataError(
+                f"data: '{file}' has the columns {columns}, not a text column ({cfg.text_field}, sentence or content) "
+                f"and a label column ({cfg.label_field}); fix: give the file that header, or set data.text_field "
+                "and data.label_field"
+            )
+        return {"text": [str(t) for t in ds[text_col]], "label": list(ds[cfg.label_field])}
 
     test = read("test.tsv", required=False)
-    if test is not None and min(test["label"]) < 0:  # GLUE's unlabelled test set
+    if test is not None and any(isinstance(x, int) and x < 0 for x in test["label"]):  # GLUE's unlabelled test set
         test = None
     return read("train.tsv"), read("dev.tsv"), test
 
@@ -362,23 +478,44 @@ def _hold_out(rows: dict, fraction: float, seed: int) -> tuple[dict, dict]:
     return {k: take(v, keep) for k, v in rows.items()}, {k: take(v, out) for k, v in rows.items()}
 
 
-def load_classification(cfg: DataConfig) -> ClassificationData:
+def _classification_rows(cfg: DataConfig) -> tuple[dict, dict, dict | None, str]:
+    """(train, validation, calibration or None) rows as {"text": [...], "label": [...]}, and a
+    description of the source for messages."""
     local = _local_copy(cfg)
-    calib = None
+    if local is not None and cfg.dataset.lower() == "sst2" and local.is_dir() and (local / "train.tsv").exists():
+        train, val, calib = _read_sst2_local(local, cfg)
+        return train, val, calib, f"'{local}'"
     if local is not None:
-        if not local.is_dir():
-            raise DataError(f"data.path '{local}' must be a folder with train.tsv and dev.tsv for classification")
-        train, val, calib = _read_sst2_local(local)
+        ds, source = read_local(local), f"'{local}'"
+        text_field = cfg.text_field
     else:
         layout = _LOCAL_LAYOUT.get(cfg.dataset.lower())
         hub_name, text_field = (layout[1], layout[2]) if layout else (cfg.dataset, cfg.text_field)
-        ds = _load_hub(hub_name, cfg)
-        val_split = "validation" if "validation" in ds else "test"
-        train, val = (
-            {"text": list(ds[s][text_field]), "label": [int(x) for x in ds[s][cfg.label_field]]}
-            for s in ("train", val_split)
-        )
-    if calib is None:
+        ds, source = _load_hub(hub_name, cfg), f"hub dataset '{hub_name}'"
+    train_split, val_split = pick_splits(ds, cfg, source)
+
+    def rows(split: str) -> dict:
+        texts = column(ds[split], text_field, "text_field", source)
+        return {
+            "text": [str(x) for x in texts],
+            "label": list(column(ds[split], cfg.label_field, "label_field", source)),
+        }
+
+    train = rows(train_split)
+    val = rows(val_split) if val_split is not None else None
+    if val is None:
+        train, val = _hold_out(train, cfg.val_fraction, seed=4321)
+    return train, val, None, source
+
+
+def load_classification(cfg: DataConfig) -> ClassificationData:
+    train, val, calib, source = _classification_rows(cfg)
+    others = {"validation": val["label"], **({"calibration": calib["label"]} if calib is not None else {})}
+    space = L.label_space(train["label"], others, cfg.num_classes, f"data ({source})")
+    train, val = ({**rows, "label": L.encode(rows["label"], space)} for rows in (train, val))
+    if calib is not None:
+        calib = {**calib, "label": L.encode(calib["label"], space)}
+    else:
         train, calib = _hold_out(train, cfg.calib_fraction, seed=1234)
     if cfg.max_train_samples is not None:
         train = {k: v[: cfg.max_train_samples] for k, v in train.items()}
@@ -387,14 +524,14 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
         if cfg.tokenizer == "char"
         else hf_tokenizer(cfg.tokenizer)
     )
-    num_classes = max(train["label"] + val["label"]) + 1
     return ClassificationData(
         train=_encode_split(train["text"], train["label"], tokenizer, cfg.seq_len),
         val=_encode_split(val["text"], val["label"], tokenizer, cfg.seq_len),
-        num_classes=num_classes,
+        num_classes=space.num_classes,
         calib=_encode_split(calib["text"], calib["label"], tokenizer, cfg.seq_len),
         tokenizer=tokenizer,
         seq_len=cfg.seq_len,
+        labels=space,
     )
 
 

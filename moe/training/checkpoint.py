@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+REQUIRED_FILES = frozenset({"model.safetensors", "optimizer.safetensors", "trainer.json"})
 
 
 class CheckpointError(RuntimeError):
@@ -41,9 +43,34 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 
 def save_checkpoint(folder: Path, *, model_state: dict, optim_tensors: dict, trainer_state: dict) -> Path:
-    """Write a complete checkpoint into ``folder`` (replaced if it exists); returns the folder."""
+    """Write a complete checkpoint into ``folder`` (replaced if it exists); returns the folder.
+    A save that fails (a full disk, a folder made read-only) removes what it wrote and raises
+    CheckpointError; the checkpoints already there are untouched."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")
+    try:
+        _write_checkpoint(tmp, model_state, optim_tensors, trainer_state)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"checkpoint '{folder}' could not be written ({err.strerror or err}); fix: free disk space or make "
+            f"'{folder.parent}' writable, then resume from the last checkpoint with --resume"
+        ) from None
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def remove_partial_saves(run_dir: Path) -> list[Path]:
+    """Remove what saves cut short left behind (``*.partial`` folders); returns them."""
+    root = Path(run_dir) / "checkpoints"
+    stale = sorted(root.glob("*.partial")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _write_checkpoint(tmp: Path, model_state: dict, optim_tensors: dict, trainer_state: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     # safetensors refuses aliased storage (tied embeddings): store independent copies.
@@ -54,9 +81,6 @@ def save_checkpoint(folder: Path, *, model_state: dict, optim_tensors: dict, tra
     _write_json_atomic(
         tmp / MANIFEST, {"format_version": FORMAT_VERSION, "files": files, "step": trainer_state["step"]}
     )
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-    return folder
 
 
 def verify_checkpoint(folder: Path) -> dict:
@@ -73,10 +97,16 @@ def verify_checkpoint(folder: Path) -> dict:
     try:
         manifest = json.loads(manifest_path.read_text())
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise CheckpointError(
             f"checkpoint '{folder}': {MANIFEST} is unreadable; fix: resume from an earlier checkpoint"
         ) from None
+    if not isinstance(files, dict) or not REQUIRED_FILES <= set(files):
+        missing = sorted(REQUIRED_FILES - set(files if isinstance(files, dict) else ()))
+        raise CheckpointError(
+            f"checkpoint '{folder}': {MANIFEST} lists no entry for {', '.join(missing)}; "
+            "fix: resume from an earlier checkpoint"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint '{folder}' has format version {manifest.get('format_version')}, "
@@ -85,6 +115,10 @@ def verify_checkpoint(folder: Path) -> dict:
         )
     for name, meta in files.items():
         path = folder / name
+        if not isinstance(meta, dict) or not {"bytes", "sha256"} <= set(meta):
+            raise CheckpointError(
+                f"checkpoint '{folder}': {MANIFEST} entry {name} is malformed; fix: resume from an earlier checkpoint"
+            )
         if not path.exists():
             raise CheckpointError(f"checkpoint '{folder}' is missing {name}; fix: resume from an earlier checkpoint")
         if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
@@ -141,22 +175,59 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 EXPORT_FORMAT = "dynamoe-model-1"
 
 
-def export_model(source: Path, out: Path) -> Path:
+def newest_intact_checkpoint(run_dir: Path) -> tuple[Path, list[tuple[Path, str]]]:
+    """The newest checkpoint of ``run_dir`` that verifies, and the newer ones skipped with why."""
+    skipped = []
+    for folder in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as err:
+            skipped.append((folder, str(err)))
+            continue
+        return folder, skipped
+    if skipped:
+        raise CheckpointError(
+            f"no intact checkpoint under '{run_dir}/checkpoints' ({len(skipped)} corrupt: {skipped[0][1]})"
+        )
+    return resolve_resume(Path(run_dir)), []  # raises: no checkpoint at all
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    step: int
+    checkpoint: Path
+    skipped: list  # (newer checkpoint, why it was skipped)
+
+
+def export_model(source: Path, out: Path) -> ExportResult:
     """Write a checkpoint's whole model (every global expert) to one safetensors file, with the
-    model config in the file's metadata so that :func:`load_exported` can rebuild it alone."""
-    folder = resolve_resume(Path(source))
+    model config in the file's metadata so that :func:`load_exported` can rebuild it alone. A run
+    folder exports its newest intact checkpoint (newer corrupt ones are skipped and named)."""
+    source = Path(source)
+    skipped = []
+    if (source / MANIFEST).exists() or source.name.startswith("step_"):
+        folder = source
+    else:
+        folder, skipped = newest_intact_checkpoint(source)
     model_state, _, state = load_checkpoint(folder)
     if "model_config" not in state:
         raise CheckpointError(
             f"checkpoint '{folder}' records no model config; fix: export a checkpoint written by this version"
         )
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": EXPORT_FORMAT, "model_config": json.dumps(state["model_config"]), "step": str(state["step"])}
     tmp = out.with_name(out.name + ".partial")
-    save_file({k: v.contiguous() for k, v in model_state.items()}, tmp, metadata=metadata)
-    os.replace(tmp, out)
-    return out
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model_state.items()}, tmp, metadata=metadata)
+        os.replace(tmp, out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"cannot write '{out}' ({err.strerror or err}); fix: choose a writable folder with free space"
+        ) from None
+    return ExportResult(out, int(state["step"]), folder, skipped)
 
 
 def load_exported(path: Path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -47,13 +48,18 @@ from dynamoe.training.deepspeed_setup import (
     init_distributed,
     param_groups,
 )
-from dynamoe.training.metrics import MetricsWriter
+from dynamoe.training.metrics import MetricsWriter, finite, truncate_metrics
+from dynamoe.training.preflight import preflight
 from dynamoe.training.sharded_state import (
     full_model_state,
     full_optimizer_state,
     load_full_model_state,
     load_full_optimizer_state,
 )
+
+
+class TrainingDiverged(RuntimeError):
+    """Training cannot go on: the loss or gradient norm stayed non-finite, or the weights are."""
 
 
 class TrainerHooks:
@@ -154,13 +160,17 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         if not torch.cuda.is_available():
             keep_large_allocations()
+        # Everything that can fail without a process group fails here, before DeepSpeed starts:
+        # the data, the model config it completes, the run folder and the memory the model needs.
+        self.data = build_data(cfg.data, cfg.task)
+        self.cfg = _fill_from_data(cfg, self.data)
+        self.run_dir = resolve_run_dir(self.cfg, run_dir)
+        launcher_rank = int(os.environ.get("RANK", "0"))
+        preflight(self.cfg, self.run_dir, resuming=resume is not None, restart=restart, is_main=launcher_rank == 0)
         self.deepspeed = init_distributed(cfg.parallel.backend)
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
         self._check_world(cfg)
-        self.data = build_data(cfg.data, cfg.task)
-        self.cfg = _fill_from_data(cfg, self.data)
-        self.run_dir = resolve_run_dir(self.cfg, run_dir)
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
         torch.manual_seed(self.cfg.train.seed)  # every rank builds the same global model, then keeps its shard
@@ -179,6 +189,14 @@ class Trainer:
             lr=self.cfg.train.lr,
             betas=self.cfg.train.betas,
         )
+        # A step whose loss or gradient norm is not finite applies no update. ZeRO 0: the trainer
+        # decides before the engine's step and this guard skips AdamW's step (so weights, moments
+        # and AdamW's step count stay as they were). ZeRO 1/2: DeepSpeed's optimizer skips a step
+        # whose global gradient norm is not finite itself.
+        self._skip_update = False
+        self.optimizer.step = self._guarded_step(self.optimizer.step)
+        self.bad_steps_in_a_row = 0
+        self.skipped_steps = 0
         t = self.cfg.train
         ds_config = {
             "train_micro_batch_size_per_gpu": t.batch_size,
@@ -205,6 +223,22 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
 
     # --- set-up -------------------------------------------------------------------------------
+
+    def _guarded_step(self, step_fn):
+        def step(*args, **kwargs):
+            if self._skip_update:
+                return None
+            return step_fn(*args, **kwargs)
+
+        return step
+
+    def _all_ranks(self, flag: bool) -> bool:
+        """``flag`` and the same flag of every other rank (collective when there are several)."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.engine.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        return bool(value.item() > 0)
 
     def _check_world(self, cfg: RunConfig) -> None:
         if self.world % cfg.parallel.ep_size:
@@ -246,14 +280,11 @@ class Trainer:
         if self._restart:
             for stale in ckpt.list_checkpoints(self.run_dir):
                 shutil.rmtree(stale)
-        if ckpt.list_checkpoints(self.run_dir):
-            raise ConfigError(
-                f"train.run_dir: '{self.run_dir}' already holds checkpoints of another run; "
-                "fix: pass --resume to continue it, --run-dir for a new folder, or delete it"
-            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        if self.cfg.task == "classification" and self.data.labels is not None:
+            (self.run_dir / "labels.json").write_text(json.dumps(self.data.labels.as_dict(), indent=2))
         meta = {
             "code_version": _code_version(),
             "python": sys.version.split()[0],
@@ -283,7 +314,7 @@ class Trainer:
             self.run_dir = folder.parent.parent  # continue in the run folder the checkpoint belongs to
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _truncate_metrics(self.run_dir, self.start_step)
+            truncate_metrics(self.run_dir, self.start_step)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -338,14 +369,17 @@ class Trainer:
         depth_flops = [0.0, 0.0, 0.0]  # executed block FLOPs, plain-network block FLOPs, rows
         exit_sums = None
         tokens = 0
+        loss_finite = True
         for micro in range(t.grad_accum):
             batch = self._micro_batch(step, micro)
             out = self.engine(**batch)
+            loss_finite = loss_finite and bool(torch.isfinite(out.total_loss.detach()))
             self.engine.backward(out.total_loss)
             if micro == t.grad_accum - 1 and self.cfg.parallel.zero_stage == 0:
                 # Gradients are complete (and reduced over ranks) only now.
                 grad_norm = global_grad_norm(self.model, self.ep_group)
-                if t.grad_clip > 0:
+                self._skip_update = not (math.isfinite(grad_norm) and self._all_ranks(loss_finite))
+                if t.grad_clip > 0 and not self._skip_update:
                     clip_gradients_(self.model, t.grad_clip, grad_norm)
             self.engine.step()
             loss_sum += out.loss.item()
@@ -358,8 +392,13 @@ class Trainer:
             tokens += self._tokens(batch)
         if self.cfg.parallel.zero_stage > 0:
             grad_norm = float(self.engine.get_global_grad_norm())
-        for layer in self.model.moe_layers():
-            layer.router.update_bias(self.reduce)
+            bad = not (math.isfinite(grad_norm) and self._all_ranks(loss_finite))
+        else:
+            bad = self._skip_update
+        self._skip_update = False
+        if not bad:  # a skipped step's routing does not move the aux-loss-free bias either
+            for layer in self.model.moe_layers():
+                layer.router.update_bias(self.reduce)
         a2a_bytes = self.traffic.reset()
         if self.reduce is not None:  # report the global batch's loss: the mean of equal-sized shards
             sums = torch.tensor([loss_sum, aux_sum, float(a2a_bytes)], dtype=torch.float64, device=self.engine.device)
@@ -379,6 +418,7 @@ class Trainer:
             "lr": lr_at(step, t),
             "tokens": tokens * self.world,
             "grad_norm": grad_norm,  # before clipping
+            "skipped": bad,  # the loss or gradient norm was not finite: no update
             "all_to_all_bytes": a2a_bytes,  # token rows sent between ranks, all ranks, fwd + bwd
         }
 
@@ -447,7 +487,14 @@ class Trainer:
         return result
 
     def save(self, step: int) -> Path | None:
-        """Write a checkpoint of the whole (unsharded) model and optimizer; collective, rank 0 writes."""
+        """Write a checkpoint of the whole (unsharded) model and optimizer; collective, rank 0 writes.
+        Weights that are not finite are never written (nor allowed to prune a finite checkpoint)."""
+        finite_weights = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if not self._all_ranks(finite_weights):
+            raise TrainingDiverged(
+                f"step {step}: the model's weights are not finite, so no checkpoint was written (the earlier "
+                "ones are kept); fix: lower train.lr or raise train.warmup_steps, and resume from the last checkpoint"
+            )
         model_state = full_model_state(self.model, self.ep_group)
         tensors, groups = full_optimizer_state(self.engine.optimizer, self.model, self.ep_group)
         folder = None
@@ -472,6 +519,30 @@ class Trainer:
             torch.distributed.barrier()  # the checkpoint is committed before any rank goes on
         return folder
 
+    def _count_bad_step(self, step: int, row: dict, bar) -> None:
+        """Count a skipped step; stop once ``train.max_bad_steps`` come in a row."""
+        bad = row.pop("skipped")
+        self.skipped_steps += int(bad)
+        self.bad_steps_in_a_row = self.bad_steps_in_a_row + 1 if bad else 0
+        row["skipped_steps"] = self.skipped_steps  # in the whole run so far
+        if not bad:
+            return
+        message = f"step {step + 1}: loss {row['loss']:.4g}, gradient norm {row['grad_norm']:.4g}: step skipped"
+        if bar is not None:
+            bar.write(message)
+        elif self.is_main:
+            print(message, file=sys.stderr)
+        t = self.cfg.train
+        if self.bad_steps_in_a_row >= t.max_bad_steps:
+            self.metrics.write(step + 1, "train", row)
+            raise TrainingDiverged(
+                f"training stopped at step {step + 1}: the loss or gradient norm was not finite for "
+                f"{self.bad_steps_in_a_row} steps in a row (train.max_bad_steps={t.max_bad_steps}); no checkpoint "
+                f"was written since; fix: lower train.lr (now {t.lr:g}), raise train.warmup_steps (now "
+                f"{t.warmup_steps}) or keep train.grad_clip > 0 (now {t.grad_clip:g}), then resume from the last "
+                "checkpoint with --resume"
+            )
+
     def fit(self) -> TrainResult:
         t = self.cfg.train
         losses: dict[int, float] = {}
@@ -487,6 +558,7 @@ class Trainer:
             row = self.train_step(step)
             losses[step] = row["loss"]
             window_tokens += row.pop("tokens")
+            self._count_bad_step(step, row, bar)
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:
                 elapsed = time.perf_counter() - window_start
@@ -502,7 +574,13 @@ class Trainer:
                 self.metrics.write(done, "eval", last_eval)
                 if bar is not None:
                     bar.write(f"step {done}: " + ", ".join(f"eval {k} {v:.4f}" for k, v in last_eval.items()))
-            if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+            # Not while steps are being skipped: a checkpoint then would only prune a good one.
+            if (
+                t.checkpoint_every
+                and done % t.checkpoint_every == 0
+                and done != t.steps
+                and not self.bad_steps_in_a_row
+            ):
                 self.hooks.on_checkpoint(done, self.save(done))
             self.hooks.after_step(done)
             if bar is not None:
@@ -523,7 +601,7 @@ class Trainer:
                 "unigram_baseline_loss": baseline,
                 "load_balance": [b.as_dict() for b in balance],
             }
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            (self.run_dir / "summary.json").write_text(json.dumps(finite(summary), indent=2, allow_nan=False))
         self.metrics.close()
         return TrainResult(self.run_dir, t.steps, wall, losses, final, balance, baseline)
 
@@ -574,14 +652,6 @@ def _depth_fields(sums: list[float]) -> dict:
         "depth_compute_fraction": flops / full if full else 1.0,
         "depth_flops_per_token": flops / rows if rows else 0.0,
     }
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Forget metrics logged after ``step``: the resumed run logs them again."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
 
 
 def train(
