@@ -9,6 +9,7 @@ unpickled, so a checkpoint cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -223,7 +224,8 @@ def export_model(source: Path, out: Path) -> ExportResult:
         save_file({k: v.contiguous() for k, v in model_state.items()}, tmp, metadata=metadata)
         os.replace(tmp, out)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise CheckpointError(
             f"cannot write '{out}' ({err.strerror or err}); fix: choose a writable folder with free space"
         ) from None
