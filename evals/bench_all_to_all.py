@@ -31,7 +31,6 @@ from dynamoe.config import load_config
 from dynamoe.evals.report import hardware_info, write_json
 from dynamoe.training.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
 # torchrun sets these for its children; inherited ones (e.g. from a test process) would make the
 # children join or bind the wrong rendezvous.
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -73,7 +72,7 @@ def overrides_for(args, world: int) -> list[str]:
 def run_training(config: str, world: int, overrides: list[str], run_dir: Path, timeout: float) -> float:
     """``moe train`` under torchrun with ``world`` CPU processes; returns the wall time in seconds."""
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
-    env.update(DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [
         sys.executable,
         "-m",
@@ -81,7 +80,7 @@ def run_training(config: str, world: int, overrides: list[str], run_dir: Path, t
         "--standalone",
         f"--nproc_per_node={world}",
         "-m",
-        "dynamoe.launch.cli",
+        "dynamoe",
         "train",
         config,
         "--quiet",
@@ -91,7 +90,7 @@ def run_training(config: str, world: int, overrides: list[str], run_dir: Path, t
     for assignment in overrides:
         cmd += ["--set", assignment]
     start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - start
     if out.returncode != 0:
         raise RuntimeError(f"{world} processes: moe train failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
@@ -181,12 +180,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def resolve_config(name_or_path: str) -> str:
-    """An absolute path when the config is a file (here or in the repo), else a shipped config's name:
-    the children run in the repo root, whatever this process's working directory."""
-    for candidate in (Path(name_or_path), REPO / name_or_path):
-        if candidate.is_file():
-            return str(candidate.resolve())
-    return name_or_path
+    """An absolute path when the config is a file, else a shipped config's name."""
+    path = Path(name_or_path)
+    return str(path.resolve()) if path.is_file() else name_or_path
 
 
 def main(argv=None) -> dict:

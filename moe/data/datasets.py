@@ -308,6 +308,15 @@ def load_lm(cfg: DataConfig) -> LMData:
     local = _local_copy(cfg)
     if local is not None and local.is_file() and local.suffix.lower() == ".bin":
         return load_token_file(cfg, local)
+    if cfg.streaming:
+        from dynamoe.data.streaming import load_streamed
+
+        if cfg.tokenizer == "char":
+            raise DataError(
+                "data.streaming: the character tokenizer needs the whole corpus to build its vocabulary; "
+                "fix: set data.tokenizer to a transformers tokenizer (e.g. minilm, or a hub name)"
+            )
+        return load_streamed(cfg, local, hf_tokenizer(cfg.tokenizer))
     train_text, val_text = _lm_texts(cfg)
     if cfg.tokenizer == "char":
         joined = [x if isinstance(x, str) else "\n".join(x) for x in (train_text, val_text)]
@@ -509,6 +518,11 @@ def _classification_rows(cfg: DataConfig) -> tuple[dict, dict, dict | None, str]
 
 
 def load_classification(cfg: DataConfig) -> ClassificationData:
+    if cfg.streaming:
+        raise DataError(
+            "data.streaming: classification sets are read into memory; fix: remove data.streaming (it is for "
+            "language-model corpora)"
+        )
     train, val, calib, source = _classification_rows(cfg)
     others = {"validation": val["label"], **({"calibration": calib["label"]} if calib is not None else {})}
     space = L.label_space(train["label"], others, cfg.num_classes, f"data ({source})")

@@ -197,6 +197,8 @@ class Trainer:
         self.optimizer.step = self._guarded_step(self.optimizer.step)
         self.bad_steps_in_a_row = 0
         self.skipped_steps = 0
+        self._wall_before = 0.0  # training wall time of the run before this process resumed it
+        self._fit_started = time.perf_counter()
         t = self.cfg.train
         ds_config = {
             "train_micro_batch_size_per_gpu": t.batch_size,
@@ -310,6 +312,8 @@ class Trainer:
             )
         load_full_optimizer_state(self.engine.optimizer, self.model, optim, state["optimizer_groups"])
         self.start_step = state["step"]
+        self._wall_before = float(state.get("train_wall_s", 0.0))
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         if not self._run_dir_given:
             self.run_dir = folder.parent.parent  # continue in the run folder the checkpoint belongs to
         if self.is_main:
@@ -335,7 +339,7 @@ class Trainer:
             return int(mask.sum())
         return batch["input_ids"].numel() if "input_ids" in batch else batch["labels"].shape[0]
 
-    def _set_learning_rates(self, step: int) -> None:
+    def _set_learning_rates(self, step: int) -> float:
         """The schedule, and two-stage exit training: first the backbone and final head (early
         exits frozen), then the early exits on a frozen backbone, each stage with its own
         warm-up and decay. A learning rate of 0 leaves AdamW's weights exactly as they are."""
@@ -345,7 +349,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(step, t)
             self.model.exit_phase = "joint"
-            return
+            return lr_at(step, t)
         first = max(1, int(t.steps * exits.stage_one_fraction))
         in_first = step < first
         stage = dataclasses.replace(
@@ -358,10 +362,11 @@ class Trainer:
             trains = group.get("early_exit", False) != in_first
             group["lr"] = lr if trains else 0.0
         self.model.exit_phase = "backbone" if in_first else "exits"
+        return lr  # of the parameters this stage trains (the others' is 0)
 
     def train_step(self, step: int) -> dict:
         t = self.cfg.train
-        self._set_learning_rates(step)
+        lr = self._set_learning_rates(step)
         torch.manual_seed(_step_seed(t.seed, step, self.rank))  # dropout and jitter depend on the step only
         self.engine.train()
         self.model.set_depth_progress(step / max(1, t.steps - 1))  # depth schedules (Gumbel temperature)
@@ -415,7 +420,7 @@ class Trainer:
             **row,
             "loss": loss_sum / t.grad_accum,
             "aux_loss": aux_sum / t.grad_accum,
-            "lr": lr_at(step, t),
+            "lr": lr,  # as applied (two-stage exit training: the stage's own schedule)
             "tokens": tokens * self.world,
             "grad_norm": grad_norm,  # before clipping
             "skipped": bad,  # the loss or gradient norm was not finite: no update
@@ -507,6 +512,8 @@ class Trainer:
                 "ep_size": self.cfg.parallel.ep_size,
                 "zero_stage": self.cfg.parallel.zero_stage,
                 "model_config": to_dict(self.cfg.model),
+                "train_wall_s": self._wall_before + time.perf_counter() - self._fit_started,
+                "skipped_steps": self.skipped_steps,
             }
             folder = ckpt.save_checkpoint(
                 self.run_dir / "checkpoints" / f"step_{step:08d}",
@@ -551,7 +558,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=t.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
-        started = time.perf_counter()
+        started = self._fit_started = time.perf_counter()
         window_tokens, window_start = 0, time.perf_counter()
         last_eval: dict = {}
         for step in range(self.start_step, t.steps):
@@ -587,7 +594,7 @@ class Trainer:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        wall = time.perf_counter() - started
+        wall = self._wall_before + time.perf_counter() - started  # the whole run's, resumed or not
         # Final evaluation doubles as the load-balance pass.
         final, balance = self.evaluate_with_balance()
         self.metrics.write(t.steps, "eval", final)
