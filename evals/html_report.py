@@ -8,11 +8,14 @@ import html
 from pathlib import Path
 
 CAPTIONS = {
-    "load_heatmap": "Expert load over training: share of each expert's assignments per MoE layer and log step.",
+    "training_curves": "Training (and validation) loss, the learning rate as applied, and the scaled auxiliary "
+    "router loss, at every training log step.",
+    "load_heatmap": "Expert load over training: share of each expert's assignments per MoE layer and log step, "
+    "on one colour scale for all layers.",
     "load_histogram": "Assignments per expert on the validation pass; dashed: perfect balance.",
-    "compute_breakdown": "FLOPs per token by component, full network and early exit.",
-    "exit_distribution": "Share of validation samples leaving at each exit.",
-    "accuracy_vs_compute": "Validation accuracy against GFLOPs per sample: one exit for all (anytime) and "
+    "compute_breakdown": "MFLOPs per token by component, full network and early exit.",
+    "exit_distribution": "Share of validation samples leaving at each exit, named as in model.exits.layers.",
+    "accuracy_vs_compute": "Validation accuracy against MFLOPs per sample: one exit for all (anytime) and "
     "a shared threshold swept (budgeted batch).",
     "depth_vs_compute": "Conditional depth: validation quality against executed MFLOPs per token as the mode's "
     "inference knob (halting threshold, capacity) is swept.",
@@ -33,9 +36,12 @@ def _fmt(v) -> str:
 
 
 def write_report(result: dict, plot_dir: Path, path: Path) -> Path:
+    step = result.get("step")
     sections = [
-        f"<h1>dynamoe evaluation</h1><p>{html.escape(result['source'])}: {result['task']} "
-        f"({result['model_kind']}), {result['samples']} samples, {result['tokens']} tokens</p>"
+        f"<h1>dynamoe evaluation: {html.escape(str(result.get('config') or 'run'))}"
+        f"{'' if step is None else f', step {step}'}</h1>"
+        f"<p>{html.escape(result['source'])}: {result['task']} ({result['model_kind']}), "
+        f"{result['samples']} samples, {result['tokens']} tokens</p>"
     ]
     sections.append("<h2>Quality</h2>" + _table(["metric", "value"], [[k, v] for k, v in result["metrics"].items()]))
     c = result["compute"]["full"]
@@ -65,18 +71,19 @@ def write_report(result: dict, plot_dir: Path, path: Path) -> Path:
         )
     if "routing_stability" in result:
         s = result["routing_stability"]
+        rows = [[i, 100 * f] for i, f in enumerate(s["changed_fraction"])]
         sections.append(
-            f"<p>Routing stability against {html.escape(s['against'])}: top-1 expert changed for "
-            + ", ".join(f"{100 * f:.1f}%" for f in s["changed_fraction"])
-            + " of tokens.</p>"
+            f"<h2>Routing stability</h2><p>against {html.escape(s['against'])}, on the same tokens</p>"
+            + _table(["MoE layer", "top-1 expert changed, % of tokens"], rows)
         )
     if "exits" in result:
         e = result["exits"]
-        rows = [[layer, n] for layer, n in zip(e["exit_layers"], e["exit_counts"])]
+        labels = e.get("exit_labels") or [f"after layer {n}" for n in e["exit_layers"]]
+        rows = [[label, n] for label, n in zip(labels, e["exit_counts"])]
         sections.append(
             f"<h2>Early exit</h2><p>policy {e['policy']}, thresholds from {html.escape(e['thresholds_from'])}: "
             f"accuracy {e['accuracy']:.4f} at {e['compute']['fraction_of_full']:.3f} of the full network's "
-            "FLOPs</p>" + _table(["exit after layer", "samples"], rows)
+            "FLOPs</p>" + _table(["exit", "samples"], rows)
         )
     figures = []
     for name, file in result.get("plots", {}).items():

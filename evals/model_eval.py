@@ -187,6 +187,36 @@ def _compute_block(ledger: ComputeLedger, full: ComputeLedger) -> dict:
     }
 
 
+def training_curves(run_dir: Path | None) -> dict | None:
+    """Loss, learning rate and auxiliary loss at each training log step, and the validation loss."""
+    from dynamoe.training.metrics import read_metrics
+
+    if run_dir is None:
+        return None
+    rows = read_metrics(run_dir)
+    train = [r for r in rows if r.get("split") == "train" and r.get("loss") is not None]
+    val = [r for r in rows if r.get("split") == "eval" and r.get("loss") is not None]
+    return {
+        "train": {k: [r.get(k) for r in train] for k in ("step", "loss", "lr", "aux_loss")},
+        "eval": {k: [r[k] for r in val] for k in ("step", "loss")},
+    }
+
+
+def source_step(source: Path) -> int | None:
+    """The training step of the weights evaluated (a checkpoint's, or an export's)."""
+    from safetensors import safe_open
+
+    from dynamoe.training.checkpoint import resolve_resume
+
+    try:
+        if source.is_file():
+            with safe_open(str(source), framework="pt") as f:
+                return int((f.metadata() or {}).get("step"))
+        return int(json.loads((resolve_resume(source) / "trainer.json").read_text())["step"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
 def training_load(run_dir: Path | None) -> dict:
     """Per MoE layer, the tokens per expert logged at each training log step."""
     from dynamoe.training.metrics import read_metrics
@@ -246,6 +276,8 @@ def evaluate(
     full = full_pass(cfg, model, eval_batches)
     result = {
         "source": str(source),
+        "config": cfg.train.name,
+        "step": source_step(Path(source)),
         "task": cfg.task,
         "model_kind": cfg.model.kind,
         "samples": full["ledger"].samples,
@@ -278,6 +310,7 @@ def evaluate(
         except ValueError as err:  # conditional depth routed different tokens in the two checkpoints
             result["routing_stability_unavailable"] = str(err)
     result["training_load"] = training_load(run_dir)
+    result["training_curves"] = training_curves(run_dir)
     if isinstance(model, MultiExitModel) and model.exit_cfg.enabled:
         result["exits"] = _exit_section(cfg, model, data, eval_batches, run_dir, ledger)
     elif cfg.model.kind == "decoder" and cfg.model.exits.enabled:
@@ -300,6 +333,16 @@ def evaluate(
     return result
 
 
+def exit_labels(model_cfg) -> list[str]:
+    """Each exit as the config names it (``model.exits.layers``: Transformer layers, CNN stages or
+    blocks), the final head last."""
+    if model_cfg.kind == "cnn":
+        unit = "stage" if model_cfg.cnn.exit_after == "stage" else "block"
+    else:
+        unit = "layer"
+    return [f"after {unit} {n}" for n in model_cfg.exits.layers] + ["final"]
+
+
 def _exit_section(cfg, model, data, eval_batches, run_dir, full_ledger) -> dict:
     from dynamoe.exits.calibration import anytime_curve, record_exits, shared_threshold_sweep
 
@@ -320,6 +363,7 @@ def _exit_section(cfg, model, data, eval_batches, run_dir, full_ledger) -> dict:
         "thresholds": thresholds,
         "thresholds_from": origin,
         "exit_layers": [s + 1 for s in model.exit_stages],
+        "exit_labels": exit_labels(cfg.model),
         "accuracy": passed["accuracy"],
         "exit_counts": passed["exit_counts"],
         "compute": _compute_block(passed["ledger"], full_ledger),

@@ -176,6 +176,7 @@ def test_moe_eval_report_end_to_end(digits_run, capsys, tmp_path, monkeypatch):
     assert result["routing_stability"]["against"].endswith("step_00000020")
     assert len(result["training_load"]["steps"]) == 4
     assert set(result["plots"]) == {
+        "training_curves",
         "load_heatmap",
         "load_histogram",
         "compute_breakdown",
@@ -184,7 +185,8 @@ def test_moe_eval_report_end_to_end(digits_run, capsys, tmp_path, monkeypatch):
     }
     assert result["exits"]["compute"]["fraction_of_full"] < 1.0
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("data:image/png;base64,") == 6
+    assert "step 40" in page and "Routing stability" in page and "after stage 1" in page
 
 
 def test_moe_eval_skips_a_corrupt_older_checkpoint_with_a_warning(digits_run, tmp_path):
