@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     from dynamoe.training.trainer import TrainingDiverged
 
     args = build_parser().parse_args(argv)
+    default_format = warnings.formatwarning
     if not args.debug:  # warnings as one line each, without the source line
         warnings.formatwarning = lambda message, category, *rest: f"moe {args.command}: warning: {message}\n"
     try:
@@ -273,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"moe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = default_format
 
 
 if __name__ == "__main__":

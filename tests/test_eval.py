@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,7 +229,7 @@ def test_report_renders_with_its_plots_in_headless_chromium(digits_run, tmp_path
         capture_output=True,
         timeout=120,
     )
-    pixels = list(Image.open(shot).convert("RGB").getdata())
+    pixels = [tuple(p) for p in np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).tolist()]
 
     def share(close_to):
         return sum(1 for p in pixels if sum(abs(a - b) for a, b in zip(p, close_to)) < 40) / len(pixels)

@@ -269,3 +269,26 @@ def test_a_diverging_run_skips_steps_stops_with_a_named_error_and_keeps_good_che
     model_state, _, _ = ckpt.load_checkpoint(kept[-1])
     live = trainer.model.state_dict()
     assert all(torch.equal(live[k], v) for k, v in model_state.items() if k in live)
+
+
+def test_under_zero_1_a_non_finite_step_is_skipped_too(tmp_path):
+    from dynamoe.training.trainer import Trainer, TrainingDiverged
+
+    cfg = load_config(
+        "debug_tiny",
+        TINY
+        + [
+            "train.steps=30",
+            "train.checkpoint_every=0",
+            "train.max_bad_steps=2",
+            "train.lr=1e3",
+            "train.warmup_steps=2",
+            "parallel.zero_stage=1",
+        ],
+    )
+    trainer = Trainer(cfg, run_dir=str(tmp_path), progress=False)
+    with pytest.raises(TrainingDiverged, match="2 steps in a row"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    rows = read_metrics(tmp_path, "train")
+    assert rows[-1]["skipped_steps"] >= 2
