@@ -292,3 +292,35 @@ def test_under_zero_1_a_non_finite_step_is_skipped_too(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     rows = read_metrics(tmp_path, "train")
     assert rows[-1]["skipped_steps"] >= 2
+
+
+def test_a_safetensors_write_error_is_a_checkpoint_error_too(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def failing(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "save_file", failing)
+    with pytest.raises(ckpt.CheckpointError, match="No space left"):
+        ckpt.save_checkpoint(tmp_path / "checkpoints" / "step_00000002", **_state())
+    assert not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_whole_last_metrics_line_without_its_newline_is_kept(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "split": "train"}')
+    writer = MetricsWriter(tmp_path)
+    writer.write(3, "train", {"loss": 1.0})
+    writer.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_a_skipped_step_discards_the_routing_load_of_the_aux_free_bias():
+    from dynamoe.config import RouterConfig
+    from dynamoe.layers.router import build_router
+
+    router = build_router(RouterConfig(top_k=1, aux_free_bias=True), 8, 4).train()
+    router(torch.randn(16, 8))
+    assert router.load_since_update.sum() == 16
+    router.discard_load()
+    router.update_bias()
+    assert torch.equal(router.expert_bias, torch.zeros(4))  # nothing counted: no move

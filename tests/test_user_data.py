@@ -192,3 +192,18 @@ def test_a_streamed_corpus_becomes_a_cached_token_file(tmp_path, monkeypatch):
     assert files[0].stat().st_mtime_ns == mtime
     with pytest.raises(DataError, match="character tokenizer"):
         build_data(DataConfig(dataset="m", path=str(tmp_path / "corpus.jsonl"), task="lm", streaming=True), "lm")
+
+
+def test_a_text_folder_with_split_names_keeps_its_validation_text_apart(tmp_path):
+    (tmp_path / "train.txt").write_text("abcdefgh" * 40)
+    (tmp_path / "validation.txt").write_text("ABCDEFGH" * 10)
+    data = build_data(DataConfig(dataset="mine", path=str(tmp_path), task="lm", seq_len=8), "lm")
+    decode = data.tokenizer.decode
+    assert set(decode(data.train_ids.tolist())) <= set("abcdefgh\n")
+    assert set(decode(data.val_ids.tolist())) <= set("ABCDEFGH\n")
+
+
+def test_an_empty_token_file_is_named(tmp_path):
+    (tmp_path / "empty.bin").write_bytes(b"")
+    with pytest.raises(DataError, match="is empty"):
+        build_data(DataConfig(dataset="m", path=str(tmp_path / "empty.bin"), task="lm", tokenizer="minilm"), "lm")

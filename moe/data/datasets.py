@@ -18,7 +18,7 @@ import torch
 
 from dynamoe.config import DataConfig
 from dynamoe.data import labels as L
-from dynamoe.data.sources import DataError, column, pick_splits, read_hub, read_local
+from dynamoe.data.sources import SPLIT_PREFIXES, DataError, column, pick_splits, read_hub, read_local
 
 # name -> (file inside the local folder, hub dataset, text field)
 _LOCAL_LAYOUT = {
@@ -187,7 +187,7 @@ def _lm_texts(cfg: DataConfig) -> tuple[list[str] | str, list[str] | str]:
     """(training text, validation text) of a language-modelling dataset: one string for plain text
     files (the tail held out), else the text column's rows."""
     local = _local_copy(cfg)
-    if local is not None and (local.suffix.lower() == ".txt" or (local.is_dir() and any(local.glob("*.txt")))):
+    if local is not None and _plain_text(local):
         import datasets
 
         files = sorted(local.glob("*.txt")) if local.is_dir() else [local]
@@ -214,6 +214,17 @@ def _lm_texts(cfg: DataConfig) -> tuple[list[str] | str, list[str] | str]:
         split_at = int(len(text) * (1 - cfg.val_fraction))
         return text[:split_at], text[split_at:]
     return train[:cut], train[cut:]
+
+
+def _plain_text(local: Path) -> bool:
+    """A .txt file, or a folder of .txt files none of which names a split: one corpus, whose tail
+    validates. (Folders with train.* / validation.* files go by their split names.)"""
+    if local.is_file():
+        return local.suffix.lower() == ".txt"
+    files = [p for p in local.iterdir() if p.is_file()]
+    texts = [p for p in files if p.suffix.lower() == ".txt"]
+    named = any(p.stem.lower().startswith(prefixes) for p in files for prefixes in SPLIT_PREFIXES.values())
+    return bool(texts) and not named
 
 
 def _check_utf8(path: Path) -> None:
@@ -258,6 +269,8 @@ def load_token_file(cfg: DataConfig, path: Path) -> LMData:
         )
     dtype = np.dtype(cfg.token_dtype)
     size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"data.path: '{path}' is empty; fix: point data.path at a token file with ids in it")
     if size % dtype.itemsize:
         raise DataError(
             f"data.path: '{path}' is {size} bytes, not a whole number of {cfg.token_dtype} ids; "

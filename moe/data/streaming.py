@@ -11,6 +11,7 @@ run reuses it and an interrupted one is never read.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -53,8 +54,6 @@ def _stream_rows(cfg: DataConfig, local: Path | None):
 
 def streamed_token_file(cfg: DataConfig, local: Path | None, tokenizer) -> tuple[Path, str]:
     """The token file of the streamed training split (written on first use): (path, id dtype)."""
-    import numpy as np
-
     if tokenizer.hf is None:
         raise DataError(
             "data.streaming: the character tokenizer needs the whole corpus to build its vocabulary; "
@@ -67,6 +66,19 @@ def streamed_token_file(cfg: DataConfig, local: Path | None, tokenizer) -> tuple
     if path.exists():
         return path, dtype
     path.parent.mkdir(parents=True, exist_ok=True)
+    # One process writes (the others of a multi-process job wait for it, then read its file).
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            for stale in path.parent.glob(f"{digest}.partial*"):  # left by a writer that was killed
+                stale.unlink(missing_ok=True)
+            _write_token_file(cfg, local, tokenizer, path, key, dtype)
+    return path, dtype
+
+
+def _write_token_file(cfg: DataConfig, local: Path | None, tokenizer, path: Path, key: dict, dtype: str) -> None:
+    import numpy as np
+
     tmp = path.with_suffix(f".partial{os.getpid()}")
     rows, written = _stream_rows(cfg, local), 0
     try:
@@ -90,7 +102,6 @@ def streamed_token_file(cfg: DataConfig, local: Path | None, tokenizer) -> tuple
         path.with_suffix(".json").write_text(json.dumps({**key, "tokens": written}, indent=2))
     finally:
         tmp.unlink(missing_ok=True)
-    return path, dtype
 
 
 def _write_ids(f, tokenizer, texts: list[str], dtype) -> int:

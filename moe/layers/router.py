@@ -140,6 +140,11 @@ class TokenChoiceRouter(_RouterBase):
         return Routing(weights_Tk, experts_Tk, counts_E, num_rows, aux, z, probs_TE.detach(), dropped)
 
     @torch.no_grad()
+    def discard_load(self) -> None:
+        """Forget the load counted since the last bias update (a step that applied no update)."""
+        self.load_since_update.zero_()
+
+    @torch.no_grad()
     def update_bias(self, reduce=None) -> None:
         """Aux-loss-free balancing step: raise the bias of under-loaded experts, lower the over-loaded.
 
@@ -184,6 +189,9 @@ class ExpertChoiceRouter(_RouterBase):
         return Routing(weights_TE, experts_TE, counts_E, capacity * num_experts, aux, z, probs_TE.detach(), dropped)
 
     def update_bias(self, reduce=None) -> None:
+        return None
+
+    def discard_load(self) -> None:
         return None
 
 

@@ -51,15 +51,19 @@ def save_checkpoint(folder: Path, *, model_state: dict, optim_tensors: dict, tra
     tmp = folder.with_name(folder.name + ".partial")
     try:
         _write_checkpoint(tmp, model_state, optim_tensors, trainer_state)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
-            f"checkpoint '{folder}' could not be written ({err.strerror or err}); fix: free disk space or make "
+            f"checkpoint '{folder}' could not be written ({_reason(err)}); fix: free disk space or make "
             f"'{folder.parent}' writable, then resume from the last checkpoint with --resume"
         ) from None
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
+
+
+def _reason(err: Exception) -> str:
+    return getattr(err, "strerror", None) or str(err)
 
 
 def remove_partial_saves(run_dir: Path) -> list[Path]:
@@ -170,6 +174,10 @@ def resolve_resume(path: Path) -> Path:
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
+        # The manifest goes first: a prune cut short leaves an uncommitted folder, never a
+        # half-deleted one that still looks committed.
+        with contextlib.suppress(OSError):
+            (old / MANIFEST).unlink()
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -223,11 +231,11 @@ def export_model(source: Path, out: Path) -> ExportResult:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in model_state.items()}, tmp, metadata=metadata)
         os.replace(tmp, out)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise CheckpointError(
-            f"cannot write '{out}' ({err.strerror or err}); fix: choose a writable folder with free space"
+            f"cannot write '{out}' ({_reason(err)}); fix: choose a writable folder with free space"
         ) from None
     return ExportResult(out, int(state["step"]), folder, skipped)
 

@@ -94,10 +94,16 @@ def drop_torn_line(path: Path) -> None:
     data = path.read_bytes()
     if data.endswith(b"\n"):
         return
-    keep = data[: data.rfind(b"\n") + 1]
-    warnings.warn(f"{path}: dropped a torn last line (a write was cut short)", stacklevel=2)
-    with open(path, "r+b") as f:
-        f.truncate(len(keep))
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:])
+    except ValueError:  # torn (JSONDecodeError and UnicodeDecodeError are both ValueErrors)
+        warnings.warn(f"{path}: dropped a torn last line (a write was cut short)", stacklevel=2)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        return
+    with open(path, "ab") as f:  # a whole last line without its newline: end it
+        f.write(b"\n")
 
 
 def read_metrics(run_dir: Path, split: str | None = None) -> list[dict]:

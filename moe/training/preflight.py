@@ -45,9 +45,11 @@ def count_parameters(cfg: ModelConfig) -> tuple[int, int] | None:
 
 
 def available_memory_bytes() -> int | None:
-    """Memory a new allocation can get: free memory of the current GPU, else MemAvailable."""
+    """Memory a new allocation can get: free memory of this process's GPU (``LOCAL_RANK``), else
+    the host's MemAvailable (shared by the processes on the host)."""
     if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
+        device = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     try:
         with open("/proc/meminfo") as f:
@@ -65,11 +67,13 @@ def _gib(n: float) -> str:
 
 def check_memory(params: int, expert_params: int, ep_size: int, available: int | None) -> None:
     """Each process holds the dense parameters and 1/ep_size of the experts', with gradients and
-    Adam state; the processes this host runs (LOCAL_WORLD_SIZE) share its memory."""
+    Adam state; on CPU the processes this host runs (LOCAL_WORLD_SIZE) share its memory, on GPUs
+    each has its own device."""
     if available is None:
         return
     per_process = (params - expert_params + expert_params / ep_size) * TRAINING_BYTES_PER_PARAM
-    per_host = per_process * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    sharing = 1 if torch.cuda.is_available() else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    per_host = per_process * sharing
     if per_host > available:
         raise ConfigError(
             f"model: training needs about {_gib(per_host)} for weights, gradients and Adam state "

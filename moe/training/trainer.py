@@ -164,7 +164,10 @@ class Trainer:
         # the data, the model config it completes, the run folder and the memory the model needs.
         self.data = build_data(cfg.data, cfg.task)
         self.cfg = _fill_from_data(cfg, self.data)
-        self.run_dir = resolve_run_dir(self.cfg, run_dir)
+        if resume is not None and run_dir is None:  # a resumed run continues in its checkpoint's run folder
+            self.run_dir = ckpt.resolve_resume(Path(resume)).parent.parent
+        else:
+            self.run_dir = resolve_run_dir(self.cfg, run_dir)
         launcher_rank = int(os.environ.get("RANK", "0"))
         preflight(self.cfg, self.run_dir, resuming=resume is not None, restart=restart, is_main=launcher_rank == 0)
         self.deepspeed = init_distributed(cfg.parallel.backend)
@@ -401,8 +404,10 @@ class Trainer:
         else:
             bad = self._skip_update
         self._skip_update = False
-        if not bad:  # a skipped step's routing does not move the aux-loss-free bias either
-            for layer in self.model.moe_layers():
+        for layer in self.model.moe_layers():  # a skipped step's routing does not move the bias either
+            if bad:
+                layer.router.discard_load()
+            else:
                 layer.router.update_bias(self.reduce)
         a2a_bytes = self.traffic.reset()
         if self.reduce is not None:  # report the global batch's loss: the mean of equal-sized shards
@@ -515,15 +520,22 @@ class Trainer:
                 "train_wall_s": self._wall_before + time.perf_counter() - self._fit_started,
                 "skipped_steps": self.skipped_steps,
             }
-            folder = ckpt.save_checkpoint(
-                self.run_dir / "checkpoints" / f"step_{step:08d}",
-                model_state=model_state,
-                optim_tensors=tensors,
-                trainer_state=state,
-            )
-            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-        if self.world > 1:
-            torch.distributed.barrier()  # the checkpoint is committed before any rank goes on
+        failure = None
+        if self.is_main:
+            try:
+                folder = ckpt.save_checkpoint(
+                    self.run_dir / "checkpoints" / f"step_{step:08d}",
+                    model_state=model_state,
+                    optim_tensors=tensors,
+                    trainer_state=state,
+                )
+                ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+            except ckpt.CheckpointError as err:
+                failure = err
+        # Every rank learns whether the save was committed (a failure on rank 0 alone must not
+        # leave the others waiting), and none goes on before it is.
+        if not self._all_ranks(failure is None):
+            raise failure or ckpt.CheckpointError(f"step {step}: the checkpoint could not be written on rank 0")
         return folder
 
     def _count_bad_step(self, step: int, row: dict, bar) -> None:
