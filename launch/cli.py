@@ -51,6 +51,11 @@ def _bench(args: argparse.Namespace) -> int:
 
         bench_all_to_all(args.rest)
         return 0
+    if args.what == "checkpointing":
+        from dynamoe.evals.bench_activation_checkpointing import main as bench_checkpointing
+
+        bench_checkpointing(args.rest)
+        return 0
     if args.what == "depth":
         from dynamoe.evals.conditional_depth import main as depth_eval
 
@@ -181,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print tables and write JSON")
     p.add_argument(
         "what",
-        choices=["layer", "kernels", "all-to-all", "depth"],
+        choices=["layer", "kernels", "all-to-all", "depth", "checkpointing"],
         help="layer: MoE layer forward+backward vs DeepSpeed's MoE; kernels: MoE kernel ops vs peers; "
-        "all-to-all: bytes and step time for 1, 2, 4 processes; depth: MoD and ACT vs dense at equal training FLOPs",
+        "all-to-all: bytes and step time for 1, 2, 4 processes; depth: MoD and ACT vs dense at equal training FLOPs; "
+        "checkpointing: activation memory with and without activation checkpointing",
     )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark (see `moe bench layer --help`)")
     p.set_defaults(func=_bench)

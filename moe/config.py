@@ -496,6 +496,9 @@ class TrainConfig:
     # Steps in a row whose loss or gradient norm is not finite (each is skipped: no update) before
     # training stops with an error.
     max_bad_steps: int = 10
+    # Keep only each block's input in the forward pass and run the block again in backward:
+    # none, every block, or only the blocks with an MoE layer.
+    activation_checkpointing: Literal["none", "blocks", "moe_blocks"] = "none"
 
     def __post_init__(self) -> None:
         s = self._section

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dynamoe.compute import flops as F_
+from dynamoe.layers.recompute import recomputing
 
 COMPONENTS = (
     "attention",
@@ -180,7 +181,8 @@ class ComputeLedger:
 
     def __enter__(self) -> ComputeLedger:
         for module, hook in self._hooks():
-            self._handles.append(module.register_forward_hook(hook, with_kwargs=hook == self._attention))
+            with_kwargs = hook == self._attention
+            self._handles.append(module.register_forward_hook(_once(hook, with_kwargs), with_kwargs=with_kwargs))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -242,3 +244,20 @@ def flop_counter():
     mode = FlopCounterMode(display=False, custom_mapping=flop_counter_mapping())
     with mode:
         yield mode
+
+
+def _once(hook, with_kwargs: bool):
+    """``hook``, silent while a checkpointed block is run again for backward (already counted)."""
+    if with_kwargs:
+
+        def counted_kw(module, inputs, kwargs, output):
+            if not recomputing():
+                hook(module, inputs, kwargs, output)
+
+        return counted_kw
+
+    def counted(module, inputs, output):
+        if not recomputing():
+            hook(module, inputs, output)
+
+    return counted

@@ -15,6 +15,7 @@ from torch import nn
 from dynamoe.config import MoEConfig
 from dynamoe.layers.dispatcher import LocalDispatcher
 from dynamoe.layers.experts import DenseMLP, GroupedExperts
+from dynamoe.layers.recompute import recomputing
 from dynamoe.layers.router import build_router, routing_entropy
 
 
@@ -71,7 +72,7 @@ class MoELayer(nn.Module):
         with torch.no_grad():
             entropy = routing_entropy(routing.probs)
             num_tokens = x_TD.shape[0]
-            if self.record_stats:
+            if self.record_stats and not recomputing():  # a recomputation for backward counted already
                 self.stat_counts += routing.counts.to(torch.float64)
                 self.stat_dropped += routing.dropped.to(torch.float64)
                 self.stat_tokens += num_tokens

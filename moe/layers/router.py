@@ -21,6 +21,7 @@ from torch import nn
 
 from dynamoe import kernels
 from dynamoe.config import RouterConfig
+from dynamoe.layers.recompute import recomputing
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class TokenChoiceRouter(_RouterBase):
             else logits_TE.new_zeros(())
         )
         z = cfg.z_loss_coef * router_z_loss(logits_TE) if cfg.z_loss_coef else logits_TE.new_zeros(())
-        if self.training and cfg.aux_free_bias:
+        if self.training and cfg.aux_free_bias and not recomputing():
             self.load_since_update += counts_E.to(self.load_since_update.dtype)
 
         num_rows = num_tokens * k

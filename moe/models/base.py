@@ -28,6 +28,12 @@ class DynamoeModel(nn.Module):
     def set_depth_progress(self, fraction: float) -> None:
         """Training progress in [0, 1], for schedules inside the depth units (Gumbel temperature)."""
 
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """``none``, ``blocks`` or ``moe_blocks``: which blocks keep only their inputs for backward
+        (training only; the block runs again in backward)."""
+        if mode != "none":
+            raise ValueError(f"{type(self).__name__} has no activation checkpointing")
+
     @property
     def num_exits(self) -> int:
         """Exits whose losses ``ModelOutput.exit_losses`` reports, the final head included; 0 without exits."""

@@ -23,6 +23,7 @@ from dynamoe.depth.cnn_modes import build_cnn_depth
 from dynamoe.exits.heads import ExitHead, HeadOutput
 from dynamoe.exits.multi_exit import MultiExitModel
 from dynamoe.layers.moe_layer import MoELayer
+from dynamoe.layers.recompute import checkpointed
 from dynamoe.models.output import ModelOutput, classification_output
 from dynamoe.stage import StageRecords, StageState
 
@@ -107,6 +108,7 @@ class ResNetExits(MultiExitModel):
         )
         shortcut = [self.stages[s][b].shortcut is None for s, b in self.units]
         self.depth = build_cnn_depth(cfg, self.units, shortcut)
+        self.checkpointed_units: set[int] = set()
         self._register_load_state_dict_pre_hook(_rename_legacy_depth_keys)
 
     @property
@@ -124,9 +126,21 @@ class ResNetExits(MultiExitModel):
     def begin(self, batch: dict) -> StageState:
         return StageState(batch["pixel_values"])
 
+    def set_activation_checkpointing(self, mode: str) -> None:
+        self.checkpointed_units = {
+            i
+            for i, (s, b) in enumerate(self.units)
+            if mode == "blocks" or (mode == "moe_blocks" and f"{s}_{b}" in self.moes)
+        }
+
     def run_unit(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         """Block ``i`` and its pointwise MoE, if any (the stem is the caller's): the output and the
         MoE records."""
+        if i in self.checkpointed_units and self.training and torch.is_grad_enabled():
+            return checkpointed(self._run_unit, i, x)
+        return self._run_unit(i, x)
+
+    def _run_unit(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         s, b = self.units[i]
         x = self.stages[s][b](x)
         if f"{s}_{b}" in self.moes:

@@ -21,6 +21,7 @@ from dynamoe.config import ConfigError, ModelConfig
 from dynamoe.data import resolve_bundled
 from dynamoe.exits.heads import ExitHead, HeadOutput
 from dynamoe.exits.multi_exit import MultiExitModel
+from dynamoe.layers.recompute import checkpointed
 from dynamoe.models.output import ModelOutput, classification_output
 from dynamoe.models.pooling import masked_mean
 from dynamoe.stage import StageRecords, StageState
@@ -105,6 +106,17 @@ class HFExitClassifier(MultiExitModel):
     def num_stages(self) -> int:
         return len(self.layers)
 
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """The encoder's own layers have no MoE: ``blocks`` checkpoints each of them."""
+        if mode == "moe_blocks":
+            raise ValueError(
+                "train.activation_checkpointing: moe_blocks, but a pretrained encoder has no MoE blocks; "
+                "fix: use blocks or none"
+            )
+        layers = self.layers
+        for layer in layers:
+            layer.dynamoe_checkpointing = mode == "blocks"
+
     def early_exit_parameters(self) -> list[nn.Parameter]:
         return list(self.exit_heads.parameters())
 
@@ -117,7 +129,11 @@ class HFExitClassifier(MultiExitModel):
         return StageState(x, mask, attn=self._bidirectional_mask(x, mask))
 
     def run_stage(self, i: int, state: StageState) -> tuple[StageState, StageRecords]:
-        out = self.layers[i](state.x, attention_mask=state.attn)
+        layer = self.layers[i]
+        if getattr(layer, "dynamoe_checkpointing", False) and self.training and torch.is_grad_enabled():
+            out = checkpointed(layer, state.x, attention_mask=state.attn)
+        else:
+            out = layer(state.x, attention_mask=state.attn)
         x = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
         return state.replace(x=x), StageRecords()
 

@@ -24,6 +24,7 @@ from dynamoe.exits.heads import ExitHead, HeadOutput, PolicyState, exit_loss, ex
 from dynamoe.exits.multi_exit import MultiExitModel
 from dynamoe.layers.experts import DenseMLP
 from dynamoe.layers.moe_layer import MoEAux, MoELayer
+from dynamoe.layers.recompute import checkpointed
 from dynamoe.models.base import DynamoeModel
 from dynamoe.models.output import ModelOutput, aux_total, classification_output
 from dynamoe.models.pooling import masked_mean
@@ -109,7 +110,14 @@ class Block(nn.Module):
             nn.init.normal_(self.ffn.w_out.weight, std=out_std)
         self.drop = nn.Dropout(cfg.dropout)
 
+    checkpointing = False  # set_activation_checkpointing: keep only the input for backward
+
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux | None]:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpointed(self._forward, x, key_mask)
+        return self._forward(x, key_mask)
+
+    def _forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux | None]:
         x = x + self.drop(self.attn(self.ln1(x), key_mask))
         aux = None
         if self.is_moe:
@@ -203,6 +211,12 @@ class _Backbone(DynamoeModel):
     def set_depth_progress(self, fraction: float) -> None:
         if self.depth is not None:
             self.depth.set_progress(fraction)
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """Blocks that halting or mixture-of-depths runs on some tokens only (``forward_rows``) are
+        not checkpointed; every other block call is."""
+        for block in self.blocks:
+            block.checkpointing = mode == "blocks" or (mode == "moe_blocks" and block.is_moe)
 
     def layer_flops(self, i: int, batch: int, seq: int) -> int:
         """FLOPs of block ``i`` on ``batch`` sequences of ``seq`` tokens (dropless routing)."""

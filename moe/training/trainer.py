@@ -178,6 +178,10 @@ class Trainer:
         self.progress = progress and self.is_main
         torch.manual_seed(self.cfg.train.seed)  # every rank builds the same global model, then keeps its shard
         self.model = build_model(self.cfg.model)
+        try:
+            self.model.set_activation_checkpointing(self.cfg.train.activation_checkpointing)
+        except ValueError as err:
+            raise ConfigError(f"train.activation_checkpointing: {err}") from None
         if self.cfg.train.init_from:
             self._init_from(self.cfg.train.init_from)
         self.traffic = TrafficCounter()
