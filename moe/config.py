@@ -499,6 +499,8 @@ class TrainConfig:
     # Keep only each block's input in the forward pass and run the block again in backward:
     # none, every block, or only the blocks with an MoE layer.
     activation_checkpointing: Literal["none", "blocks", "moe_blocks"] = "none"
+    # The device's peak TFLOP/s for MFU; None: known GPUs' dense bf16 peak, no MFU on CPUs.
+    peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
         s = self._section
@@ -522,6 +524,8 @@ class TrainConfig:
         for i, beta in enumerate(self.betas):
             if not 0 <= beta < 1:
                 _fail(f"{s}.betas", f"betas[{i}]={beta} is outside [0, 1)", "use values such as [0.9, 0.95]")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            _fail(f"{s}.peak_tflops", f"must be positive, got {self.peak_tflops}", "give the device's peak TFLOP/s")
         if self.max_bad_steps < 1:
             _fail(f"{s}.max_bad_steps", f"must be at least 1, got {self.max_bad_steps}", "use a value such as 10")
         _check_run_dir_template(self.run_dir)

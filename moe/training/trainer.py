@@ -56,6 +56,7 @@ from dynamoe.training.sharded_state import (
     load_full_model_state,
     load_full_optimizer_state,
 )
+from dynamoe.training.systems import device_peak_tflops, forward_flops, window_fields
 
 
 class TrainingDiverged(RuntimeError):
@@ -377,7 +378,7 @@ class Trainer:
         torch.manual_seed(_step_seed(t.seed, step, self.rank))  # dropout and jitter depend on the step only
         self.engine.train()
         self.model.set_depth_progress(step / max(1, t.steps - 1))  # depth schedules (Gumbel temperature)
-        loss_sum = aux_sum = depth_loss_sum = 0.0
+        loss_sum = aux_sum = depth_loss_sum = balance_sum = z_sum = flops = 0.0
         depth_flops = [0.0, 0.0, 0.0]  # executed block FLOPs, plain-network block FLOPs, rows
         exit_sums = None
         tokens = 0
@@ -396,6 +397,9 @@ class Trainer:
             self.engine.step()
             loss_sum += out.loss.item()
             aux_sum += out.aux_loss.item() if out.aux_loss is not None else 0.0
+            balance_sum += sum(float(m.aux_loss) for m in out.moe)
+            z_sum += sum(float(m.z_loss) for m in out.moe)
+            flops += 3.0 * forward_flops(self.model, out, batch)  # forward and backward
             depth_loss_sum += out.depth_loss.item() if out.depth_loss is not None else 0.0
             _add_depth(depth_flops, out)
             if out.exit_losses:
@@ -415,10 +419,14 @@ class Trainer:
                 layer.router.update_bias(self.reduce)
         a2a_bytes = self.traffic.reset()
         if self.reduce is not None:  # report the global batch's loss: the mean of equal-sized shards
-            sums = torch.tensor([loss_sum, aux_sum, float(a2a_bytes)], dtype=torch.float64, device=self.engine.device)
+            sums = torch.tensor(
+                [loss_sum, aux_sum, balance_sum, z_sum, float(a2a_bytes), flops],
+                dtype=torch.float64,
+                device=self.engine.device,
+            )
             self.reduce(sums)
-            loss_sum, aux_sum = (float(v) / self.world for v in sums[:2])
-            a2a_bytes = int(sums[2])
+            loss_sum, aux_sum, balance_sum, z_sum = (float(v) / self.world for v in sums[:4])
+            a2a_bytes, flops = int(sums[4]), float(sums[5])
         row = {}
         if exit_sums is not None:  # each exit's cross-entropy; with several processes, rank 0's
             row = {f"exit{j}_loss": float(v) / t.grad_accum for j, v in enumerate(exit_sums)}
@@ -429,6 +437,9 @@ class Trainer:
             **row,
             "loss": loss_sum / t.grad_accum,
             "aux_loss": aux_sum / t.grad_accum,
+            "balance_loss": balance_sum / t.grad_accum,  # the routers' load-balancing losses, scaled
+            "z_loss": z_sum / t.grad_accum,  # the routers' z-losses, scaled
+            "train_flops": flops,  # model FLOPs of the step, all ranks, forward and backward
             "lr": lr,  # as applied (two-stage exit training: the stage's own schedule)
             "tokens": tokens * self.world,
             "grad_norm": grad_norm,  # before clipping
@@ -575,23 +586,33 @@ class Trainer:
 
             bar = tqdm(total=t.steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True)
         started = self._fit_started = time.perf_counter()
-        window_tokens, window_start = 0, time.perf_counter()
+        window_tokens, window_flops, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
+        peak = device_peak_tflops(t.peak_tflops)
         last_eval: dict = {}
         for step in range(self.start_step, t.steps):
             row = self.train_step(step)
             losses[step] = row["loss"]
             window_tokens += row.pop("tokens")
+            window_flops += row.pop("train_flops")
+            window_steps += 1
             self._count_bad_step(step, row, bar)
             done = step + 1
             if done % t.log_every == 0 or done == t.steps:
                 elapsed = time.perf_counter() - window_start
-                row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
+                row.update(window_fields(window_steps, elapsed, window_tokens, window_flops, self.world, peak))
                 row.update(_moe_log_fields(self.model, self.reduce))
                 self.metrics.write(done, "train", row)
                 self.hooks.on_log(done, row)
-                window_tokens, window_start = 0, time.perf_counter()
+                window_tokens, window_flops, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
                 if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    postfix = {
+                        "loss": f"{row['loss']:.3f}",
+                        "tok_s": f"{row['tokens_per_s']:.0f}",
+                        "step_s": f"{row['step_time_s']:.3f}",
+                    }
+                    if row["mfu"] is not None:
+                        postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
+                    bar.set_postfix(**postfix)
             if t.eval_every and done % t.eval_every == 0 and done != t.steps:
                 last_eval = self.evaluate()
                 self.metrics.write(done, "eval", last_eval)
