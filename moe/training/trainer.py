@@ -397,8 +397,8 @@ class Trainer:
             self.engine.step()
             loss_sum += out.loss.item()
             aux_sum += out.aux_loss.item() if out.aux_loss is not None else 0.0
-            balance_sum += sum(float(m.aux_loss) for m in out.moe)
-            z_sum += sum(float(m.z_loss) for m in out.moe)
+            balance_sum += sum(float(m.aux_loss.detach()) for m in out.moe)
+            z_sum += sum(float(m.z_loss.detach()) for m in out.moe)
             flops += 3.0 * forward_flops(self.model, out, batch)  # forward and backward
             depth_loss_sum += out.depth_loss.item() if out.depth_loss is not None else 0.0
             _add_depth(depth_flops, out)
