@@ -233,22 +233,20 @@ def training_load(run_dir: Path | None) -> dict:
     return {"steps": steps, "layers": layers}
 
 
-def _previous_checkpoint(run_dir: Path | None, current: Path) -> Path | None:
-    """The newest intact checkpoint before ``current`` (routing stability is measured against it);
-    a corrupt one is skipped with a warning."""
+def _previous_model(run_dir: Path | None, current: Path):
+    """(folder, model) of the newest intact checkpoint before ``current`` (routing stability is
+    measured against it), or None; a corrupt one is skipped with a warning."""
     import warnings
 
-    from dynamoe.training.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+    from dynamoe.training.checkpoint import CheckpointError, list_checkpoints, load_model
 
     if run_dir is None:
         return None
     for folder in reversed([c for c in list_checkpoints(run_dir) if c.resolve() != current.resolve()]):
         try:
-            verify_checkpoint(folder)
+            return folder, load_model(folder)[1]
         except CheckpointError as err:
             warnings.warn(f"routing stability: skipped {folder.name}: {err}", stacklevel=2)
-            continue
-        return folder
     return None
 
 
@@ -293,11 +291,15 @@ def evaluate(
         "dense_equivalent_flops_per_sample": ledger.dense_equivalent / max(ledger.samples, 1),
     }
     # Routing stability against another checkpoint, on exactly the same tokens.
-    other = (
-        Path(compare) if compare else (_previous_checkpoint(run_dir, resolve_resume(Path(source))) if run_dir else None)
-    )
-    if other is not None and full["layers"]:
-        _, other_model = load_model(other)
+    found = None
+    if full["layers"]:
+        found = (
+            (Path(compare), load_model(Path(compare))[1])
+            if compare
+            else _previous_model(run_dir, resolve_resume(Path(source)))
+        )
+    if found is not None:
+        other, other_model = found
         other_full = full_pass(cfg, other_model.eval(), eval_batches)
         try:
             result["routing_stability"] = {

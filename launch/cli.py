@@ -35,33 +35,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {  # `moe bench NAME` -> the module whose main(argv) runs it
+    "layer": "dynamoe.evals.bench_moe_layer",
+    "kernels": "dynamoe.evals.bench_kernels",
+    "all-to-all": "dynamoe.evals.bench_all_to_all",
+    "checkpointing": "dynamoe.evals.bench_activation_checkpointing",
+    "depth": "dynamoe.evals.conditional_depth",
+}
+
+
 def _bench(args: argparse.Namespace) -> int:
-    if args.what == "layer":
-        from dynamoe.evals.bench_moe_layer import main as bench_layer
+    import importlib
 
-        bench_layer(args.rest)
-        return 0
-    if args.what == "kernels":
-        from dynamoe.evals.bench_kernels import main as bench_kernels
-
-        bench_kernels(args.rest)
-        return 0
-    if args.what == "all-to-all":
-        from dynamoe.evals.bench_all_to_all import main as bench_all_to_all
-
-        bench_all_to_all(args.rest)
-        return 0
-    if args.what == "checkpointing":
-        from dynamoe.evals.bench_activation_checkpointing import main as bench_checkpointing
-
-        bench_checkpointing(args.rest)
-        return 0
-    if args.what == "depth":
-        from dynamoe.evals.conditional_depth import main as depth_eval
-
-        depth_eval(args.rest)
-        return 0
-    raise AssertionError(args.what)
+    importlib.import_module(BENCHMARKS[args.what]).main(args.rest)
+    return 0
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -186,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print tables and write JSON")
     p.add_argument(
         "what",
-        choices=["layer", "kernels", "all-to-all", "depth", "checkpointing"],
+        choices=list(BENCHMARKS),
         help="layer: MoE layer forward+backward vs DeepSpeed's MoE; kernels: MoE kernel ops vs peers; "
         "all-to-all: bytes and step time for 1, 2, 4 processes; depth: MoD and ACT vs dense at equal training FLOPs; "
         "checkpointing: activation memory with and without activation checkpointing",

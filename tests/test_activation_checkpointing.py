@@ -13,16 +13,12 @@ from dynamoe.compute.ledger import ComputeLedger
 from dynamoe.config import ModelConfig, from_dict
 from dynamoe.models import build_model
 
+from tiny_models import SMALL
+
 BASE = {
-    "d_model": 32,
-    "n_layers": 4,
-    "n_heads": 4,
-    "d_ff": 64,
-    "max_seq_len": 16,
-    "vocab_size": 40,
-    "moe_every": 2,
+    **SMALL,
     "dropout": 0.1,  # checkpointing replays the dropout masks: still equal
-    "moe": {"num_experts": 4, "d_expert": 24, "router": {"top_k": 2, "aux_free_bias": True, "jitter_eps": 0.05}},
+    "moe": {**SMALL["moe"], "router": {"top_k": 2, "aux_free_bias": True, "jitter_eps": 0.05}},
 }
 CASES = {
     "decoder": ({**BASE, "kind": "decoder"}, lambda: {"input_ids": torch.randint(0, 40, (3, 12))}, "lm"),

@@ -17,18 +17,9 @@ from dynamoe.exits.multi_exit import infer
 from dynamoe.models import build_model
 from dynamoe.stage import StageState
 
-torch.set_num_threads(1)
+from tiny_models import SMALL
 
-SMALL = {
-    "d_model": 32,
-    "n_layers": 4,
-    "n_heads": 4,
-    "d_ff": 64,
-    "max_seq_len": 16,
-    "vocab_size": 40,
-    "moe_every": 2,
-    "moe": {"num_experts": 4, "d_expert": 24},
-}
+torch.set_num_threads(1)
 
 
 def lm_cfg(**depth) -> ModelConfig:

@@ -18,7 +18,7 @@ import torch
 
 from dynamoe.config import DataConfig
 from dynamoe.data import labels as L
-from dynamoe.data.sources import SPLIT_PREFIXES, DataError, column, pick_splits, read_hub, read_local
+from dynamoe.data.sources import SPLIT_PREFIXES, DataError, check_text, column, pick_splits, read_hub, read_local
 
 # name -> (file inside the local folder, hub dataset, text field)
 _LOCAL_LAYOUT = {
@@ -48,8 +48,14 @@ def _local_copy(cfg: DataConfig) -> Path | None:
     return None
 
 
-def _load_hub(name: str, cfg: DataConfig):
-    return read_hub(name, cfg, data_search_dirs())
+def _open_rows(cfg: DataConfig, local: Path | None, text_by_document: bool = False):
+    """(DatasetDict, a description of the source for messages, the text column) of the user's
+    files at ``local``, else of the hub dataset the config names (known names' own column)."""
+    if local is not None:
+        return read_local(local, text_by_document), f"'{local}'", cfg.text_field
+    layout = _LOCAL_LAYOUT.get(cfg.dataset.lower())
+    hub_name, field = (layout[1], layout[2]) if layout else (cfg.dataset, cfg.text_field)
+    return read_hub(hub_name, cfg, data_search_dirs()), f"hub dataset '{hub_name}'", field
 
 
 # --- tokenizers ---------------------------------------------------------------------------------
@@ -192,18 +198,12 @@ def _lm_texts(cfg: DataConfig) -> tuple[list[str] | str, list[str] | str]:
 
         files = sorted(local.glob("*.txt")) if local.is_dir() else [local]
         for f in files:
-            _check_utf8(f)
+            check_text(f)
         ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train")
         text = "".join(ds["text"])
         split_at = int(len(text) * (1 - cfg.val_fraction))
         return text[:split_at], text[split_at:]
-    if local is not None:
-        ds, source = read_local(local, text_by_document=True), f"'{local}'"
-        field = cfg.text_field
-    else:
-        layout = _LOCAL_LAYOUT.get(cfg.dataset.lower())
-        hub_name, field = (layout[1], layout[2]) if layout else (cfg.dataset, cfg.text_field)
-        ds, source = _load_hub(hub_name, cfg), f"hub dataset '{hub_name}'"
+    ds, source, field = _open_rows(cfg, local, text_by_document=True)
     train_split, val_split = pick_splits(ds, cfg, source)
     train = [str(x) for x in column(ds[train_split], field, "text_field", source)]
     if val_split is not None:
@@ -225,17 +225,6 @@ def _plain_text(local: Path) -> bool:
     texts = [p for p in files if p.suffix.lower() == ".txt"]
     named = any(p.stem.lower().startswith(prefixes) for p in files for prefixes in SPLIT_PREFIXES.values())
     return bool(texts) and not named
-
-
-def _check_utf8(path: Path) -> None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            f.read(1 << 16)
-    except UnicodeDecodeError:
-        raise DataError(
-            f"data.path: '{path}' is not UTF-8 text (a binary file?); fix: point data.path at a text file, or "
-            "name a pre-tokenised token file *.bin"
-        ) from None
 
 
 def _encode_lm(text: list[str] | str, tokenizer: Tokenizer) -> torch.Tensor:
@@ -507,13 +496,7 @@ def _classification_rows(cfg: DataConfig) -> tuple[dict, dict, dict | None, str]
     if local is not None and cfg.dataset.lower() == "sst2" and local.is_dir() and (local / "train.tsv").exists():
         train, val, calib = _read_sst2_local(local, cfg)
         return train, val, calib, f"'{local}'"
-    if local is not None:
-        ds, source = read_local(local), f"'{local}'"
-        text_field = cfg.text_field
-    else:
-        layout = _LOCAL_LAYOUT.get(cfg.dataset.lower())
-        hub_name, text_field = (layout[1], layout[2]) if layout else (cfg.dataset, cfg.text_field)
-        ds, source = _load_hub(hub_name, cfg), f"hub dataset '{hub_name}'"
+    ds, source, text_field = _open_rows(cfg, local)
     train_split, val_split = pick_splits(ds, cfg, source)
 
     def rows(split: str) -> dict:
@@ -599,7 +582,7 @@ def load_hub_images(cfg: DataConfig) -> ImageData:
     import numpy as np
 
     name = {"cifar10": "uoft-cs/cifar10"}.get(cfg.dataset.lower(), cfg.dataset)
-    ds = _load_hub(name, cfg)
+    ds = read_hub(name, cfg, data_search_dirs())
     val_split = "test" if "test" in ds else "validation"
     columns = ds["train"].column_names
     image_col = next((c for c in (cfg.text_field, "img", "image") if c in columns), None)

@@ -44,7 +44,7 @@ def _format_of(path: Path) -> tuple[str, dict]:
     return TABLE_FORMATS[path.suffix.lower()]
 
 
-def _check_text(path: Path) -> None:
+def check_text(path: Path) -> None:
     """Refuse a binary file given as text before a builder fails on it with a parser's traceback."""
     if TABLE_FORMATS.get(path.suffix.lower(), ("",))[0] == "parquet":
         return
@@ -104,7 +104,7 @@ def read_local(path: Path, text_by_document: bool = False):
             )
         builder, kwargs = _format_of(files[0])
         for f in files:
-            _check_text(f)
+            check_text(f)
         if builder == "text" and text_by_document:
             kwargs = {**kwargs, "sample_by": "document"}
         try:

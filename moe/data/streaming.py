@@ -53,12 +53,8 @@ def _stream_rows(cfg: DataConfig, local: Path | None):
 
 
 def streamed_token_file(cfg: DataConfig, local: Path | None, tokenizer) -> tuple[Path, str]:
-    """The token file of the streamed training split (written on first use): (path, id dtype)."""
-    if tokenizer.hf is None:
-        raise DataError(
-            "data.streaming: the character tokenizer needs the whole corpus to build its vocabulary; "
-            "fix: set data.tokenizer to a transformers tokenizer (e.g. minilm, or a hub name)"
-        )
+    """The token file of the streamed training split (written on first use): (path, id dtype).
+    ``tokenizer`` is a transformers tokenizer (the caller refuses the character one)."""
     dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
     key = {**_source_key(cfg, local), "text_field": cfg.text_field, "tokenizer": tokenizer.name, "dtype": dtype}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]

@@ -97,6 +97,7 @@ class HFExitClassifier(MultiExitModel):
         self.exit_heads = nn.ModuleList(
             ExitHead(hf.hidden_size, cfg.num_classes, cfg.exits.head_hidden, dropout, learned) for _ in cfg.exits.layers
         )
+        self.checkpointed_layers: set[int] = set()  # set_activation_checkpointing
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -113,9 +114,7 @@ class HFExitClassifier(MultiExitModel):
                 "train.activation_checkpointing: moe_blocks, but a pretrained encoder has no MoE blocks; "
                 "fix: use blocks or none"
             )
-        layers = self.layers
-        for layer in layers:
-            layer.dynamoe_checkpointing = mode == "blocks"
+        self.checkpointed_layers = set(range(self.num_stages)) if mode == "blocks" else set()
 
     def early_exit_parameters(self) -> list[nn.Parameter]:
         return list(self.exit_heads.parameters())
@@ -130,7 +129,7 @@ class HFExitClassifier(MultiExitModel):
 
     def run_stage(self, i: int, state: StageState) -> tuple[StageState, StageRecords]:
         layer = self.layers[i]
-        if getattr(layer, "dynamoe_checkpointing", False) and self.training and torch.is_grad_enabled():
+        if i in self.checkpointed_layers and self.training and torch.is_grad_enabled():
             out = checkpointed(layer, state.x, attention_mask=state.attn)
         else:
             out = layer(state.x, attention_mask=state.attn)

@@ -158,10 +158,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     )
 
 
+def is_checkpoint_folder(path: Path) -> bool:
+    """A checkpoint's own folder (rather than a run folder holding checkpoints)."""
+    return (path / MANIFEST).exists() or path.name.startswith("step_")
+
+
 def resolve_resume(path: Path) -> Path:
     """A checkpoint folder, or the newest committed checkpoint of a run folder."""
     path = Path(path)
-    if (path / MANIFEST).exists() or path.name.startswith("step_"):
+    if is_checkpoint_folder(path):
         return path
     found = list_checkpoints(path)
     if not found:
@@ -184,21 +189,22 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 EXPORT_FORMAT = "dynamoe-model-1"
 
 
-def newest_intact_checkpoint(run_dir: Path) -> tuple[Path, list[tuple[Path, str]]]:
-    """The newest checkpoint of ``run_dir`` that verifies, and the newer ones skipped with why."""
+def load_newest_intact(run_dir: Path) -> tuple[Path, tuple[dict, dict, dict], list[tuple[Path, str]]]:
+    """The newest checkpoint of ``run_dir`` that verifies and reads, what :func:`load_checkpoint`
+    gives for it, and the newer ones skipped with why (each checkpoint verified once)."""
     skipped = []
     for folder in reversed(list_checkpoints(run_dir)):
         try:
-            verify_checkpoint(folder)
+            return folder, load_checkpoint(folder), skipped
         except CheckpointError as err:
             skipped.append((folder, str(err)))
-            continue
-        return folder, skipped
     if skipped:
         raise CheckpointError(
             f"no intact checkpoint under '{run_dir}/checkpoints' ({len(skipped)} corrupt: {skipped[0][1]})"
         )
-    return resolve_resume(Path(run_dir)), []  # raises: no checkpoint at all
+    raise CheckpointError(
+        f"no committed checkpoint under '{run_dir}/checkpoints'; fix: pass a run folder with checkpoints"
+    )
 
 
 @dataclass(frozen=True)
@@ -214,12 +220,10 @@ def export_model(source: Path, out: Path) -> ExportResult:
     model config in the file's metadata so that :func:`load_exported` can rebuild it alone. A run
     folder exports its newest intact checkpoint (newer corrupt ones are skipped and named)."""
     source = Path(source)
-    skipped = []
-    if (source / MANIFEST).exists() or source.name.startswith("step_"):
-        folder = source
+    if is_checkpoint_folder(source):
+        folder, (model_state, _, state), skipped = source, load_checkpoint(source), []
     else:
-        folder, skipped = newest_intact_checkpoint(source)
-    model_state, _, state = load_checkpoint(folder)
+        folder, (model_state, _, state), skipped = load_newest_intact(source)
     if "model_config" not in state:
         raise CheckpointError(
             f"checkpoint '{folder}' records no model config; fix: export a checkpoint written by this version"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from dynamoe.depth import depth_summary
+
 # Dense bf16 tensor-core peaks, TFLOP/s, by a substring of the device name.
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
@@ -41,9 +43,10 @@ def peak_memory_mib() -> float | None:
     return None
 
 
-def forward_flops(model, out, batch: dict) -> float:
-    """Forward FLOPs of one micro-batch: the blocks' executed FLOPs plus a decoder's LM head."""
-    flops = sum(float(r.total_flops) for r in out.depth)
+def forward_flops(model, out, block_flops: float | None = None) -> float:
+    """Forward FLOPs of one micro-batch: the blocks' executed FLOPs (``block_flops`` when the
+    caller has summed the depth records already) plus a decoder's LM head."""
+    flops = depth_summary(out.depth).get("flops", 0.0) if block_flops is None else block_flops
     head = getattr(model, "head", None)
     if isinstance(head, torch.nn.Linear) and out.logits.dim() == 3:  # the LM head on every token
         flops += 2.0 * out.logits.shape[0] * out.logits.shape[1] * head.in_features * head.out_features

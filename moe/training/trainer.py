@@ -156,7 +156,6 @@ class Trainer:
         already in the run folder are this job's own, written but never committed, and are dropped."""
         self.hooks = hooks or TrainerHooks()
         self._restart = restart
-        self._run_dir_given = run_dir is not None
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         if not torch.cuda.is_available():
@@ -322,8 +321,6 @@ class Trainer:
         self.start_step = state["step"]
         self._wall_before = float(state.get("train_wall_s", 0.0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        if not self._run_dir_given:
-            self.run_dir = folder.parent.parent  # continue in the run folder the checkpoint belongs to
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             truncate_metrics(self.run_dir, self.start_step)
@@ -397,11 +394,12 @@ class Trainer:
             self.engine.step()
             loss_sum += out.loss.item()
             aux_sum += out.aux_loss.item() if out.aux_loss is not None else 0.0
-            balance_sum += sum(float(m.aux_loss.detach()) for m in out.moe)
-            z_sum += sum(float(m.z_loss.detach()) for m in out.moe)
-            flops += 3.0 * forward_flops(self.model, out, batch)  # forward and backward
+            if out.moe:
+                balance_sum += torch.stack([m.aux_loss.detach() for m in out.moe]).sum().item()
+                z_sum += torch.stack([m.z_loss.detach() for m in out.moe]).sum().item()
+            block_flops = _add_depth(depth_flops, out)
+            flops += 3.0 * forward_flops(self.model, out, block_flops)  # forward and backward
             depth_loss_sum += out.depth_loss.item() if out.depth_loss is not None else 0.0
-            _add_depth(depth_flops, out)
             if out.exit_losses:
                 values = torch.stack(out.exit_losses).double().cpu()
                 exit_sums = values if exit_sums is None else exit_sums + values
@@ -680,13 +678,16 @@ def _moe_log_fields(model: torch.nn.Module, reduce=None) -> dict:
     return fields
 
 
-def _add_depth(sums: list[float], out) -> None:
-    """Add one forward pass's executed and plain-network block FLOPs and rows to ``sums``."""
+def _add_depth(sums: list[float], out) -> float:
+    """Add one forward pass's executed and plain-network block FLOPs and rows to ``sums``; returns
+    the executed block FLOPs (0 for a model without depth records)."""
     summary = depth_summary(out.depth)
-    if summary:
-        sums[0] += summary["flops"]
-        sums[1] += summary["full_flops"]
-        sums[2] += float(out.depth[0].rows)
+    if not summary:
+        return 0.0
+    sums[0] += summary["flops"]
+    sums[1] += summary["full_flops"]
+    sums[2] += float(out.depth[0].rows)
+    return summary["flops"]
 
 
 def _depth_fields(sums: list[float]) -> dict:
