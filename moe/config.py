@@ -501,6 +501,9 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "blocks", "moe_blocks"] = "none"
     # The device's peak TFLOP/s for MFU; None: known GPUs' dense bf16 peak, no MFU on CPUs.
     peak_tflops: float | None = None
+    # fp32, or bf16 mixed precision through DeepSpeed: bf16 weights, activations and gradients,
+    # fp32 master weights and Adam state in ZeRO's optimizer; routers compute in fp32 either way.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         s = self._section
@@ -610,6 +613,13 @@ class RunConfig:
                 "data.tokenizer",
                 "a pretrained encoder needs its own tokenizer, not 'char'",
                 f"set data.tokenizer: {self.model.pretrained} (the same as model.pretrained)",
+            )
+        if self.train.precision == "bf16" and self.parallel.zero_stage == 0:
+            _fail(
+                "train.precision",
+                "bf16 keeps its fp32 master weights and Adam state in DeepSpeed's ZeRO optimizer, and "
+                "parallel.zero_stage is 0",
+                "set parallel.zero_stage: 1 (on one process it partitions nothing and costs no memory) or 2",
             )
         task = self.data.task or known_task(self.data.dataset)
         wanted = _KINDS_FOR_TASK.get(task)
