@@ -19,6 +19,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_precision_supported(precision: str) -> None:
+    """bf16 needs a device that computes in it: any CPU PyTorch runs (DeepSpeed's CPU accelerator
+    takes bf16), and GPUs from NVIDIA's Ampere (or AMD's MI200) on."""
+    if precision != "bf16" or not torch.cuda.is_available():
+        return
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        from dynamoe.config import ConfigError
+
+        raise ConfigError(
+            f"train.precision: bf16 is not supported by this GPU ({torch.cuda.get_device_name()}); "
+            "fix: set train.precision: fp32, or run on a GPU with bf16 (NVIDIA A100, H100, L4 and later)"
+        )
+
+
 def init_distributed(backend: str):
     """Prepare the environment DeepSpeed expects, then import it and start the process group."""
     if not torch.cuda.is_available():

@@ -1,7 +1,9 @@
 """Whole-model training state, independent of how experts and optimizer state are partitioned.
 
 A checkpoint holds every tensor in its global (unsharded) form: experts 0..E-1 stacked, and the
-optimizer moments of every parameter at full size. Saving gathers expert shards over the
+optimizer moments of every parameter at full size. Weights are always fp32: under bf16 mixed
+precision they are the optimizer's fp32 master weights, not the bf16 copies the model computes
+with, so a checkpoint resumes exactly and loads into a run of either precision. Saving gathers expert shards over the
 expert-parallel group (and, under ZeRO, optimizer partitions through DeepSpeed's fragment API);
 loading takes this rank's slice. So a checkpoint written with one expert-parallel size or ZeRO
 stage loads into any other.
@@ -53,14 +55,34 @@ def _local(full: torch.Tensor, name: str, shards: dict) -> torch.Tensor:
     return full[first : first + count]
 
 
-def full_model_state(model: nn.Module, ep_group) -> dict[str, torch.Tensor]:
-    """The whole model in global form on rank 0 (an empty dict elsewhere)."""
+def _masters_of(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
+    """{parameter name: its fp32 master weights, this rank's experts} for parameters the model
+    holds in lower precision (bf16 under ZeRO); empty when the model is fp32. Collective."""
+    low = [(n, p) for n, p in model.named_parameters() if p.dtype != torch.float32]
+    if not low:
+        return {}
+    if optimizer is None or not _is_zero(optimizer):
+        raise ValueError("bf16 parameters without ZeRO's fp32 master weights")
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    by_id = {}
+    for _, p in low:
+        if id(p) not in by_id:
+            by_id[id(p)] = safe_get_full_fp32_param(p)  # gathered over p's data-parallel group
+    # Every name of a tied parameter (the LM head and the embedding) gets the master.
+    return {name: by_id[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in by_id}
+
+
+def full_model_state(model: nn.Module, ep_group, optimizer=None) -> dict[str, torch.Tensor]:
+    """The whole model in global form and fp32 on rank 0 (an empty dict elsewhere); ``optimizer``
+    (the engine's) supplies the master weights of a bf16 model."""
     shards = expert_shards(model)
+    masters = _masters_of(model, optimizer)
     state = {}
     for name, t in model.state_dict().items():
-        value = _for_writer(t, ep_group, name in shards)
+        value = _for_writer(masters.get(name, t), ep_group, name in shards)
         if value is not None:
-            state[name] = value
+            state[name] = value.float() if value.is_floating_point() else value
     return state
 
 
@@ -127,8 +149,12 @@ def full_optimizer_state(optimizer, model: nn.Module, ep_group) -> tuple[dict, l
 _GROUP_KEYS_NOT_RESTORED = ("params", "moe", "name")  # layout, not hyperparameters: set by this run
 
 
-def load_full_optimizer_state(optimizer, model: nn.Module, tensors: dict, groups: list) -> None:
-    """Restore state saved by :func:`full_optimizer_state` into this run's (possibly sharded) optimizer."""
+def load_full_optimizer_state(
+    optimizer, model: nn.Module, tensors: dict, groups: list, model_state: dict | None = None
+) -> None:
+    """Restore state saved by :func:`full_optimizer_state` into this run's (possibly sharded)
+    optimizer. Under ZeRO the fp32 master weights are set too: from ``model_state`` (the
+    checkpoint's fp32 weights, global form) where given, else from the model."""
     from dynamoe.training.checkpoint import CheckpointError
 
     param_groups = optimizer.param_groups
@@ -147,7 +173,7 @@ def load_full_optimizer_state(optimizer, model: nn.Module, tensors: dict, groups
         state_key, name = key.split("/", 1)
         by_param.setdefault(name, {})[state_key] = t
     if _is_zero(optimizer):
-        _load_zero_state(optimizer, model, by_param, shards)
+        _load_zero_state(optimizer, model, by_param, shards, model_state or {})
         return
     for name, p in model.named_parameters():
         state = by_param.get(name)
@@ -165,10 +191,22 @@ def _relink_fragments(optimizer) -> None:
     optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def _load_zero_state(optimizer, model: nn.Module, by_param: dict, shards: dict) -> None:
+def set_fp32_masters(optimizer, model: nn.Module, model_state: dict[str, torch.Tensor]) -> None:
+    """Set ZeRO's fp32 master weights from global-form fp32 weights (this rank's experts sliced
+    out), so a bf16 model's masters keep the precision its bf16 copies lost. Collective."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    shards = expert_shards(model)
+    for name, p in model.named_parameters():
+        full = model_state.get(name)
+        master = p.detach().float() if full is None else _local(full, name, shards).float()
+        safe_set_full_fp32_param(p, master.to(p.device))
+
+
+def _load_zero_state(optimizer, model: nn.Module, by_param: dict, shards: dict, model_state: dict) -> None:
     """ZeRO 1/2: the flat fp32 partitions get Adam state first (DeepSpeed creates it lazily at the
     first step), are linked to the parameters' fragments, then every fragment is written."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from deepspeed.utils import safe_set_full_optimizer_state
 
     steps = {float(state["step"]) for state in by_param.values() if "step" in state}
     base = optimizer.optimizer
@@ -178,8 +216,8 @@ def _load_zero_state(optimizer, model: nn.Module, by_param: dict, shards: dict) 
             for flat in group["params"]:
                 base.state[flat] = {"step": torch.tensor(step), **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
         _relink_fragments(optimizer)
+    set_fp32_masters(optimizer, model, model_state)
     for name, p in model.named_parameters():
-        safe_set_full_fp32_param(p, p.detach().float())  # the master weights follow the loaded model
         for key in ADAM_MOMENTS:
             if key in by_param.get(name, {}):
                 safe_set_full_optimizer_state(p, _local(by_param[name][key], name, shards).float(), key)

@@ -42,6 +42,7 @@ from dynamoe.models import build_model
 from dynamoe.training import checkpoint as ckpt
 from dynamoe.training.cpu_runtime import keep_large_allocations
 from dynamoe.training.deepspeed_setup import (
+    check_precision_supported,
     clip_gradients_,
     deepspeed_recognises,
     global_grad_norm,
@@ -55,6 +56,7 @@ from dynamoe.training.sharded_state import (
     full_optimizer_state,
     load_full_model_state,
     load_full_optimizer_state,
+    set_fp32_masters,
 )
 from dynamoe.training.systems import device_peak_tflops, forward_flops, window_fields
 
@@ -170,6 +172,7 @@ class Trainer:
             self.run_dir = resolve_run_dir(self.cfg, run_dir)
         launcher_rank = int(os.environ.get("RANK", "0"))
         preflight(self.cfg, self.run_dir, resuming=resume is not None, restart=restart, is_main=launcher_rank == 0)
+        check_precision_supported(self.cfg.train.precision)
         self.deepspeed = init_distributed(cfg.parallel.backend)
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
@@ -220,10 +223,18 @@ class Trainer:
         }
         if self.cfg.parallel.zero_stage == 2:
             ds_config["zero_optimization"]["contiguous_gradients"] = True  # required by ZeRO-2 with MoE
+        if t.precision == "bf16":
+            # bf16 weights, activations and gradients; ZeRO's optimizer keeps the fp32 masters and
+            # Adam state. Buffers (the routers' aux-free bias, statistics) stay fp32.
+            ds_config["bf16"] = {"enabled": True}
         with deepspeed_recognises(MoELayer):
             self.engine, _, _, _ = self.deepspeed.initialize(
                 model=self.model, optimizer=self.optimizer, config=ds_config
             )
+        if self.cfg.train.init_from and t.precision != "fp32":
+            # The engine made its masters from the bf16 copies; the exported weights are finer.
+            set_fp32_masters(self.engine.optimizer, self.model, self._init_state)
+        self._init_state = None
         self.start_step = 0
         if resume is not None:
             self._resume(Path(resume))
@@ -277,8 +288,9 @@ class Trainer:
         exported_cfg, exported = ckpt.load_exported(Path(path))
         # Settings that only shape the loss or inference (exit weights, policy thresholds, router
         # loss coefficients) may change between runs; the weights must fit exactly.
+        self._init_state = exported.state_dict()
         try:
-            self.model.load_state_dict(exported.state_dict(), strict=True)
+            self.model.load_state_dict(self._init_state, strict=True)
         except RuntimeError:
             raise ConfigError(
                 f"train.init_from: '{path}' holds a different model ({_config_diff(exported_cfg, self.cfg.model)}); "
@@ -317,7 +329,7 @@ class Trainer:
                 f"checkpoint '{folder}' does not fit this model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
                 "fix: resume with the config the checkpoint was trained with"
             )
-        load_full_optimizer_state(self.engine.optimizer, self.model, optim, state["optimizer_groups"])
+        load_full_optimizer_state(self.engine.optimizer, self.model, optim, state["optimizer_groups"], model_state)
         self.start_step = state["step"]
         self._wall_before = float(state.get("train_wall_s", 0.0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -375,7 +387,10 @@ class Trainer:
         torch.manual_seed(_step_seed(t.seed, step, self.rank))  # dropout and jitter depend on the step only
         self.engine.train()
         self.model.set_depth_progress(step / max(1, t.steps - 1))  # depth schedules (Gumbel temperature)
-        loss_sum = aux_sum = depth_loss_sum = balance_sum = z_sum = flops = 0.0
+        loss_sum = aux_sum = depth_loss_sum = flops = 0.0
+        layers = self.model.moe_layers()
+        slots = {layer.block_index: j for j, layer in enumerate(layers) if layer.block_index is not None}
+        router_losses = torch.zeros(2, len(layers), dtype=torch.float64)  # balance, z per MoE layer
         depth_flops = [0.0, 0.0, 0.0]  # executed block FLOPs, plain-network block FLOPs, rows
         exit_sums = None
         tokens = 0
@@ -395,8 +410,10 @@ class Trainer:
             loss_sum += out.loss.item()
             aux_sum += out.aux_loss.item() if out.aux_loss is not None else 0.0
             if out.moe:
-                balance_sum += torch.stack([m.aux_loss.detach() for m in out.moe]).sum().item()
-                z_sum += torch.stack([m.z_loss.detach() for m in out.moe]).sum().item()
+                # By block: a layer that a depth mode skipped for every token sends no record.
+                where = torch.tensor([slots.get(m.block, j) for j, m in enumerate(out.moe)])
+                values = torch.stack([torch.stack([m.aux_loss, m.z_loss]) for m in out.moe], dim=1)
+                router_losses.index_add_(1, where, values.detach().double().cpu())
             block_flops = _add_depth(depth_flops, out)
             flops += 3.0 * forward_flops(self.model, out, block_flops)  # forward and backward
             depth_loss_sum += out.depth_loss.item() if out.depth_loss is not None else 0.0
@@ -417,26 +434,29 @@ class Trainer:
                 layer.router.update_bias(self.reduce)
         a2a_bytes = self.traffic.reset()
         if self.reduce is not None:  # report the global batch's loss: the mean of equal-sized shards
-            sums = torch.tensor(
-                [loss_sum, aux_sum, balance_sum, z_sum, float(a2a_bytes), flops],
-                dtype=torch.float64,
-                device=self.engine.device,
-            )
+            sums = torch.tensor([loss_sum, aux_sum, float(a2a_bytes), flops], dtype=torch.float64)
+            sums = torch.cat([sums, router_losses.flatten()]).to(self.engine.device)
             self.reduce(sums)
-            loss_sum, aux_sum, balance_sum, z_sum = (float(v) / self.world for v in sums[:4])
-            a2a_bytes, flops = int(sums[4]), float(sums[5])
+            loss_sum, aux_sum = (float(v) / self.world for v in sums[:2])
+            a2a_bytes, flops = int(sums[2]), float(sums[3])
+            router_losses = sums[4:].cpu().view_as(router_losses) / self.world
         row = {}
         if exit_sums is not None:  # each exit's cross-entropy; with several processes, rank 0's
             row = {f"exit{j}_loss": float(v) / t.grad_accum for j, v in enumerate(exit_sums)}
         if self.cfg.model.depth.enabled:  # rank 0's micro-batches
             row.update(_depth_fields(depth_flops))
             row["depth_loss"] = depth_loss_sum / t.grad_accum
+        router_losses = router_losses / t.grad_accum
+        for name, (balance, z) in zip(_moe_layer_names(self.model), router_losses.t().tolist()):
+            row[f"{name}_balance_loss"] = balance
+            row[f"{name}_z_loss"] = z
         return {
             **row,
             "loss": loss_sum / t.grad_accum,
             "aux_loss": aux_sum / t.grad_accum,
-            "balance_loss": balance_sum / t.grad_accum,  # the routers' load-balancing losses, scaled
-            "z_loss": z_sum / t.grad_accum,  # the routers' z-losses, scaled
+            # The routers' load-balancing losses and z-losses, scaled, summed over the MoE layers.
+            "balance_loss": float(router_losses[0].sum()),
+            "z_loss": float(router_losses[1].sum()),
             "train_flops": flops,  # model FLOPs of the step, all ranks, forward and backward
             "lr": lr,  # as applied (two-stage exit training: the stage's own schedule)
             "tokens": tokens * self.world,
@@ -518,7 +538,7 @@ class Trainer:
                 f"step {step}: the model's weights are not finite, so no checkpoint was written (the earlier "
                 "ones are kept); fix: lower train.lr or raise train.warmup_steps, and resume from the last checkpoint"
             )
-        model_state = full_model_state(self.model, self.ep_group)
+        model_state = full_model_state(self.model, self.ep_group, self.engine.optimizer)
         tensors, groups = full_optimizer_state(self.engine.optimizer, self.model, self.ep_group)
         folder = None
         if self.is_main:
@@ -665,15 +685,24 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 9_973 + rank) % (2**63 - 1)
 
 
+def _moe_layer_names(model: torch.nn.Module) -> list[str]:
+    """Metric name of each MoE layer, in depth order: ``block<i>`` after the block it sits in."""
+    return [
+        f"moe{j}" if layer.block_index is None else f"block{layer.block_index}"
+        for j, layer in enumerate(model.moe_layers())
+    ]
+
+
 def _moe_log_fields(model: torch.nn.Module, reduce=None) -> dict:
-    """Per-layer load of all ranks since the last log, then reset: max/mean load and dropped assignments."""
+    """Per-layer load of all ranks since the last log, then reset: max/mean load, dropped
+    assignments and tokens per expert, each series named by the layer's block."""
     if reduce is not None:
         reduce_stats(model, reduce)
     fields = {}
-    for i, row in enumerate(layer_balance(model)):
-        fields[f"moe{i}_max_over_mean"] = row.max_over_mean
-        fields[f"moe{i}_dropped_fraction"] = row.dropped_fraction
-        fields[f"moe{i}_counts"] = row.counts
+    for name, row in zip(_moe_layer_names(model), layer_balance(model)):
+        fields[f"{name}_max_over_mean"] = row.max_over_mean
+        fields[f"{name}_dropped_fraction"] = row.dropped_fraction
+        fields[f"{name}_counts"] = row.counts
     reset_stats(model)
     return fields
 
