@@ -223,14 +223,16 @@ def training_load(run_dir: Path | None) -> dict:
 
     if run_dir is None:
         return {"steps": [], "layers": []}
-    rows = [r for r in read_metrics(run_dir, "train") if "moe0_counts" in r]
-    steps = [r["step"] for r in rows]
-    layers = []
-    i = 0
-    while rows and f"moe{i}_counts" in rows[0]:
-        layers.append([r[f"moe{i}_counts"] for r in rows])
-        i += 1
-    return {"steps": steps, "layers": layers}
+    rows = [r for r in read_metrics(run_dir, "train") if any(k.endswith("_counts") for k in r)]
+    # Series are named by block (``block3_counts``); runs written before that, by MoE layer (``moe0_counts``).
+    keys = sorted((k for k in rows[0] if k.endswith("_counts")), key=_series_order) if rows else []
+    return {"steps": [r["step"] for r in rows], "layers": [[r.get(k) for r in rows] for k in keys]}
+
+
+def _series_order(key: str) -> tuple[str, int]:
+    prefix = key.removesuffix("_counts")
+    digits = prefix.lstrip("abcdefghijklmnopqrstuvwxyz")
+    return prefix[: len(prefix) - len(digits)], int(digits or 0)
 
 
 def _previous_model(run_dir: Path | None, current: Path):

@@ -35,7 +35,12 @@ def test_run_folder_holds_config_metrics_tensorboard_and_balance(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
-    assert all(r["tokens_per_s"] > 0 and "moe0_max_over_mean" in r for r in train_rows)
+    # Per-layer series are named by the block the MoE layer sits in (debug_tiny: MoE in both blocks).
+    for r in train_rows:
+        assert r["tokens_per_s"] > 0 and {"block0_max_over_mean", "block1_counts"} <= set(r)
+        assert r["block0_balance_loss"] + r["block1_balance_loss"] == pytest.approx(r["balance_loss"], rel=1e-9)
+        assert r["block0_z_loss"] + r["block1_z_loss"] == pytest.approx(r["z_loss"], rel=1e-9)
+        assert r["block0_z_loss"] > 0 and r["block0_z_loss"] != r["block1_z_loss"]
     assert [r["step"] for r in rows if r["split"] == "eval"] == [4, 8]
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     summary = json.loads((run / "summary.json").read_text())
@@ -183,3 +188,14 @@ def test_a_restarted_job_drops_its_own_uncommitted_checkpoints(tmp_path):
     restarted = Trainer(cfg, run_dir=str(tmp_path / "run"), progress=False, restart=True).fit()
     assert restarted.train_losses == first.train_losses
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+
+
+def test_per_layer_series_are_named_by_block_index(tmp_path):
+    cfg = load_config("debug_tiny", TINY + ["train.steps=2", "model.n_layers=4", "model.moe_every=2"])
+    result = train(cfg, run_dir=str(tmp_path), progress=False)
+    blocks = [i for i in range(4) if cfg.model.is_moe_layer(i)]
+    assert len(blocks) == 2 and [b.block for b in result.balance] == blocks
+    row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-2]
+    for block in range(4):
+        named = {f"block{block}_{k}" for k in ("balance_loss", "z_loss", "max_over_mean", "counts")}
+        assert named <= set(row) if block in blocks else not named & set(row)

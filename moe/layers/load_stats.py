@@ -21,6 +21,7 @@ class LayerBalance:
     dropped_fraction: float  # token choice: dropped / (tokens * k); expert choice: tokens no expert took
     entropy: float  # mean routing entropy per token, nats
     entropy_normalized: float  # entropy / ln(E): 1.0 is uniform routing, 0 fully confident
+    block: int | None = None  # index of the model block (Transformer layer, CNN unit) the layer sits in
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +45,7 @@ def layer_balance(model: nn.Module) -> list[LayerBalance]:
         rows.append(
             LayerBalance(
                 layer=i,
+                block=layer.block_index,
                 tokens=int(tokens),
                 counts=[int(c) for c in counts.tolist()],
                 max_over_mean=float(counts.max()) / mean if mean > 0 else 0.0,
@@ -85,13 +87,14 @@ def format_balance_table(rows: list[LayerBalance]) -> str:
     if not rows:
         return "(no MoE layers)"
     header = (
-        f"{'layer':>5} {'tokens':>9} {'max/mean':>9} {'cv':>6} {'dropped':>8} {'entropy':>8} {'H/lnE':>6}"
+        f"{'layer':>5} {'block':>5} {'tokens':>9} {'max/mean':>9} {'cv':>6} {'dropped':>8} {'entropy':>8} {'H/lnE':>6}"
         "  tokens per expert"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
+        block = "-" if r.block is None else r.block
         lines.append(
-            f"{r.layer:>5} {r.tokens:>9} {r.max_over_mean:>9.3f} {r.cv:>6.3f} {r.dropped_fraction:>8.2%} "
+            f"{r.layer:>5} {block:>5} {r.tokens:>9} {r.max_over_mean:>9.3f} {r.cv:>6.3f} {r.dropped_fraction:>8.2%} "
             f"{r.entropy:>8.3f} {r.entropy_normalized:>6.3f}  {r.counts}"
         )
     return "\n".join(lines)

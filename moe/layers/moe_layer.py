@@ -27,6 +27,7 @@ class MoEAux:
     dropped: torch.Tensor  # dropped assignments (token choice) or unserved tokens (expert choice)
     entropy: torch.Tensor  # mean routing entropy, nats
     num_tokens: int
+    block: int | None = None  # index of the model block the layer sits in (None: a layer on its own)
 
     @property
     def loss(self) -> torch.Tensor:
@@ -50,6 +51,7 @@ class MoELayer(nn.Module):
             if self.shared is not None:
                 nn.init.normal_(self.shared.w_out.weight, std=out_init_std)
         E = cfg.num_experts
+        self.block_index: int | None = None  # set by the model: metrics name the layer by its block
         self.record_stats = True  # off for passes that must not count (stand-in rows)
         self.register_buffer("stat_counts", torch.zeros(E, dtype=torch.float64), persistent=False)
         self.register_buffer("stat_dropped", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -77,7 +79,15 @@ class MoELayer(nn.Module):
                 self.stat_dropped += routing.dropped.to(torch.float64)
                 self.stat_tokens += num_tokens
                 self.stat_entropy_sum += entropy.to(torch.float64) * num_tokens
-        aux = MoEAux(routing.aux_loss, routing.z_loss, routing.counts.detach(), routing.dropped, entropy, num_tokens)
+        aux = MoEAux(
+            routing.aux_loss,
+            routing.z_loss,
+            routing.counts.detach(),
+            routing.dropped,
+            entropy,
+            num_tokens,
+            self.block_index,
+        )
         return y_TD.reshape(shape), aux
 
     def stat_buffers(self) -> tuple[torch.Tensor, ...]:

@@ -97,6 +97,7 @@ class ResNetExits(MultiExitModel):
                 block_no += 1
                 if c.moe_every and block_no % c.moe_every == 0:
                     self.moes[f"{s}_{b}"] = PointwiseMoE(cfg, width)
+                    self.moes[f"{s}_{b}"].moe.block_index = block_no - 1  # the unit's index in depth order
             self.stages.append(blocks)
         # Blocks in depth order as (stage, block within the stage): the units compaction works in.
         self.units = [(s, b) for s in range(len(c.channels)) for b in range(c.blocks_per_stage)]

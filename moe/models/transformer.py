@@ -105,6 +105,7 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
             self.ffn = MoELayer(cfg.moe, cfg.d_model, out_init_std=out_std)
+            self.ffn.block_index = layer
         else:
             self.ffn = DenseMLP(cfg.d_model, cfg.d_ff, cfg.moe.activation)
             nn.init.normal_(self.ffn.w_out.weight, std=out_std)
