@@ -9,7 +9,9 @@
     moe calibrate RUN_DIR --budget 0.6 [--unit layers|flops] [--policy P]   exit thresholds for a budget
     moe exit-eval RUN_DIR [--budget 0.6 ...]  early exits: accuracy vs compute, compacted-inference speed
     moe bench all-to-all|depth [...]  all-to-all cost for 1, 2, 4 processes; MoD / ACT vs dense
+    moe bench plan [...]         the memory plan against measured peak memory of short runs
     moe eval RUN_DIR|CHECKPOINT [--report report.html]   load balance, compute per token, plots
+    moe plan CONFIG [--gpus N] [--gpu-memory 80GiB] [--set ...] [--json OUT]   memory per rank, all-to-all bytes
     moe configs                  list the shipped configs
 
 CONFIG is a YAML path or the name of a shipped config (``moe train quickstart``).
@@ -41,6 +43,7 @@ BENCHMARKS = {  # `moe bench NAME` -> the module whose main(argv) runs it
     "all-to-all": "dynamoe.evals.bench_all_to_all",
     "checkpointing": "dynamoe.evals.bench_activation_checkpointing",
     "depth": "dynamoe.evals.conditional_depth",
+    "plan": "dynamoe.evals.plan_check",
 }
 
 
@@ -112,6 +115,24 @@ def _eval(args: argparse.Namespace) -> int:
     )
     print(format_summary(result))
     print(f"wrote {result['json']}" + (f" and {result['report']}" if "report" in result else ""))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from dynamoe.config import load_config
+    from dynamoe.training.memory_plan import parse_size, plan
+
+    cfg = load_config(args.config, args.set)
+    gpu_memory = None if args.gpu_memory is None else parse_size(args.gpu_memory)
+    result = plan(cfg, args.gpus, gpu_memory)
+    print(result.format_table())
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.to_dict(), indent=2))
+        print(f"wrote {out}")
     return 0
 
 
@@ -244,6 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("plan", help="memory per rank and all-to-all bytes per step of a config, and whether it fits")
+    p.add_argument("config", help="a YAML config path or a shipped config name (see `moe configs`)")
+    p.add_argument("--gpus", type=int, default=None, help="processes (GPUs) in all (default: parallel.ep_size)")
+    p.add_argument(
+        "--gpu-memory", default=None, metavar="SIZE", help="memory of one GPU, e.g. 80GiB (default: this machine's)"
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the plan as JSON")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("configs", help="list the shipped configs")
     p.set_defaults(func=_configs)

@@ -179,6 +179,11 @@ def launch(
             f"parallel.ep_size: {cfg.parallel.ep_size} does not divide --workers {workers}; "
             f"fix: use a multiple of {cfg.parallel.ep_size} workers"
         )
+    if eval_run is None:
+        from dynamoe.training.preflight import warn_if_plan_does_not_fit
+
+        # The workers' own warning is in their logs; say it here too, before Ray starts.
+        warn_if_plan_does_not_fit(cfg, world=workers, on_gpu=bool(gpus_per_worker))
     folder = Path(eval_run) if eval_run else resolve_run_dir(cfg, run_dir)
     folder = folder.resolve()
     if eval_run is None and list_checkpoints(folder):

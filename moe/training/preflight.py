@@ -83,6 +83,36 @@ def check_memory(params: int, expert_params: int, ep_size: int, available: int |
         )
 
 
+def warn_if_plan_does_not_fit(cfg, *, world: int | None = None, on_gpu: bool | None = None) -> int | None:
+    """Warn when the memory plan (``dynamoe.training.memory_plan``) says one rank needs more than
+    it has: a GPU's free memory, or the host's available memory shared by its processes. Returns
+    the planned bytes per rank (None where the planner does not cover the model)."""
+    from dynamoe.training.memory_plan import plan
+
+    if cfg.model.kind not in ("decoder", "encoder"):
+        return None
+    world = world or int(os.environ.get("WORLD_SIZE", cfg.parallel.ep_size))
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    available = available_memory_bytes()
+    if available is None:
+        return None
+    if not on_gpu:  # the processes of a CPU run share this host
+        available //= int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    try:
+        needed = plan(cfg, world, device="cuda" if on_gpu else "cpu", available_bytes=available)
+    except ConfigError:
+        return None  # the run itself reports a bad process count, with the same message
+    if needed.total > available:
+        warnings.warn(
+            f"the memory plan estimates {_gib(needed.total)} per process and {_gib(available)} is available, so "
+            "this run will probably run out of memory (see `moe plan`); fix: set train.activation_checkpointing "
+            "(blocks), train.precision bf16 with parallel.zero_stage 1 or 2, a higher parallel.zero_stage or "
+            "parallel.ep_size, or a smaller train.batch_size",
+            stacklevel=2,
+        )
+    return needed.total
+
+
 def check_run_dir(run_dir: Path, *, resuming: bool, restart: bool, checkpoint_bytes: int | None) -> None:
     """The run folder can be created and written, is not another run's, and its disk has room."""
     run_dir = Path(run_dir)
@@ -119,6 +149,7 @@ def preflight(cfg, run_dir: Path, *, resuming: bool, restart: bool, is_main: boo
     if counts is not None:
         check_memory(*counts, cfg.parallel.ep_size, available_memory_bytes())
     if is_main:
+        warn_if_plan_does_not_fit(cfg)
         check_run_dir(
             run_dir,
             resuming=resuming,

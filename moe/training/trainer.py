@@ -49,6 +49,7 @@ from dynamoe.training.deepspeed_setup import (
     init_distributed,
     param_groups,
 )
+from dynamoe.training.memory_plan import check_world
 from dynamoe.training.metrics import MetricsWriter, finite, truncate_metrics
 from dynamoe.training.preflight import preflight
 from dynamoe.training.sharded_state import (
@@ -176,7 +177,7 @@ class Trainer:
         self.deepspeed = init_distributed(cfg.parallel.backend)
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
-        self._check_world(cfg)
+        check_world(self.world, cfg.parallel.ep_size)  # the same error `moe plan` gives
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
         torch.manual_seed(self.cfg.train.seed)  # every rank builds the same global model, then keeps its shard
@@ -259,14 +260,6 @@ class Trainer:
         value = torch.tensor([1.0 if flag else 0.0], device=self.engine.device)
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
         return bool(value.item() > 0)
-
-    def _check_world(self, cfg: RunConfig) -> None:
-        if self.world % cfg.parallel.ep_size:
-            raise ConfigError(
-                f"parallel.ep_size: {cfg.parallel.ep_size} does not divide the number of processes ({self.world}); "
-                f"fix: launch a multiple of {cfg.parallel.ep_size} processes (e.g. torchrun --nproc_per_node "
-                f"{cfg.parallel.ep_size}) or lower parallel.ep_size"
-            )
 
     def _shard_experts(self):
         """Create DeepSpeed's expert-parallel and expert-data-parallel groups and keep this rank's
