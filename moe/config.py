@@ -504,6 +504,8 @@ class TrainConfig:
     # fp32, or bf16 mixed precision through DeepSpeed: bf16 weights, activations and gradients,
     # fp32 master weights and Adam state in ZeRO's optimizer; routers compute in fp32 either way.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Experiment trackers beside metrics.jsonl and TensorBoard, when installed: wandb, mlflow.
+    trackers: list[Literal["wandb", "mlflow"]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         s = self._section

@@ -34,10 +34,13 @@ def encode_row(row: dict) -> str:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, trackers: list | None = None):
+        """``trackers``: started experiment trackers (``dynamoe.training.trackers``) that get
+        every row too."""
         self.enabled = enabled
         self._fd = None
         self._tb = None
+        self._trackers = list(trackers or [])
         if not enabled:
             return
         path = Path(run_dir) / METRICS_FILE
@@ -57,12 +60,17 @@ class MetricsWriter:
         for key, value in values.items():
             if isinstance(value, int | float) and math.isfinite(value):
                 self._tb.add_scalar(f"{split}/{key}", value, step)
+        for tracker in self._trackers:
+            tracker.log(step, split, values)
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._tb.close()
             self._fd = self._tb = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def parse_lines(path: Path) -> list[dict]:

@@ -60,6 +60,7 @@ from dynamoe.training.sharded_state import (
     set_fp32_masters,
 )
 from dynamoe.training.systems import device_peak_tflops, forward_flops, window_fields
+from dynamoe.training.trackers import check_trackers, start_trackers
 
 
 class TrainingDiverged(RuntimeError):
@@ -174,6 +175,7 @@ class Trainer:
         launcher_rank = int(os.environ.get("RANK", "0"))
         preflight(self.cfg, self.run_dir, resuming=resume is not None, restart=restart, is_main=launcher_rank == 0)
         check_precision_supported(self.cfg.train.precision)
+        check_trackers(self.cfg.train.trackers)
         self.deepspeed = init_distributed(cfg.parallel.backend)
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
@@ -241,7 +243,13 @@ class Trainer:
             self._resume(Path(resume))
         elif self.is_main:
             self._prepare_run_dir()
-        self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main)
+        trackers = []
+        if self.is_main and self.cfg.train.trackers:
+            name = self.cfg.train.name or self.run_dir.name
+            trackers = start_trackers(
+                self.cfg.train.trackers, self.run_dir, name, to_dict(self.cfg), resuming=resume is not None
+            )
+        self.metrics = MetricsWriter(self.run_dir, enabled=self.is_main, trackers=trackers)
 
     # --- set-up -------------------------------------------------------------------------------
 
