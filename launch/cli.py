@@ -10,6 +10,7 @@
     moe exit-eval RUN_DIR [--budget 0.6 ...]  early exits: accuracy vs compute, compacted-inference speed
     moe bench all-to-all|depth [...]  all-to-all cost for 1, 2, 4 processes; MoD / ACT vs dense
     moe bench plan [...]         the memory plan against measured peak memory of short runs
+    moe bench throughput [...]   tokens/s and peak memory: fp32 vs bf16, activation checkpointing off and on
     moe eval RUN_DIR|CHECKPOINT [--report report.html]   load balance, compute per token, plots
     moe plan CONFIG [--gpus N] [--gpu-memory 80GiB] [--set ...] [--json OUT]   memory per rank, all-to-all bytes
     moe configs                  list the shipped configs
@@ -44,6 +45,7 @@ BENCHMARKS = {  # `moe bench NAME` -> the module whose main(argv) runs it
     "checkpointing": "dynamoe.evals.bench_activation_checkpointing",
     "depth": "dynamoe.evals.conditional_depth",
     "plan": "dynamoe.evals.plan_check",
+    "throughput": "dynamoe.evals.bench_throughput",
 }
 
 
