@@ -60,6 +60,17 @@ def test_bf16_computes_in_bf16_and_routes_in_fp32(bf16_trainer):
     assert torch.equal(routing.experts.sort(-1).values, expected.sort(-1).values)
 
 
+def test_on_cpu_the_trainer_caps_onednn_primitive_cache_unless_the_user_set_it(bf16_trainer, monkeypatch):
+    import os
+
+    from dynamoe.training.cpu_runtime import ONEDNN_CACHE_ENV, limit_onednn_primitive_cache
+
+    assert os.environ[ONEDNN_CACHE_ENV] == "64"
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, "7")
+    limit_onednn_primitive_cache()
+    assert os.environ[ONEDNN_CACHE_ENV] == "7"
+
+
 def test_bf16_checkpoints_hold_the_fp32_master_weights(bf16_trainer):
     from deepspeed.utils import safe_get_full_fp32_param
 

@@ -5,12 +5,18 @@ returns them to the OS on free, so every large activation tensor is page-faulted
 kernel again on each step: an elementwise op on a [8192, 1024] fp32 tensor ran 6x slower for it
 here. Raising the thresholds keeps freed blocks in the heap for reuse, the effect that jemalloc or
 tcmalloc give CPU PyTorch jobs.
+
+oneDNN, which runs CPU bf16 matrix products, caches a compiled primitive per shape (1024 by
+default). Expert groups change their row counts every step, so bf16 MoE training fills that cache
+with primitives used once: the quickstart model's resident memory grew from 0.6 to 1.4 GiB over
+60 steps here, and plateaus at 0.85 GiB with a cache of 64, at the same step time.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -32,3 +38,12 @@ def keep_large_allocations(threshold_bytes: int = 1 << 30) -> bool:
         return False
     _applied = bool(mallopt(_M_MMAP_THRESHOLD, threshold_bytes)) and bool(mallopt(_M_TRIM_THRESHOLD, threshold_bytes))
     return _applied
+
+
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+def limit_onednn_primitive_cache(capacity: int = 64) -> None:
+    """Cap oneDNN's primitive cache, unless the user set it; oneDNN reads the variable when it
+    first creates a primitive, so this must run before the first bf16 matrix product."""
+    os.environ.setdefault(ONEDNN_CACHE_ENV, str(capacity))

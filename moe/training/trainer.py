@@ -40,7 +40,7 @@ from dynamoe.layers.load_stats import (
 from dynamoe.layers.moe_layer import MoELayer
 from dynamoe.models import build_model
 from dynamoe.training import checkpoint as ckpt
-from dynamoe.training.cpu_runtime import keep_large_allocations
+from dynamoe.training.cpu_runtime import keep_large_allocations, limit_onednn_primitive_cache
 from dynamoe.training.deepspeed_setup import (
     check_precision_supported,
     clip_gradients_,
@@ -164,6 +164,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         if not torch.cuda.is_available():
             keep_large_allocations()
+            limit_onednn_primitive_cache()
         # Everything that can fail without a process group fails here, before DeepSpeed starts:
         # the data, the model config it completes, the run folder and the memory the model needs.
         self.data = build_data(cfg.data, cfg.task)
