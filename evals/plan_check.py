@@ -6,7 +6,11 @@ Runs `moe train` (one process; two under torchrun for ep_size 2) at two model si
 and 2, reads each run's measured peak memory (``peak_memory_mib`` in metrics.jsonl: VmHWM on CPU,
 of rank 0), subtracts the peak of the same pipeline with a negligible model (the runtime: Python,
 PyTorch, DeepSpeed, the data), and compares what is left with the plan's total less its runtime
-term. Prints a table and writes JSON; the target is every row within 15%.
+term. The plan counts the busiest rank's expert rows (``routing="worst"``): these runs' routers
+send every token to the same two experts within their first steps (the logged max/mean expert
+load reaches E / k = 4), and in some step rank 0 receives every row of the group; the plan with
+uniform routing is printed beside it. Prints a table and writes JSON; the target is every row
+within 15%.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ TOLERANCE = 0.15
 
 def _train(config: str, sets: list[str], nproc: int, steps: int, run_dir: Path) -> float:
     """Peak memory (MiB, rank 0) of a short `moe train` run."""
+    return _train_run(config, sets, nproc, steps, run_dir)[0]
+
+
+def _train_run(config: str, sets: list[str], nproc: int, steps: int, run_dir: Path) -> tuple[float, float]:
+    """(peak memory in MiB of rank 0, the largest max/mean expert load any MoE layer logged)."""
     common = [
         f"train.steps={steps}",
         "train.log_every=1",
@@ -63,22 +72,27 @@ def _train(config: str, sets: list[str], nproc: int, steps: int, run_dir: Path) 
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     from dynamoe.training.metrics import read_metrics
 
-    peaks = [r["peak_memory_mib"] for r in read_metrics(run_dir, "train") if r.get("peak_memory_mib")]
-    return max(peaks)
+    records = read_metrics(run_dir, "train")
+    peaks = [r["peak_memory_mib"] for r in records if r.get("peak_memory_mib")]
+    loads = [v for r in records for key, v in r.items() if key.endswith("_max_over_mean") and v is not None]
+    return max(peaks), max(loads, default=float("nan"))
 
 
-def planned_mib(config: str, sets: list[str], world: int) -> tuple[float, dict]:
+def planned_mib(config: str, sets: list[str], world: int, routing: str = "worst") -> tuple[float, dict]:
     """The plan's per-rank total less its runtime term, for a CPU run of ``world`` processes."""
     from dynamoe.config import load_config
     from dynamoe.training.memory_plan import plan
 
-    p = plan(load_config(config, sets), world, device="cpu", available_bytes=0)
+    p = plan(load_config(config, sets), world, device="cpu", available_bytes=0, routing=routing)
     b = p.configured
+    mode = p.checkpointing
     parts = {
         "model_states": b.model_states / 2**20,
-        "activations": b.activations[p.checkpointing] / 2**20,
-        "recompute": b.recompute[p.checkpointing] / 2**20,
+        "activations": b.activations[mode] / 2**20,
+        "recompute": b.recompute[mode] / 2**20,
         "workspace": b.workspace / 2**20,
+        "grad_norm_buffers": b.grad_norm_buffers / 2**20,
+        "uneven_routing": (b.uneven_routing[mode] if routing == "worst" else 0) / 2**20,
     }
     return (p.total - b.runtime_overhead) / 2**20, parts
 
@@ -100,8 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
         for size in args.sizes:
             for ep in args.ep_sizes:
                 sets = SIZES[size] + [f"parallel.ep_size={ep}"]
-                peak = _train(args.config, sets, ep, args.steps, Path(tmp) / f"{size}_ep{ep}")
+                peak, load = _train_run(args.config, sets, ep, args.steps, Path(tmp) / f"{size}_ep{ep}")
                 planned, parts = planned_mib(args.config, sets, ep)
+                uniform, _ = planned_mib(args.config, sets, ep, routing="uniform")
                 measured = peak - baseline[ep]
                 rows.append(
                     {
@@ -113,18 +128,26 @@ def main(argv: list[str] | None = None) -> dict:
                         "measured_mib": measured,
                         "planned_mib": planned,
                         "error": planned / measured - 1,
+                        "planned_uniform_mib": uniform,
+                        "error_uniform": uniform / measured - 1,
+                        "max_over_mean_load": load,
                         "planned_parts_mib": parts,
                     }
                 )
     print(
         f"{args.config}: {args.steps} steps per run; measured = peak VmHWM of rank 0 - the same run's with a tiny model"
     )
-    print(f"{'size':>5} {'ep':>3} {'peak MiB':>9} {'base MiB':>9} {'measured':>9} {'planned':>9} {'error':>7}")
+    print("planned: the busiest rank's expert rows; uniform: the plan with uniform routing; load: max/mean expert load")
+    print(
+        f"{'size':>5} {'ep':>3} {'peak MiB':>9} {'base MiB':>9} {'measured':>9} {'planned':>9} {'error':>7} "
+        f"{'uniform':>9} {'error':>7} {'load':>5}"
+    )
     for r in rows:
         flag = "" if abs(r["error"]) <= TOLERANCE else "  (outside 15%)"
         print(
             f"{r['size']:>5} {r['ep_size']:>3} {r['peak_mib']:>9.1f} {r['baseline_mib']:>9.1f} "
-            f"{r['measured_mib']:>9.1f} {r['planned_mib']:>9.1f} {100 * r['error']:>+6.1f}%{flag}"
+            f"{r['measured_mib']:>9.1f} {r['planned_mib']:>9.1f} {100 * r['error']:>+6.1f}% "
+            f"{r['planned_uniform_mib']:>9.1f} {100 * r['error_uniform']:>+6.1f}% {r['max_over_mean_load']:>5.2f}{flag}"
         )
     result = {"config": args.config, "steps": args.steps, "rows": rows, "hardware": hardware_info()}
     write_json(result, args.json)

@@ -12,7 +12,7 @@
     moe bench plan [...]         the memory plan against measured peak memory of short runs
     moe bench throughput [...]   tokens/s and peak memory: fp32 vs bf16, activation checkpointing off and on
     moe eval RUN_DIR|CHECKPOINT [--report report.html]   load balance, compute per token, plots
-    moe plan CONFIG [--gpus N] [--gpu-memory 80GiB] [--set ...] [--json OUT]   memory per rank, all-to-all bytes
+    moe plan CONFIG [--gpus N] [--gpu-memory 80GiB] [--routing worst] [--set ...]   memory per rank, all-to-all
     moe configs                  list the shipped configs
 
 CONFIG is a YAML path or the name of a shipped config (``moe train quickstart``).
@@ -128,7 +128,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     gpu_memory = None if args.gpu_memory is None else parse_size(args.gpu_memory)
-    result = plan(cfg, args.gpus, gpu_memory)
+    result = plan(cfg, args.gpus, gpu_memory, routing=args.routing)
     print(result.format_table())
     if args.json:
         out = Path(args.json)
@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the plan as JSON")
+    p.add_argument(
+        "--routing",
+        choices=["uniform", "worst"],
+        default="uniform",
+        help="expert rows per rank: uniform routing, or the busiest rank taking every row its experts can get",
+    )
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("configs", help="list the shipped configs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 
 import pytest
@@ -97,6 +98,13 @@ def test_cli_prints_the_table(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "total per rank" in text and "fits: yes" in text and "Adam moments" in text
     assert out_json.exists()
+    uniform = json.loads(out_json.read_text())["total"]
+    assert main(["plan", "debug_tiny", "--gpus", "2", "--set", "parallel.ep_size=2", "--json", str(out_json)]) == 0
+    uniform_ep2 = json.loads(out_json.read_text())["total"]
+    args = ["plan", "debug_tiny", "--gpus", "2", "--set", "parallel.ep_size=2", "--routing", "worst"]
+    assert main([*args, "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["total"] > uniform_ep2 and uniform > 0
+    assert "the total counts the busiest" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -158,3 +166,113 @@ def test_all_to_all_bytes_match_the_trainers_counter(tmp_path):
     planned = mp.all_to_all_bytes(_cfg("debug_tiny", *sets), 2, 4)
     for step, value in counted.items():
         assert abs(value / planned - 1) < 0.25, (step, value, planned)  # routing is near, not exactly, uniform
+
+
+# --- expert rows under expert parallelism, and the trainer's gradient-norm temporaries ---------
+
+
+def test_received_rows_uniform_and_busiest_rank():
+    T = 32 * 128  # quickstart: batch 32 x 128 tokens, 8 experts, top-2
+    ep2 = _cfg("quickstart", "parallel.ep_size=2")
+    assert mp._received_rows(ep2, T, 2, "uniform") == T * 2
+    assert mp._received_rows(ep2, T, 2, "worst") == 2 * T * 2  # every rank sends its T*k rows here
+    ep8 = _cfg("quickstart", "parallel.ep_size=8")  # one expert per rank: a token sends it one row at most
+    assert mp._received_rows(ep8, T, 8, "worst") == 8 * T
+    assert mp._received_rows(_cfg(), T, 1, "worst") == T * 2  # one rank holds every row either way
+    capped = _cfg("quickstart", "parallel.ep_size=2", "model.moe.router.capacity_factor=1.0")
+    assert mp._received_rows(capped, T, 2, "worst") == 2 * 4 * (T * 2 // 8)  # 4 local experts at capacity
+    chosen = _cfg("moe_lm_expert_choice", "parallel.ep_size=2")
+    assert mp._received_rows(chosen, T, 2, "worst") == mp._received_rows(chosen, T, 2, "uniform")
+
+
+def test_worst_routing_adds_the_busiest_ranks_rows_to_the_total():
+    cfg = _cfg("quickstart", "parallel.ep_size=2")
+    uniform = mp.plan(cfg, 2, device="cpu", available_bytes=1 << 40)
+    worst = mp.plan(cfg, 2, device="cpu", available_bytes=1 << 40, routing="worst")
+    b = uniform.configured
+    T, D, F, layers = 32 * 128, 128, 256, 2
+    extra_rows = T * 2  # per MoE layer: the other rank's T*k rows
+    per_row = 4 * D + 2 * 4 * F + 16  # experts' input and GELU's input/output rows, the row order
+    assert b.uneven_routing["none"] == layers * extra_rows * per_row + extra_rows * 4 * (2 * F + 2 * D)
+    assert worst.total - uniform.total == b.uneven_routing["none"] > 0
+    assert worst.expert_rows == {"uniform": T * 2, "worst": 2 * T * 2}
+    assert "busiest rank, all rows (not in total)" in uniform.format_table()
+    one = mp.plan(_cfg(), 1, device="cpu", available_bytes=1 << 40, routing="worst").configured
+    assert all(v == 0 for v in one.uneven_routing.values())
+    with pytest.raises(ConfigError, match="routing: 'skewed' is not one of"):
+        mp.plan(cfg, 2, device="cpu", routing="skewed")
+
+
+def test_grad_norm_temporaries_are_16_bytes_per_element_of_the_largest_tensor_at_zero_0():
+    from dynamoe.models import build_model
+    from dynamoe.training.deepspeed_setup import global_grad_norm
+
+    cfg = _cfg("quickstart", "train.batch_size=2")
+    model = build_model(cfg.model)
+    largest = max(p.numel() for p in model.parameters())
+    assert largest == model.moe_layers()[0].experts.w1_EDF.numel() == mp.largest_local_tensor(cfg.model, 1)
+    assert mp.largest_local_tensor(cfg.model, 2) == largest // 2  # each rank keeps half of the experts
+    b = mp.plan(cfg, 1, device="cpu", available_bytes=1 << 40).by_precision
+    assert b["fp32"].grad_norm_buffers == 16 * largest and b["bf16"].grad_norm_buffers == 0
+    # The temporaries themselves: a float64 copy of the gradient, then its square, both alive.
+    sizes = []
+    real_square = torch.Tensor.square
+
+    def square(t):
+        out = real_square(t)
+        sizes.append(t.untyped_storage().nbytes() + out.untyped_storage().nbytes())
+        return out
+
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    torch.Tensor.square = square
+    try:
+        global_grad_norm(model, None)
+    finally:
+        torch.Tensor.square = real_square
+    assert max(sizes) == b["fp32"].grad_norm_buffers
+
+
+def _busiest_rank_worker(rank, world, sets):
+    """Bytes autograd saves on each rank when every token is routed to rank 0's experts."""
+    import torch.distributed as dist
+
+    from dynamoe.layers.expert_parallel import shard_experts
+
+    cfg = _cfg("quickstart", *sets)
+    torch.manual_seed(0)
+    from dynamoe.models import build_model
+
+    model = build_model(cfg.model).train()
+    shard_experts(model, dist.group.WORLD, f"ep_size_{world}")
+    with torch.no_grad():
+        for layer in model.moe_layers():
+            layer.router.gate.weight.zero_()  # equal logits: every token takes experts 0 and 1
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(1 + rank)
+    ids = torch.randint(0, VOCAB, (cfg.train.batch_size, cfg.data.seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(ids, labels=ids)
+    out.total_loss.backward()
+    return sum(seen.values())
+
+
+@pytest.mark.distributed
+def test_busiest_rank_saves_what_the_worst_case_plans():
+    from dist_helper import run_workers
+
+    sets = ("train.batch_size=2", "parallel.ep_size=2")
+    busiest, idle = run_workers(_busiest_rank_worker, 2, sets=sets)  # rank 0 receives 2N rows, rank 1 none
+    cfg = _cfg("quickstart", *sets)
+    worst, _, _ = mp.activation_bytes(cfg, 2, 4, 2, "worst")
+    assert abs(worst["none"] / busiest - 1) < 0.15, (worst["none"], busiest)
+    T, D, F = 2 * 128, 128, 256
+    per_row = 4 * D + 2 * 4 * F + 16  # what a received row costs: 2N rows on rank 0, none on rank 1
+    assert abs((busiest - idle) / (2 * 2 * T * 2 * per_row) - 1) < 0.02, (busiest, idle)

@@ -4,10 +4,13 @@ Everything is counted per rank (one process, one GPU) from the config, without b
 weights: parameters come from a copy built on the meta device, activations from a formula of what
 each block saves for backward (checked against ``saved_tensors_hooks`` in the tests), and the
 optimizer and ZeRO figures from what DeepSpeed allocates (``deepspeed/runtime/zero/stage_1_and_2.py``).
+Under expert parallelism the busiest rank's expert rows are reported beside uniform routing
+(``routing`` picks which the total counts).
 ``docs/planning.md`` gives the formulas and the measured-against-planned table.
 
 Shape legend: B micro-batch, S sequence, T = B*S tokens, D model width, H heads, V vocabulary,
-E experts, k experts per token, N = T*k expert rows, F hidden width of an FFN or expert.
+E experts, k experts per token, N = T*k expert rows, F hidden width of an FFN or expert, R the
+rows one rank's experts receive (N with uniform routing; up to ep_size * N on the busiest rank).
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from dataclasses import dataclass, field
 from dynamoe.config import ConfigError, RunConfig
 
 MODES = ("none", "moe_blocks", "blocks")
+# How many rows a rank's experts receive under expert parallelism: "uniform" (T*k, every rank the
+# same), or "worst" (the busiest rank receives every row its experts can take, as when the router
+# sends all tokens to experts of one rank; measured in the first steps of quickstart, docs/planning.md).
+ROUTINGS = ("uniform", "worst")
 PRECISIONS = ("fp32", "bf16")
 BYTES = {"fp32": 4, "bf16": 2}
 
@@ -30,7 +37,7 @@ REDUCE_BUCKET_ELEMENTS = 500_000_000
 CUDA_OVERHEAD_BYTES = 1 << 30
 # A CPU process's resident memory before its model exists: Python, PyTorch, DeepSpeed, the data.
 # Measured here (VmHWM of a run whose model is negligible, `python -m dynamoe.evals.plan_check`).
-CPU_OVERHEAD_BYTES = 540 << 20
+CPU_OVERHEAD_BYTES = 570 << 20
 
 _UNITS = {
     "": 1,
@@ -84,15 +91,27 @@ class Breakdown:
     activations: dict[str, int]  # saved for backward, by activation-checkpointing mode
     recompute: dict[str, int]  # one checkpointed block run again in backward, live at the peak
     workspace: int  # gradients of activations and temporaries alive while backward runs
+    grad_norm_buffers: int  # ZeRO 0: the trainer's float64 copy and square of one gradient tensor
     runtime_overhead: int
+    # The busiest rank's expert rows over the uniform share (activations, recomputed block and
+    # workspace together), by mode; in the total only when ``routing`` is "worst".
+    uneven_routing: dict[str, int]
+    routing: str
 
     @property
     def model_states(self) -> int:
         return self.params + self.grads + self.master_weights + self.optimizer_moments + self.zero_buffers
 
     def total(self, mode: str) -> int:
+        uneven = self.uneven_routing[mode] if self.routing == "worst" else 0
         return (
-            self.model_states + self.activations[mode] + self.recompute[mode] + self.workspace + self.runtime_overhead
+            self.model_states
+            + self.activations[mode]
+            + self.recompute[mode]
+            + self.workspace
+            + self.grad_norm_buffers
+            + uneven
+            + self.runtime_overhead
         )
 
 
@@ -113,6 +132,8 @@ class MemoryPlan:
     by_precision: dict[str, Breakdown]
     all_to_all_bytes: dict[str, int]  # per step, all ranks together (the trainer's all_to_all_bytes), by precision
     available_bytes: int | None  # per rank
+    routing: str  # "uniform" or "worst": which expert rows the total counts (ROUTINGS)
+    expert_rows: dict[str, int]  # rows one MoE layer's experts process on a rank, by routing
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -152,6 +173,7 @@ class MemoryPlan:
             ("fp32 master weights", mine.master_weights, theirs.master_weights),
             ("Adam moments", mine.optimizer_moments, theirs.optimizer_moments),
             ("ZeRO buffers", mine.zero_buffers, theirs.zero_buffers),
+            ("gradient-norm temporaries", mine.grad_norm_buffers, theirs.grad_norm_buffers),
         ]
         for mode in MODES:
             mark = " *" if mode == self.checkpointing else ""
@@ -163,6 +185,12 @@ class MemoryPlan:
                 theirs.recompute[self.checkpointing],
             ),
             ("backward workspace", mine.workspace, theirs.workspace),
+        ]
+        if self.ep_size > 1:
+            counted = "" if self.routing == "worst" else " (not in total)"
+            mode = self.checkpointing
+            rows.append((f"busiest rank, all rows{counted}", mine.uneven_routing[mode], theirs.uneven_routing[mode]))
+        rows += [
             (f"runtime overhead ({self.device})", mine.runtime_overhead, theirs.runtime_overhead),
             ("total per rank", mine.total(self.checkpointing), theirs.total(self.checkpointing)),
         ]
@@ -175,6 +203,11 @@ class MemoryPlan:
         a2a = self.all_to_all_bytes
         lines.append("")
         if self.ep_size > 1:
+            rows_u, rows_w = self.expert_rows["uniform"], self.expert_rows["worst"]
+            lines.append(
+                f"expert rows per MoE layer on a rank: {rows_u:,} with uniform routing, up to {rows_w:,} on the "
+                f"busiest rank; the total counts {'the busiest' if self.routing == 'worst' else 'uniform routing'}"
+            )
             lines.append(
                 f"all-to-all per step, all ranks (uniform routing): {_fmt(a2a[self.precision])} "
                 f"({_fmt(a2a[other])} in {other})"
@@ -266,14 +299,15 @@ def _ffn_width_factor(activation: str) -> int:
     return 4 if activation == "swiglu" else 2
 
 
-def _transformer_blocks(cfg: RunConfig, batch: int, act_bytes: int, ep_size: int) -> _Blocks:
+def _transformer_blocks(cfg: RunConfig, batch: int, act_bytes: int, ep_size: int, routing: str) -> _Blocks:
     m, moe = cfg.model, cfg.model.moe
     a = act_bytes
     S = cfg.data.seq_len
     T, D, H = batch * S, m.d_model, m.n_heads
     k = moe.num_experts if moe.router.kind == "expert_choice" else moe.router.top_k
     E = moe.num_experts
-    N = _expert_rows(cfg, T)
+    N = _expert_rows(cfg, T)  # rows this rank's tokens send to experts (and get back)
+    R = _received_rows(cfg, T, ep_size, routing)  # rows this rank's experts process
     w = _ffn_width_factor(moe.activation)
     # Attention: LayerNorm inputs (with their mean and rstd), the qkv projection's input and
     # output, the fused attention's output and log-sum-exp (fp32), the second LayerNorm's input.
@@ -287,11 +321,11 @@ def _transformer_blocks(cfg: RunConfig, batch: int, act_bytes: int, ep_size: int
     # Router in fp32 whatever the precision: its fp32 input, logits, scores, probabilities, the
     # top-k sort's indices (int64 [T, E]), the combine weights; the gate weight's fp32 copy in bf16.
     router = 4 * T * D + 20 * T * E + 4 * T * k + 12 * T + 4 * E + (4 * D * E if a != 4 else 0)
-    # Dispatch keeps the row map (int64) and weights, combine the expert outputs, the experts
-    # their input rows and hidden activations.
-    routed = 12 * T * k + 2 * a * N * D + 4 * E + a * w * N * moe.d_expert
+    # Dispatch keeps the row map (int64) and weights, combine the expert outputs of this rank's
+    # rows (N), the experts their input rows and hidden activations (R rows: those received).
+    routed = 12 * T * k + a * N * D + 4 * E + a * R * D + a * w * R * moe.d_expert
     if ep_size > 1:
-        routed += 2 * 8 * N  # the order of received rows and its inverse
+        routed += 2 * 8 * R  # the order of received rows and its inverse
     shared = 0
     if moe.num_shared_experts:
         d_shared = moe.num_shared_experts * (moe.d_shared or moe.d_expert)
@@ -304,7 +338,7 @@ def _transformer_blocks(cfg: RunConfig, batch: int, act_bytes: int, ep_size: int
         full.append(common + (moe_ffn if mo else dense))
         # Backward of the FFN: the gradients of its hidden activation and of its input rows, and
         # of the residual stream around it (in the model dtype).
-        rows, width = (N, moe.d_expert) if mo else (T, m.d_ff)
+        rows, width = (R, moe.d_expert) if mo else (T, m.d_ff)
         work.append(a * (w * rows * width + 2 * rows * D + 3 * T * D))
     outside = a * (2 * T * D + 2 * T) + 8 * T + 8 * S  # final LayerNorm, head input, token ids
     if m.kind == "decoder":
@@ -328,13 +362,33 @@ def _expert_rows(cfg: RunConfig, tokens: int) -> int:
     return rows
 
 
+def _received_rows(cfg: RunConfig, tokens: int, ep_size: int, routing: str = "uniform") -> int:
+    """Rows one MoE layer's experts process on a rank per micro-batch. Uniform: what its own
+    tokens send (``_expert_rows``). Worst: the busiest rank, to which every rank of the group sends
+    all the rows its experts can take: each token at most min(k, E / ep_size) rows (its k experts
+    are distinct), each local expert at most its capacity when a capacity factor is set. Expert
+    choice takes exactly its capacity from every rank, so it is the same either way."""
+    rows = _expert_rows(cfg, tokens)
+    router, E = cfg.model.moe.router, cfg.model.moe.num_experts
+    if routing == "uniform" or ep_size == 1 or router.kind == "expert_choice":
+        return rows
+    local = E // ep_size
+    per_source = tokens * min(router.top_k, local)
+    if router.capacity_factor is not None:
+        per_source = min(per_source, local * math.ceil(router.capacity_factor * tokens * router.top_k / E))
+    return max(rows, ep_size * per_source)
+
+
 def _checkpointed(mode: str, is_moe: bool) -> bool:
     return mode == "blocks" or (mode == "moe_blocks" and is_moe)
 
 
-def activation_bytes(cfg: RunConfig, batch: int, act_bytes: int, ep_size: int) -> tuple[dict, dict, int]:
-    """(saved for backward by mode, the recomputed block by mode, backward workspace) in bytes."""
-    blocks = _transformer_blocks(cfg, batch, act_bytes, ep_size)
+def activation_bytes(
+    cfg: RunConfig, batch: int, act_bytes: int, ep_size: int, routing: str = "uniform"
+) -> tuple[dict, dict, int]:
+    """(saved for backward by mode, the recomputed block by mode, backward workspace) in bytes,
+    with the expert rows that ``routing`` gives this rank (``_received_rows``)."""
+    blocks = _transformer_blocks(cfg, batch, act_bytes, ep_size, routing)
     saved, recompute = {}, {}
     for mode in MODES:
         kept = [
@@ -365,6 +419,27 @@ def all_to_all_bytes(cfg: RunConfig, world: int, act_bytes: int) -> int:
     return int(total * cfg.train.grad_accum * world)
 
 
+def largest_local_tensor(model_cfg, ep_size: int) -> int:
+    """Elements of the largest parameter tensor a rank holds (a routed expert tensor keeps
+    1 / ep_size of its experts), from a copy of the model built on the meta device."""
+    import torch
+
+    from dynamoe.layers.experts import GroupedExperts
+    from dynamoe.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    expert_ids = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    return max(p.numel() // ep_size if id(p) in expert_ids else p.numel() for p in model.parameters())
+
+
+def grad_norm_bytes(largest: int, zero_stage: int) -> int:
+    """ZeRO 0: the trainer computes the gradient norm itself (``global_grad_norm``), one tensor
+    at a time, through a float64 copy of the gradient and its square: 16 bytes per element of the
+    largest tensor. ZeRO 1/2 take the norm inside DeepSpeed's optimizer, from its flat partition."""
+    return 16 * largest if zero_stage == 0 else 0
+
+
 # --- the plan ----------------------------------------------------------------------------------
 
 
@@ -386,14 +461,19 @@ def plan(
     *,
     device: str | None = None,
     available_bytes: int | None = None,
+    routing: str = "uniform",
 ) -> MemoryPlan:
     """Per-rank memory and all-to-all bytes of training ``cfg`` on ``gpus`` processes (default:
     ``parallel.ep_size``, the fewest that hold every expert). ``gpu_memory_bytes``: each GPU's
     memory; without it, the memory of this machine (its GPU, or its RAM shared by the processes).
     ``device`` ("cuda" or "cpu") picks the overhead term; default: cuda when GPUs are named or
-    present. ``available_bytes`` overrides the per-rank memory compared with."""
+    present. ``available_bytes`` overrides the per-rank memory compared with. ``routing``
+    ("uniform" or "worst", ``ROUTINGS``): the expert rows a rank's experts process in the total; the
+    busiest rank's excess over uniform routing is reported either way (``uneven_routing``)."""
     import torch
 
+    if routing not in ROUTINGS:
+        raise ConfigError(f"routing: '{routing}' is not one of {', '.join(ROUTINGS)}; fix: pick one of them")
     if cfg.model.kind not in ("decoder", "encoder"):
         raise ConfigError(
             f"model.kind: the planner counts Transformer models (decoder, encoder), not '{cfg.model.kind}'; "
@@ -411,6 +491,7 @@ def plan(
 
     total, experts = count_parameters(cfg.model)
     dense, experts_local = total - experts, experts // ep
+    largest = largest_local_tensor(cfg.model, ep)
     if device is None:
         device = "cuda" if gpu_memory_bytes is not None or torch.cuda.is_available() else "cpu"
     overhead = CUDA_OVERHEAD_BYTES if device == "cuda" else CPU_OVERHEAD_BYTES
@@ -427,6 +508,8 @@ def plan(
             # freed experts' blocks (glibc, as keep_large_allocations sets it).
             states["zero_buffers"] += 4 * (experts - experts_local)
         saved, recompute, work = activation_bytes(cfg, t.batch_size, a, ep)
+        saved_w, recompute_w, work_w = activation_bytes(cfg, t.batch_size, a, ep, "worst")
+        uneven = {m: saved_w[m] + recompute_w[m] + work_w - saved[m] - recompute[m] - work for m in MODES}
         by_precision[precision] = Breakdown(
             precision=precision,
             zero_stage=z,
@@ -434,7 +517,10 @@ def plan(
             activations=saved,
             recompute=recompute,
             workspace=work,
+            grad_norm_buffers=grad_norm_bytes(largest, z),
             runtime_overhead=overhead,
+            uneven_routing=uneven,
+            routing=routing,
         )
         a2a[precision] = all_to_all_bytes(cfg, world, a)
     notes = []
@@ -470,5 +556,7 @@ def plan(
         by_precision=by_precision,
         all_to_all_bytes=a2a,
         available_bytes=available_bytes,
+        routing=routing,
+        expert_rows={r: _received_rows(cfg, t.batch_size * cfg.data.seq_len, ep, r) for r in ROUTINGS},
         notes=notes,
     )
