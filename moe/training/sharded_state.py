@@ -1,12 +1,12 @@
 """Whole-model training state, independent of how experts and optimizer state are partitioned.
 
 A checkpoint holds every tensor in its global (unsharded) form: experts 0..E-1 stacked, and the
-optimizer moments of every parameter at full size. Weights are always fp32: under bf16 mixed
-precision they are the optimizer's fp32 master weights, not the bf16 copies the model computes
-with, so a checkpoint resumes exactly and loads into a run of either precision. Saving gathers expert shards over the
+optimizer moments of every parameter at full size. Saving gathers expert shards over the
 expert-parallel group (and, under ZeRO, optimizer partitions through DeepSpeed's fragment API);
 loading takes this rank's slice. So a checkpoint written with one expert-parallel size or ZeRO
-stage loads into any other.
+stage loads into any other. Weights are always fp32: under bf16 they are the optimizer's fp32
+master weights, not the bf16 copies the model computes with, so a checkpoint resumes exactly and
+loads into a run of either precision.
 
 Every function here is collective: all ranks call it, in the same order.
 """

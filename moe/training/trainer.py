@@ -290,9 +290,11 @@ class Trainer:
         exported_cfg, exported = ckpt.load_exported(Path(path))
         # Settings that only shape the loss or inference (exit weights, policy thresholds, router
         # loss coefficients) may change between runs; the weights must fit exactly.
-        self._init_state = exported.state_dict()
+        state = exported.state_dict()
+        # Kept until the engine exists, whose bf16 masters it replaces (see __init__).
+        self._init_state = state if self.cfg.train.precision != "fp32" else None
         try:
-            self.model.load_state_dict(self._init_state, strict=True)
+            self.model.load_state_dict(state, strict=True)
         except RuntimeError:
             raise ConfigError(
                 f"train.init_from: '{path}' holds a different model ({_config_diff(exported_cfg, self.cfg.model)}); "
