@@ -80,6 +80,13 @@ class RouterConfig:
     capacity_factor: float | None = None
     # Which assignments survive when an expert overflows: highest routing score, or earliest token.
     drop_policy: Literal["probs", "position"] = "probs"
+    # Group-limited selection (DeepSeek-V3, GLM-4-MoE): experts form n_group equal groups, each
+    # group scores the sum of its two best (bias-corrected) scores, a token keeps its topk_group
+    # best groups and picks its top_k experts among them. 1 group: no limit.
+    n_group: int = 1
+    topk_group: int | None = None  # None: every group (no limit)
+    # The combine weights are multiplied by this after any renormalisation (DeepSeek-V3: 2.5).
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self) -> None:
         s = self._section
@@ -89,6 +96,17 @@ class RouterConfig:
                 _fail(f"{s}.{name}", f"must be >= 0, got {getattr(self, name)}", f"set {s}.{name} to 0 or more")
         if self.jitter_eps >= 1:
             _fail(f"{s}.jitter_eps", f"must be < 1, got {self.jitter_eps}", "use a small value such as 0.01")
+        _require_positive(s, self, "n_group", "topk_group", "routed_scaling_factor")
+        if self.topk_group is not None and self.topk_group > self.n_group:
+            _fail(
+                f"{s}.topk_group",
+                f"topk_group={self.topk_group} is larger than n_group={self.n_group}",
+                f"set topk_group <= {self.n_group}",
+            )
+        if self.n_group > 1 and self.kind != "token_choice":
+            _fail(
+                f"{s}.n_group", "group-limited selection is a token-choice option", "set n_group: 1 for expert choice"
+            )
 
     @property
     def renormalize(self) -> bool:
@@ -119,6 +137,23 @@ class MoEConfig:
                 f"top_k={self.router.top_k} is larger than {s}.num_experts={self.num_experts}",
                 f"set top_k <= {self.num_experts} or raise num_experts",
             )
+        r = self.router
+        if self.num_experts % r.n_group:
+            _fail(
+                f"{s}.router.n_group",
+                f"n_group={r.n_group} does not divide num_experts={self.num_experts}",
+                f"choose n_group among {_divisors(self.num_experts)}",
+            )
+        reachable = (r.topk_group or r.n_group) * (self.num_experts // r.n_group)
+        if r.top_k > reachable:
+            _fail(
+                f"{s}.router.topk_group",
+                f"top_k={r.top_k} experts cannot be picked from topk_group={r.topk_group} groups of "
+                f"{self.num_experts // r.n_group}",
+                "raise topk_group or lower top_k",
+            )
+        if r.n_group > 1 and self.num_experts // r.n_group < 2:
+            _fail(f"{s}.router.n_group", "a group scores its two best experts, so it needs at least 2", "lower n_group")
 
 
 EXIT_POLICIES = ("max_prob", "entropy", "margin", "patience", "learned")
