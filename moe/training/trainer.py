@@ -28,6 +28,7 @@ import yaml
 
 from dynamoe.config import ConfigError, RunConfig, to_dict
 from dynamoe.data import build_data
+from dynamoe.data.tokenizer_files import TOKENIZER_FOLDER, save_tokenizer
 from dynamoe.depth import depth_summary
 from dynamoe.layers.expert_parallel import TrafficCounter, shard_experts
 from dynamoe.layers.load_stats import (
@@ -310,6 +311,9 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         if self.cfg.task == "classification" and self.data.labels is not None:
             (self.run_dir / "labels.json").write_text(json.dumps(self.data.labels.as_dict(), indent=2))
+        tokenizer = getattr(self.data, "tokenizer", None)
+        if tokenizer is not None:  # loadable by AutoTokenizer; `moe export --format hf` ships it
+            save_tokenizer(tokenizer, self.run_dir / TOKENIZER_FOLDER)
         meta = {
             "code_version": _code_version(),
             "python": sys.version.split()[0],
