@@ -140,6 +140,95 @@ def test_topk_route_bad_inputs(kwargs, match):
         kernels.topk_route(torch.randn(3, 4, 2), 1)
 
 
+def naive_group_route(logits, k, n_group, topk_group, bias=None, normalize=False, scale=1.0):
+    """Per-token python loop in float64 of DeepSeek-V3's sigmoid routing: group score = sum of the two
+    best biased scores in the group, the topk_group best groups kept (ties to the lower group), then
+    top-k inside them (ties to the lower expert), weights from the unbiased scores."""
+    E = logits.shape[1]
+    size = E // n_group
+    weights, experts = [], []
+    for row in logits.double():
+        s = torch.sigmoid(row)
+        sel = [float(v) for v in (s if bias is None else s + bias.double()).detach()]
+        group_score = [sum(sorted(sel[g * size : (g + 1) * size], reverse=True)[:2]) for g in range(n_group)]
+        kept = sorted(range(n_group), key=lambda g: (-group_score[g], g))[:topk_group]
+        allowed = [e for e in range(E) if e // size in kept]
+        order = sorted(allowed, key=lambda e: (-sel[e], e))[:k]
+        w = torch.stack([s[e] for e in order])
+        w = w / w.sum() if normalize else w
+        weights.append(w * scale)
+        experts.append(order)
+    return torch.stack(weights), torch.tensor(experts, dtype=torch.long)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("E,k,n_group,topk_group,scale", [(16, 4, 4, 2, 2.5), (8, 1, 4, 1, 1.0), (12, 6, 3, 2, 1.5)])
+def test_group_limited_route_matches_naive_loop(E, k, n_group, topk_group, scale, normalize):
+    g = _gen("groups", E, k, n_group, topk_group, normalize)
+    logits = torch.randn(50, E, generator=g, requires_grad=True)
+    bias = 0.2 * torch.randn(E, generator=g)
+    opts = dict(score="sigmoid", bias=bias, normalize=normalize, n_group=n_group, topk_group=topk_group)
+    w, ex, counts = kernels.topk_route(logits, k, routed_scaling_factor=scale, **opts)
+    rw, rex = naive_group_route(logits, k, n_group, topk_group, bias, normalize, scale)
+    torch.testing.assert_close(ex, rex, rtol=0, atol=0)  # also in descending biased-score order
+    torch.testing.assert_close(w.double(), rw, atol=1e-6, rtol=1e-6)
+    assert torch.equal(counts, torch.bincount(ex.reshape(-1), minlength=E))
+    assert all(len(set(row)) <= topk_group for row in (ex // (E // n_group)).tolist())
+    # the scale is a plain product after normalisation, gradients included
+    w1, ex1, _ = kernels.topk_route(logits, k, **opts)
+    assert torch.equal(ex1, ex)
+    torch.testing.assert_close(w, w1 * scale, atol=0, rtol=0)
+    up = torch.randn(50, k, generator=g)
+    (grad,) = torch.autograd.grad((w * up).sum(), logits)
+    (rgrad,) = torch.autograd.grad((rw * up.double()).sum(), logits)
+    torch.testing.assert_close(grad, rgrad, atol=1e-6, rtol=1e-5)
+
+
+def test_group_ties_go_to_the_lower_group():
+    # groups {0,1} {2,3} {4,5}: biased scores 1.5+0.5, 1.0+1.0, 0.5+1.5, all 2.0 -> group 0 wins the tie
+    logits = torch.zeros(1, 6)
+    bias = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.0, 1.0])
+    _, ex, _ = kernels.topk_route(logits, 2, score="sigmoid", bias=bias, n_group=3, topk_group=1)
+    assert ex.tolist() == [[0, 1]]
+    _, ex, _ = kernels.topk_route(logits, 2, score="sigmoid", bias=bias, n_group=3, topk_group=2)
+    assert ex.tolist() == [[0, 2]]  # groups 0 and 1 kept; expert 5 (group 2) is left out
+
+
+def test_new_route_options_default_to_plain_topk_bit_for_bit():
+    g = _gen("defaults")
+    logits = torch.randn(64, 16, generator=g)
+    for score in ("softmax", "sigmoid"):
+        plain = kernels.topk_route(logits, 4, score=score, normalize=True)
+        for opts in (
+            dict(bias=torch.zeros(16)),  # what a router that never learned or loaded a bias passes
+            dict(n_group=4),  # topk_group None: every group
+            dict(n_group=4, topk_group=4),
+            dict(n_group=1, topk_group=1),
+            dict(routed_scaling_factor=1.0),
+        ):
+            out = kernels.topk_route(logits, 4, score=score, normalize=True, **opts)
+            for a, b in zip(out, plain):
+                assert torch.equal(a, b), opts
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n_group=3), "n_group=3 must be a positive divisor"),
+        (dict(n_group=0), "n_group=0 must be a positive divisor"),
+        (dict(n_group=4, topk_group=5), "topk_group=5 must be between 1 and n_group=4"),
+        (dict(n_group=4, topk_group=0), "topk_group=0 must be between 1"),
+        (dict(n_group=8, topk_group=2), "needs at least 2 experts per group"),
+        (dict(k=5, n_group=4, topk_group=2), "k=5 experts cannot be picked from topk_group=2 groups of 2"),
+        (dict(routed_scaling_factor=0.0), "routed_scaling_factor=0.0 must be > 0"),
+    ],
+)
+def test_group_route_bad_inputs(kwargs, match):
+    kwargs = {"k": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        kernels.topk_route(torch.randn(3, 8), score="sigmoid", **kwargs)
+
+
 # ------------------------------------------------------------------------------ permute/unpermute
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -29,10 +30,43 @@ def applies(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0").lower() in _TRUE
 
 
-def _topk_route(logits, k, *, score="softmax", bias=None, normalize=False):
+def _topk_route(
+    logits, k, *, score="softmax", bias=None, normalize=False, n_group=1, topk_group=None, routed_scaling_factor=1.0
+):
+    from dynamoe.kernels.routing import limits_groups, topk_route_ref
+
+    if limits_groups(n_group, topk_group):
+        # The kernel's k arg-max rounds see experts, not groups: rather than pick from all of them
+        # (a different routing), run the reference, which is exact, and say so once per setting.
+        warnings.warn(
+            f"topk_route: the Triton kernel has no group-limited selection (n_group={n_group}, "
+            f"topk_group={topk_group}); routing runs on the PyTorch reference instead, which is slower "
+            "on GPU but selects the same experts",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return topk_route_ref(
+            logits,
+            k,
+            score=score,
+            bias=bias,
+            normalize=normalize,
+            n_group=n_group,
+            topk_group=topk_group,
+            routed_scaling_factor=routed_scaling_factor,
+        )
     from dynamoe.kernels.triton.routing import topk_route_triton
 
-    return topk_route_triton(logits, k, score=score, bias=bias, normalize=normalize)
+    return topk_route_triton(
+        logits,
+        k,
+        score=score,
+        bias=bias,
+        normalize=normalize,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor,
+    )
 
 
 def _permute(x, experts, num_experts, num_rows=None):

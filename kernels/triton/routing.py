@@ -5,13 +5,16 @@ One program owns ``BLOCK_T`` tokens and all E experts (E <= 256 fits one tile ro
 the k arg-max rounds and the counts never leave registers. Counts are integer atomics: exact and
 order-independent. The backward is a few O(T*E) PyTorch ops on device (no host sync); the forward is
 the part that runs on every step's critical path.
+
+``routed_scaling_factor`` is one product on the kernel's weights. Group-limited selection
+(DeepSeek-V3's ``n_group``/``topk_group``) is not in the kernel; the backend sends it to the reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dynamoe.kernels.routing import check_route_args
+from dynamoe.kernels.routing import check_route_args, limits_groups
 from dynamoe.kernels.triton._jit import cdiv, check_device, kernel, next_pow2, tl
 
 MAX_EXPERTS = 256
@@ -148,12 +151,27 @@ def topk_route_triton(
     score: str = "softmax",
     bias: torch.Tensor | None = None,
     normalize: bool = False,
+    n_group: int = 1,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton implementation of :func:`dynamoe.kernels.routing.topk_route_ref` (same contract and outputs)."""
-    check_route_args(logits, k, score, bias)
+    """Triton implementation of :func:`dynamoe.kernels.routing.topk_route_ref` (same contract and outputs),
+    except group-limited selection, which the kernel does not have: the backend's dispatch sends
+    those calls to the reference, and a direct call here is refused rather than routed otherwise.
+    """
+    check_route_args(logits, k, score, bias, n_group, topk_group, routed_scaling_factor)
+    if limits_groups(n_group, topk_group):
+        raise ValueError(
+            f"topk_route (triton): the kernel has no group-limited selection (n_group={n_group}, "
+            f"topk_group={topk_group}); call dynamoe.kernels.topk_route, which runs the reference for it"
+        )
     check_device(logits, "topk_route")
     if bias is not None and bias.device != logits.device:
         raise ValueError(
             f"topk_route: bias is on {bias.device} but logits on {logits.device}; move bias to the logits' device"
         )
-    return _Route.apply(logits, bias, k, score, normalize)
+    weights, experts, counts = _Route.apply(logits, bias, k, score, normalize)
+    if routed_scaling_factor != 1.0:
+        # After normalisation, as in the reference (same fp32 product); autograd carries the factor.
+        weights = weights * routed_scaling_factor
+    return weights, experts, counts

@@ -8,6 +8,15 @@ Two families share one output type, :class:`Routing`:
 
 Assignments are ``experts`` [T, k] with -1 marking a dropped (or, for expert choice, unused)
 slot, which is exactly what the dispatch kernels take.
+
+Token choice reproduces the routers of the Hugging Face families (``tests/test_family_routers.py``
+checks each against its transformers module): Mixtral (softmax, renormalised, also at k=1, so
+``normalize: true``), Qwen3-MoE and OLMoE (softmax, ``normalize`` = ``norm_topk_prob``), DeepSeek-V3
+and GLM-4-MoE (sigmoid, ``expert_bias`` = ``e_score_correction_bias``, ``n_group``/``topk_group``,
+``normalize`` = ``norm_topk_prob``, ``routed_scaling_factor``; their shared experts are the MoE
+layer's ``num_shared_experts``). One difference is left: those two divide by ``sum + 1e-20`` where
+dynamoe divides by ``max(sum, 1e-20)``, the same number unless a token's k sigmoid scores sum to
+less than about 1e-13 (every logit below about -30).
 """
 
 from __future__ import annotations
@@ -99,7 +108,15 @@ class TokenChoiceRouter(_RouterBase):
 
     def __init__(self, cfg: RouterConfig, d_model: int, num_experts: int):
         super().__init__(cfg, d_model, num_experts)
-        # Selection bias for auxiliary-loss-free balancing: learned from load, not by gradient.
+        # Selection bias (auxiliary-loss-free balancing; DeepSeek-V3's e_score_correction_bias): it
+        # moves which experts are chosen, never the combine weights, and is learned from load, not by
+        # gradient. It is part of the routing function whenever it is nonzero: ``aux_free_bias`` only
+        # decides whether ``update_bias`` moves it. A nonzero bias comes from training with
+        # aux_free_bias or from an imported checkpoint, and the gate was trained beside it, so dropping
+        # it when balancing is switched off would change which experts a trained model picks. It
+        # starts at zero, and adding zero changes no score, so a router that never learned or loaded
+        # a bias routes exactly as plain top-k. To freeze a learned bias set aux_free_bias false (or
+        # bias_update_rate 0); to discard it, zero the buffer.
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.register_buffer("load_since_update", torch.zeros(num_experts), persistent=False)
 
@@ -107,11 +124,19 @@ class TokenChoiceRouter(_RouterBase):
         cfg = self.cfg
         num_tokens, k = x_TD.shape[0], cfg.top_k
         logits_TE = self.logits(x_TD)
-        bias = self.expert_bias if cfg.aux_free_bias else None
         weights_Tk, experts_Tk, counts_E = kernels.topk_route(
-            logits_TE, k, score=cfg.score, bias=bias, normalize=cfg.renormalize
+            logits_TE,
+            k,
+            score=cfg.score,
+            bias=self.expert_bias,
+            normalize=cfg.renormalize,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            routed_scaling_factor=cfg.routed_scaling_factor,
         )
         scores_TE = self.scores(logits_TE)
+        # The balance loss takes every expert's probability, also those a group limit left out for
+        # the token, and sigmoid scores normalised per token: DeepSeek-V3's balance loss does both.
         probs_TE = scores_TE if cfg.score == "softmax" else scores_TE / scores_TE.sum(-1, keepdim=True)
         aux = (
             cfg.aux_loss_coef * load_balancing_loss(probs_TE, counts_E, k)
