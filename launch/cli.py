@@ -11,6 +11,7 @@
     moe bench all-to-all|depth [...]  all-to-all cost for 1, 2, 4 processes; MoD / ACT vs dense
     moe bench plan [...]         the memory plan against measured peak memory of short runs
     moe bench throughput [...]   tokens/s and peak memory: fp32 vs bf16, activation checkpointing off and on
+    moe bench hf-experts [...]   a transformers MoE training step: eager, grouped_mm and dynamoe experts
     moe eval RUN_DIR|CHECKPOINT [--report report.html]   load balance, compute per token, plots
     moe plan CONFIG [--gpus N] [--gpu-memory 80GiB] [--routing worst] [--set ...]   memory per rank, all-to-all
     moe configs                  list the shipped configs
@@ -46,6 +47,7 @@ BENCHMARKS = {  # `moe bench NAME` -> the module whose main(argv) runs it
     "depth": "dynamoe.evals.conditional_depth",
     "plan": "dynamoe.evals.plan_check",
     "throughput": "dynamoe.evals.bench_throughput",
+    "hf-experts": "dynamoe.evals.bench_hf_experts",
 }
 
 
