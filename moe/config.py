@@ -384,10 +384,34 @@ class ModelConfig:
     d_ff: int = 512  # hidden width of the dense FFNs
     max_seq_len: int = 256
     dropout: float = 0.0
-    # Layer i (0-based) has an MoE FFN when (i + 1) % moe_every == 0; 0 makes every FFN dense.
+    # Layer i (0-based) has an MoE FFN when i >= first_dense_layers and (i + 1) % moe_every == 0;
+    # moe_every 0 makes every FFN dense. ``moe_layers`` lists the MoE layers explicitly instead
+    # (Qwen3-MoE's mlp_only_layers); ``is_moe_layer`` is the one place that decides.
     moe_every: int = 1
+    first_dense_layers: int = 0  # dense FFNs in layers 0..first_dense_layers-1 (DeepSeek-V3, GLM-4-MoE)
+    moe_layers: list[int] | None = None  # 0-based MoE layers; replaces moe_every and first_dense_layers
     pooling: Literal["mean", "first"] = "mean"  # encoder: how token states become one vector
     tie_embeddings: bool = True  # decoder: share the input embedding with the output projection
+    # The Transformer block. gpt2: pre-LayerNorm, learned positions, fused bias-free QKV, one
+    # residual dropout (the original block, bit for bit). modern: the Llama / Mixtral / Qwen3-MoE /
+    # OLMoE / GLM-4-MoE block: RMSNorm, rotary positions, grouped-query attention with separate
+    # q/k/v/o projections, optional QK-norm, no biases, SwiGLU FFNs (model.moe.activation: swiglu).
+    # The fields below up to clip_qkv are the modern block's switches; gpt2 keeps their defaults.
+    block: Literal["gpt2", "modern"] = "gpt2"
+    norm: Literal["layernorm", "rmsnorm"] | None = None  # None: the block's own (gpt2 layernorm, modern rmsnorm)
+    norm_eps: float = 1e-5  # every norm's epsilon (Llama and Qwen3 checkpoints use 1e-6)
+    position: Literal["learned", "rope"] | None = None  # None: the block's own (gpt2 learned, modern rope)
+    rope_theta: float = 10000.0  # rotary base
+    # Share of each head's width that is rotated (GLM-4-MoE's partial_rotary_factor); the rest passes.
+    rope_fraction: float = 1.0
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: n_heads
+    head_dim: int | None = None  # width of one head; None: d_model // n_heads (Qwen3 sets it apart)
+    # RMSNorm on queries and keys before the rotation: per_head over each head's width (Qwen3-MoE,
+    # GLM-4-MoE use_qk_norm), whole over the projection's full width before the head split (OLMoE).
+    qk_norm: Literal["none", "per_head", "whole"] = "none"
+    qkv_bias: bool = False  # biases on the q, k and v projections (GLM-4-MoE attention_bias)
+    out_bias: bool = False  # a bias on the attention output projection (Llama/Qwen3 attention_bias)
+    clip_qkv: float | None = None  # clamp q, k and v to [-clip, clip] after the QK-norm (OLMoE)
     moe: MoEConfig = field(default_factory=MoEConfig)
     exits: ExitConfig = field(default_factory=ExitConfig)
     cnn: CNNConfig = field(default_factory=CNNConfig)
@@ -423,11 +447,11 @@ class ModelConfig:
                 f"only read with kind: hf_encoder (kind is '{self.kind}')",
                 "set model.kind: hf_encoder or remove model.pretrained",
             )
-        if self.kind == "hf_encoder" and self.moe_every:
+        if self.kind == "hf_encoder" and (self.moe_every or self.moe_layers):
             _fail(
                 f"{s}.moe_every",
                 "turning a pretrained encoder's FFNs into experts (upcycling) is not supported yet",
-                "set model.moe_every: 0 for hf_encoder models",
+                "set model.moe_every: 0 (and no model.moe_layers) for hf_encoder models",
             )
         depth, unit = self.n_layers, "layers"
         if self.kind == "cnn":
@@ -440,12 +464,14 @@ class ModelConfig:
                 f"use {unit} 1..{depth - 1}: the final {unit[:-1]} always carries the model's own head",
             )
         _require_positive(s, self, "vocab_size", "num_classes", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len")
-        if self.d_model % self.n_heads:
+        if self.d_model % self.n_heads and self.head_dim is None:
             _fail(
                 f"{s}.n_heads",
                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
-                "choose n_heads dividing d_model",
+                "choose n_heads dividing d_model" + (", or set model.head_dim" if self.block == "modern" else ""),
             )
+        self._check_block()
+        self._check_moe_placement()
         if not 0 <= self.dropout < 1:
             _fail(f"{s}.dropout", f"must be in [0, 1), got {self.dropout}", "use a value such as 0.1")
         if self.moe_every < 0 or self.moe_every > self.n_layers:
@@ -455,8 +481,110 @@ class ModelConfig:
                 "use 1 for MoE in every layer, 2 for every other layer, 0 for a dense model",
             )
 
+    def _check_block(self) -> None:
+        s = self._section
+        if self.block == "gpt2":
+            # The GPT-2 block has one fused QKV projection over d_model, LayerNorm and learned positions.
+            changed = [
+                f"{name}={getattr(self, name)}"
+                for name, default in _MODERN_SWITCHES.items()
+                if getattr(self, name) not in default
+            ]
+            if changed:
+                _fail(
+                    f"{s}.block",
+                    f"{', '.join(changed)} are options of the modern block, but model.block is gpt2",
+                    "set model.block: modern, or remove those fields",
+                )
+        elif self.kind not in ("decoder", "encoder"):
+            _fail(f"{s}.block", f"the modern block is a Transformer layer; kind is '{self.kind}'", "set block: gpt2")
+        elif self.moe.activation != "swiglu":
+            _fail(
+                f"{s}.moe.activation",
+                "the modern block's FFNs (dense and experts) are SwiGLU, but activation is gelu",
+                "set model.moe.activation: swiglu",
+            )
+        if self.norm_eps <= 0:
+            _fail(f"{s}.norm_eps", f"must be positive, got {self.norm_eps}", "use 1e-5 or 1e-6")
+        _require_positive(s, self, "rope_theta", "n_kv_heads", "head_dim", "clip_qkv")
+        if self.n_heads % self.kv_heads:
+            _fail(
+                f"{s}.n_kv_heads",
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.kv_heads}",
+                f"choose n_kv_heads among {_divisors(self.n_heads)}",
+            )
+        rotated = self.rotary_dim
+        if not 0 < self.rope_fraction <= 1 or (self.position_kind == "rope" and (rotated < 2 or rotated % 2)):
+            _fail(
+                f"{s}.rope_fraction",
+                f"rotates {rotated} of the head's {self.attn_head_dim} dimensions (rope_fraction={self.rope_fraction})",
+                "choose a fraction in (0, 1] that rotates an even number of dimensions, e.g. 1.0 or 0.5",
+            )
+
+    def _check_moe_placement(self) -> None:
+        s = self._section
+        if not 0 <= self.first_dense_layers <= self.n_layers:
+            _fail(
+                f"{s}.first_dense_layers",
+                f"must be between 0 and n_layers={self.n_layers}, got {self.first_dense_layers}",
+                "use 0 (MoE from the first layer on) or the number of leading dense layers, e.g. 1",
+            )
+        if self.moe_layers is None:
+            return
+        if self.first_dense_layers:
+            _fail(
+                f"{s}.moe_layers",
+                "moe_layers lists the MoE layers itself, so first_dense_layers would be ignored",
+                "leave out the first layers from moe_layers and remove first_dense_layers",
+            )
+        ok = self.moe_layers == sorted(set(self.moe_layers)) and all(0 <= i < self.n_layers for i in self.moe_layers)
+        if not ok:
+            _fail(
+                f"{s}.moe_layers",
+                f"must be distinct increasing 0-based layers below n_layers={self.n_layers}, got {self.moe_layers}",
+                "list them like [1, 2, 3], or remove moe_layers to place MoE by moe_every",
+            )
+
+    @property
+    def norm_kind(self) -> str:
+        return self.norm or ("rmsnorm" if self.block == "modern" else "layernorm")
+
+    @property
+    def position_kind(self) -> str:
+        return self.position or ("rope" if self.block == "modern" else "learned")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates (the first ones, as GLM-4-MoE does)."""
+        return int(self.attn_head_dim * self.rope_fraction)
+
     def is_moe_layer(self, i: int) -> bool:
-        return self.moe_every > 0 and (i + 1) % self.moe_every == 0
+        if self.moe_layers is not None:
+            return i in self.moe_layers
+        return self.moe_every > 0 and i >= self.first_dense_layers and (i + 1) % self.moe_every == 0
+
+
+# The modern block's switches and the values the gpt2 block accepts for them.
+_MODERN_SWITCHES = {
+    "norm": (None, "layernorm"),
+    "position": (None, "learned"),
+    "rope_theta": (10000.0,),
+    "rope_fraction": (1.0,),
+    "n_kv_heads": (None,),
+    "head_dim": (None,),
+    "qk_norm": ("none",),
+    "qkv_bias": (False,),
+    "out_bias": (False,),
+    "clip_qkv": (None,),
+}
 
 
 @dataclass(kw_only=True)

@@ -17,17 +17,17 @@ from dynamoe.exits.multi_exit import infer
 from dynamoe.models import build_model
 from dynamoe.stage import StageState
 
-from tiny_models import SMALL
+from tiny_models import BLOCKS, small
 
 torch.set_num_threads(1)
 
 
-def lm_cfg(**depth) -> ModelConfig:
-    return from_dict(ModelConfig, {**SMALL, "kind": "decoder", "depth": depth})
+def lm_cfg(block: str = "gpt2", **depth) -> ModelConfig:
+    return from_dict(ModelConfig, {**small(block), "kind": "decoder", "depth": depth})
 
 
-def enc_cfg(**depth) -> ModelConfig:
-    return from_dict(ModelConfig, {**SMALL, "kind": "encoder", "num_classes": 3, "depth": depth})
+def enc_cfg(block: str = "gpt2", **depth) -> ModelConfig:
+    return from_dict(ModelConfig, {**small(block), "kind": "encoder", "num_classes": 3, "depth": depth})
 
 
 def cnn_cfg(exits=(), **depth) -> ModelConfig:
@@ -63,9 +63,10 @@ def randomise_halting(units, seed: int, scale: float = 1.0) -> None:
 # --- ACT -----------------------------------------------------------------------------------------
 
 
-def test_act_halts_every_token_and_outputs_the_hand_computed_weighted_sum():
+@pytest.mark.parametrize("block", BLOCKS)
+def test_act_halts_every_token_and_outputs_the_hand_computed_weighted_sum(block):
     torch.manual_seed(0)
-    model = build_model(lm_cfg(mode="act", halt_threshold=0.9)).eval()
+    model = build_model(lm_cfg(block, mode="act", halt_threshold=0.9)).eval()
     randomise_halting(model.depth.halting, 1, scale=40.0)
     ids = torch.randint(0, 40, (3, 11))
     with torch.no_grad():
@@ -78,9 +79,9 @@ def test_act_halts_every_token_and_outputs_the_hand_computed_weighted_sum():
         cum, acc = torch.zeros(B, S), torch.zeros(B, S, D)
         steps, rem = torch.zeros(B, S), torch.zeros(B, S)
         ran = []
-        for i, block in enumerate(model.blocks):
+        for i, layer in enumerate(model.blocks):
             ran.append(int(running.sum()))
-            y, _ = block(x)
+            y, _ = layer(x)
             x = torch.where(running[..., None], y, x)
             for b in range(B):
                 for t in range(S):
@@ -106,9 +107,10 @@ def test_act_halts_every_token_and_outputs_the_hand_computed_weighted_sum():
     assert ran[-1] < B * S and ran[0] == B * S
 
 
-def test_act_weights_sum_to_one_and_the_ponder_cost_has_a_gradient():
+@pytest.mark.parametrize("block", BLOCKS)
+def test_act_weights_sum_to_one_and_the_ponder_cost_has_a_gradient(block):
     torch.manual_seed(1)
-    model = build_model(lm_cfg(mode="act", ponder_cost=1.0))
+    model = build_model(lm_cfg(block, mode="act", ponder_cost=1.0))
     ids = torch.randint(0, 40, (2, 9))
     out = model(ids, labels=ids)
     assert out.depth_loss is not None
@@ -122,12 +124,13 @@ def test_act_weights_sum_to_one_and_the_ponder_cost_has_a_gradient():
     torch.testing.assert_close(H.ponder_cost(st), torch.tensor([3 + 0.4, 1 + 1.0, 2 + 0.5, 3 + 0.8]))
 
 
-def test_act_in_the_encoder_with_padding_and_early_exits_compacts_like_the_full_pass():
+@pytest.mark.parametrize("block", BLOCKS)
+def test_act_in_the_encoder_with_padding_and_early_exits_compacts_like_the_full_pass(block):
     torch.manual_seed(2)
     cfg = from_dict(
         ModelConfig,
         {
-            **SMALL,
+            **small(block),
             "kind": "encoder",
             "num_classes": 3,
             "exits": {"layers": [1, 2]},
@@ -151,7 +154,8 @@ def test_act_in_the_encoder_with_padding_and_early_exits_compacts_like_the_full_
     assert got.exit_index.tolist() == first_exit(scores, thresholds).tolist()
 
 
-def test_pondernet_distribution_loss_and_inference_halting():
+@pytest.mark.parametrize("block", BLOCKS)
+def test_pondernet_distribution_loss_and_inference_halting(block):
     h = [torch.tensor([0.5, 0.1]), torch.tensor([0.5, 0.2])]
     p = H.halting_distribution(h)
     torch.testing.assert_close(p, torch.tensor([[0.5, 0.1], [0.25, 0.18], [0.25, 0.72]]))
@@ -167,7 +171,7 @@ def test_pondernet_distribution_loss_and_inference_halting():
         st = H.pondernet_update(st, hh, 0.5)
     assert st.steps.tolist() == [1.0, 3.0]
     torch.manual_seed(3)
-    model = build_model(lm_cfg(mode="pondernet"))
+    model = build_model(lm_cfg(block, mode="pondernet"))
     ids = torch.randint(0, 40, (2, 8))
     out = model(ids, labels=ids)
     out.total_loss.backward()
@@ -185,10 +189,11 @@ def force_gates(gates, open_: bool) -> None:
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_encoder_gates_forced_open_are_the_plain_backbone_and_closed_the_identity(train):
+@pytest.mark.parametrize("block", BLOCKS)
+def test_encoder_gates_forced_open_are_the_plain_backbone_and_closed_the_identity(block, train):
     torch.manual_seed(4)
-    model = build_model(enc_cfg(mode="skip"))
-    plain = with_weights_of(enc_cfg(), model)
+    model = build_model(enc_cfg(block, mode="skip"))
+    plain = with_weights_of(enc_cfg(block), model)
     model.train(train), plain.train(train)
     ids = torch.randint(0, 40, (4, 9))
     mask = torch.ones_like(ids)
@@ -261,10 +266,11 @@ def test_skip_rate_loss_pulls_toward_the_target():
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_mod_at_full_capacity_is_the_plain_backbone(train):
+@pytest.mark.parametrize("block", BLOCKS)
+def test_mod_at_full_capacity_is_the_plain_backbone(block, train):
     torch.manual_seed(8)
-    model = build_model(lm_cfg(mode="mod", capacity=1.0, mod_every=1, router_weight="straight_through"))
-    plain = with_weights_of(lm_cfg(), model)
+    model = build_model(lm_cfg(block, mode="mod", capacity=1.0, mod_every=1, router_weight="straight_through"))
+    plain = with_weights_of(lm_cfg(block), model)
     model.train(train), plain.train(train)
     ids = torch.randint(0, 40, (3, 13))
     out, want = model(ids, labels=ids), plain(ids, labels=ids)
@@ -275,22 +281,24 @@ def test_mod_at_full_capacity_is_the_plain_backbone(train):
     assert all(r.score.weight.grad.abs().sum() > 0 for r in model.depth.routers.values())
 
 
-def test_mod_routes_the_top_c_tokens_through_the_block_by_hand():
+@pytest.mark.parametrize("block", BLOCKS)
+def test_mod_routes_the_top_c_tokens_through_the_block_by_hand(block):
     torch.manual_seed(9)
-    model = build_model(lm_cfg(mode="mod", capacity=0.5, mod_every=2)).eval()
+    model = build_model(lm_cfg(block, mode="mod", capacity=0.5, mod_every=2)).eval()
     ids = torch.randint(0, 40, (2, 10))
     C = 5
     with torch.no_grad():
         out = model(ids)
         x = model._embed(ids)
-        for i, block in enumerate(model.blocks):
+        for i, layer in enumerate(model.blocks):
             if str(i) not in model.depth.routers:
-                x, _ = block(x)
+                x, _ = layer(x)
                 continue
             r = model.depth.routers[str(i)].score(x).squeeze(-1)
             for b in range(2):
                 sel = sorted(r[b].topk(C).indices.tolist())
-                y, _ = block(x[b : b + 1, sel])  # the selected tokens alone, in order, causal
+                # The selected tokens alone, in order, causal, at their own positions (rotary attention).
+                y, _ = layer(x[b : b + 1, sel], positions=torch.tensor([sel]))
                 w = torch.sigmoid(r[b, sel])[:, None]
                 x[b, sel] = x[b, sel] + w * (y[0] - x[b, sel])
         want = model.head(model.ln_f(x))
@@ -303,14 +311,19 @@ def test_mod_routes_the_top_c_tokens_through_the_block_by_hand():
     assert {k: routed[0].flops[k] for k in want_flops} == want_flops
 
 
-def test_mod_causal_rule_does_not_read_future_tokens_and_reports_agreement():
+@pytest.mark.parametrize("block", BLOCKS)
+def test_mod_causal_rule_does_not_read_future_tokens_and_reports_agreement(block):
     torch.manual_seed(10)
-    model = build_model(lm_cfg(mode="mod", capacity=0.5)).eval()
-    with torch.no_grad():  # a predictor that routes about half of the tokens
-        for router in model.depth.routers.values():
-            router.predictor[2].weight.normal_(0, 1.0)
-            router.predictor[2].bias.zero_()
+    model = build_model(lm_cfg(block, mode="mod", capacity=0.5)).eval()
     ids = torch.randint(0, 40, (3, 12))
+    with torch.no_grad():  # predictors that route about half of the tokens: split at their median
+        for router in model.depth.routers.values():  # layer order: a router reads earlier layers only
+            router.predictor[2].weight.normal_(0, 1.0)
+            seen = []
+            hook = router.predictor.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o))
+            model(ids, mod_rule="causal")
+            hook.remove()
+            router.predictor[2].bias.sub_(seen[-1].median())
     changed = ids.clone()
     changed[:, 8:] = torch.randint(0, 40, (3, 4))
     with torch.no_grad():
@@ -323,9 +336,10 @@ def test_mod_causal_rule_does_not_read_future_tokens_and_reports_agreement():
     assert [int(r.executed) for r in routed] == [round(float(r.stats["routed_fraction"]) * 36) for r in routed]
 
 
-def test_mod_encoder_with_padding_and_training_loss():
+@pytest.mark.parametrize("block", BLOCKS)
+def test_mod_encoder_with_padding_and_training_loss(block):
     torch.manual_seed(11)
-    model = build_model(enc_cfg(mode="mod", capacity=0.5, mod_every=1))
+    model = build_model(enc_cfg(block, mode="mod", capacity=0.5, mod_every=1))
     ids = torch.randint(0, 40, (4, 8))
     mask = torch.ones_like(ids)
     mask[0, 3:] = 0
@@ -437,9 +451,10 @@ def test_a_cnn_with_nothing_to_skip_is_refused():
         build_model(cfg)
 
 
-def test_mode_none_adds_no_parameters():
+@pytest.mark.parametrize("block", BLOCKS)
+def test_mode_none_adds_no_parameters(block):
     torch.manual_seed(0)
-    a = build_model(lm_cfg())
+    a = build_model(lm_cfg(block))
     assert a.depth is None and not any("depth" in k for k in a.state_dict())
     assert math.isclose(
         sum(r.total_flops for r in a(torch.randint(0, 40, (2, 5))).depth), sum(a.layer_flops(i, 2, 5) for i in range(4))

@@ -208,7 +208,11 @@ def test_classification_batches_are_cut_to_their_longest_row():
     assert out["input_ids"].shape == (2, 3) and out["labels"].tolist() == [0, 1]
 
 
-def test_per_token_exits_in_the_decoder():
+MODERN = {"block": "modern", "n_kv_heads": 2, "qk_norm": "per_head"}
+
+
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
+def test_per_token_exits_in_the_decoder(block):
     torch.manual_seed(0)
     cfg = from_dict(
         ModelConfig,
@@ -219,8 +223,9 @@ def test_per_token_exits_in_the_decoder():
             "n_layers": 3,
             "n_heads": 4,
             "moe_every": 2,
-            "moe": {"num_experts": 4, "d_expert": 32},
+            "moe": {"num_experts": 4, "d_expert": 32, "activation": "swiglu" if block == "modern" else "gelu"},
             "exits": {"layers": [1, 2], "policy": "max_prob"},
+            **(MODERN if block == "modern" else {}),
         },
     )
     model = build_model(cfg).eval()

@@ -76,6 +76,34 @@ STATIC = {
         "moe_every": 1,
         "moe": {"num_experts": 8, "d_expert": 16, "router": {"top_k": 3}},
     },
+    # The modern block: grouped-query attention (3 query heads per key/value head), heads wider
+    # than d_model / n_heads, SwiGLU dense FFN and experts, a shared expert, QK-norm.
+    "decoder_modern_gqa": {
+        "kind": "decoder",
+        "block": "modern",
+        "vocab_size": 50,
+        "d_model": 32,
+        "n_layers": 3,
+        "n_heads": 6,
+        "n_kv_heads": 2,
+        "head_dim": 12,
+        "qk_norm": "whole",
+        "d_ff": 64,
+        "first_dense_layers": 1,
+        "moe": {"num_experts": 8, "d_expert": 16, "num_shared_experts": 1, "activation": "swiglu"},
+    },
+    "encoder_modern": {
+        "kind": "encoder",
+        "block": "modern",
+        "vocab_size": 50,
+        "num_classes": 3,
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 1,
+        "d_ff": 64,
+        "moe": {"num_experts": 4, "d_expert": 32, "activation": "swiglu"},
+    },
     "cnn_moe_exits": {
         "kind": "cnn",
         "num_classes": 10,
@@ -271,22 +299,31 @@ def test_moe_eval_decoder_with_token_exits_and_another_task(tmp_path):
         evaluate(str(tmp_path / "lm"), task="sst2")
 
 
-def _depth_model(name: str):
+def _depth_model(name: str, block: str = "gpt2"):
     import dataclasses
 
     cfg = load_config(name).model
+    if block == "modern":  # the same model with the modern block and grouped-query attention
+        moe = dataclasses.replace(cfg.moe, activation="swiglu")
+        cfg = dataclasses.replace(cfg, block="modern", n_kv_heads=cfg.n_heads // 2, qk_norm="per_head", moe=moe)
     if cfg.kind == "cnn":
         cfg = dataclasses.replace(cfg, num_classes=10, cnn=dataclasses.replace(cfg.cnn, in_channels=1, image_size=8))
         return build_model(cfg).eval(), {"pixel_values": torch.randn(16, 1, 8, 8)}
     return build_model(dataclasses.replace(cfg, vocab_size=65)).eval(), {"input_ids": torch.randint(0, 65, (3, 32))}
 
 
-@pytest.mark.parametrize("name", ["shakespeare_dense", "shakespeare_mod", "shakespeare_act", "digits_cnn_skip"])
-def test_ledger_agrees_with_the_depth_records(name):
+@pytest.mark.parametrize(
+    "name, block",
+    [
+        *((n, "gpt2") for n in ("shakespeare_dense", "shakespeare_mod", "shakespeare_act", "digits_cnn_skip")),
+        *((n, "modern") for n in ("shakespeare_dense", "shakespeare_mod", "shakespeare_act")),
+    ],
+)
+def test_ledger_agrees_with_the_depth_records(name, block):
     """Two independent counts of conditional depth: the hooks' (what the modules were called on)
     and the blocks' own analytic records (what they say they ran)."""
     torch.manual_seed(0)
-    model, batch = _depth_model(name)
+    model, batch = _depth_model(name, block)
     with torch.no_grad(), ComputeLedger(model) as ledger:
         out = model(**batch)
     recorded = sum(float(v) for record in out.depth for v in record.flops.values())
@@ -296,10 +333,11 @@ def test_ledger_agrees_with_the_depth_records(name):
         assert recorded < sum(r.full_flops for r in out.depth)
 
 
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
 @pytest.mark.parametrize("name", ["shakespeare_mod", "shakespeare_act"])
-def test_ledger_matches_flop_counter_mode_under_conditional_depth(name):
+def test_ledger_matches_flop_counter_mode_under_conditional_depth(name, block):
     torch.manual_seed(0)
-    model, batch = _depth_model(name)
+    model, batch = _depth_model(name, block)
     with torch.no_grad(), flop_counter() as counter, ComputeLedger(model) as ledger:
         model(**batch)
     assert abs(ledger.total - counter.get_total_flops()) / counter.get_total_flops() < 0.02

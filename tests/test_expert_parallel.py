@@ -114,3 +114,61 @@ def test_expert_parallel_equals_one_device(world, num_experts, top_k, capacity_f
             got = sum(r["grads"][name] for r in results)
         torch.testing.assert_close(got, ref, **tol, msg=name)
     assert [r["first"] for r in results] == [r * num_experts // world for r in range(world)]
+
+
+def _decoder(block: str):
+    from dynamoe.config import ModelConfig, MoEConfig, RouterConfig
+    from dynamoe.models import build_model
+
+    torch.manual_seed(0)
+    moe = MoEConfig(
+        num_experts=4,
+        d_expert=12,
+        num_shared_experts=1 if block == "modern" else 0,
+        activation="swiglu" if block == "modern" else "gelu",
+        router=RouterConfig(top_k=2, aux_loss_coef=0.0),  # the loss is a mean over each rank's tokens
+    )
+    modern = dict(block="modern", n_kv_heads=2, qk_norm="per_head", first_dense_layers=1) if block == "modern" else {}
+    cfg = ModelConfig(vocab_size=30, d_model=16, n_layers=3, n_heads=4, d_ff=24, max_seq_len=8, moe=moe, **modern)
+    return build_model(cfg).double()
+
+
+def _decoder_inputs(world: int):
+    gen = torch.Generator().manual_seed(7)
+    return torch.randint(0, 30, (2 * world, 8), generator=gen), torch.randn(2 * world, 8, 30, generator=gen)
+
+
+def _decoder_forward_backward(model, ids, g):
+    out = model(ids)
+    (out.logits * g.to(out.logits.dtype)).sum().backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _ep_decoder_worker(rank, world, block):
+    import torch.distributed as dist
+
+    from dynamoe.layers.expert_parallel import shard_experts
+
+    model = _decoder(block)
+    ids, g = _decoder_inputs(world)
+    shard_experts(model, dist.group.WORLD, f"ep_size_{world}")
+    rows = slice(rank * 2, (rank + 1) * 2)
+    logits, grads = _decoder_forward_backward(model, ids[rows], g[rows])
+    return {"logits": logits, "grads": grads}
+
+
+@pytest.mark.parametrize("block", ["gpt2", "modern"])
+def test_expert_parallel_decoder_equals_one_device(block):
+    """A whole decoder (either block) with its experts split over 2 processes: logits and every
+    gradient as on one device."""
+    results = run_workers(_ep_decoder_worker, 2, block=block)
+    ids, g = _decoder_inputs(2)
+    logits, grads = _decoder_forward_backward(_decoder(block), ids, g)
+    tol = dict(rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(torch.cat([r["logits"] for r in results]), logits, **tol)
+    for name, ref in grads.items():
+        if ".experts." in name:  # each rank holds a shard: the shards, in rank order, are the whole
+            got = torch.cat([r["grads"][name] for r in results])
+        else:  # replicated: each rank has the gradient of its own samples; their sum is the whole
+            got = sum(r["grads"][name] for r in results)
+        torch.testing.assert_close(got, ref, **tol, msg=name)

@@ -7,8 +7,12 @@ from dynamoe.config import ModelConfig, MoEConfig, RouterConfig
 from dynamoe.layers.moe_layer import MoELayer
 from dynamoe.models import TransformerClassifier, TransformerLM, build_model
 
+BLOCKS = ("gpt2", "modern")
 
-def small(**kw):
+
+def small(block="gpt2", **kw):
+    """The GPT-2 block, or the modern one (grouped-query attention, QK-norm, SwiGLU experts)."""
+    activation = "swiglu" if block == "modern" else "gelu"
     base = dict(
         vocab_size=50,
         d_model=32,
@@ -16,15 +20,20 @@ def small(**kw):
         n_heads=4,
         d_ff=48,
         max_seq_len=24,
-        moe=MoEConfig(num_experts=4, d_expert=16, router=RouterConfig(top_k=2, z_loss_coef=1e-3)),
+        moe=MoEConfig(
+            num_experts=4, d_expert=16, activation=activation, router=RouterConfig(top_k=2, z_loss_coef=1e-3)
+        ),
     )
+    if block == "modern":
+        base.update(block="modern", n_kv_heads=2, qk_norm="per_head")
     base.update(kw)
     return ModelConfig(**base)
 
 
 @pytest.mark.parametrize("moe_every, expected", [(1, [0, 1, 2, 3]), (2, [1, 3]), (3, [2]), (0, [])])
-def test_moe_every_places_moe_ffns(moe_every, expected):
-    model = build_model(small(moe_every=moe_every))
+@pytest.mark.parametrize("block", BLOCKS)
+def test_moe_every_places_moe_ffns(block, moe_every, expected):
+    model = build_model(small(block, moe_every=moe_every))
     assert [i for i, b in enumerate(model.blocks) if isinstance(b.ffn, MoELayer)] == expected
     out = model(torch.randint(0, 50, (2, 10)), torch.randint(0, 50, (2, 10)))
     assert len(out.moe) == len(expected)
@@ -37,9 +46,10 @@ def test_moe_every_places_moe_ffns(moe_every, expected):
         torch.testing.assert_close(out.total_loss, out.loss)
 
 
-def test_decoder_is_causal_with_dropless_moe():
+@pytest.mark.parametrize("block", BLOCKS)
+def test_decoder_is_causal_with_dropless_moe(block):
     torch.manual_seed(0)
-    model = TransformerLM(small()).eval()
+    model = TransformerLM(small(block)).eval()
     a = torch.randint(0, 50, (2, 16))
     b = a.clone()
     b[:, 9:] = torch.randint(0, 50, (2, 7))  # change only the future of position 8
@@ -48,9 +58,10 @@ def test_decoder_is_causal_with_dropless_moe():
     assert not torch.allclose(la[:, 9:], lb[:, 9:])
 
 
-def test_decoder_loss_is_next_token_cross_entropy():
+@pytest.mark.parametrize("block", BLOCKS)
+def test_decoder_loss_is_next_token_cross_entropy(block):
     torch.manual_seed(0)
-    model = TransformerLM(small(moe_every=2)).eval()
+    model = TransformerLM(small(block, moe_every=2)).eval()
     ids = torch.randint(0, 50, (3, 12))
     out = model(ids, ids)
     expected = torch.nn.functional.cross_entropy(out.logits.reshape(-1, 50), ids.reshape(-1))
@@ -58,10 +69,11 @@ def test_decoder_loss_is_next_token_cross_entropy():
     assert model.head.weight is model.tok_emb.weight  # tied
 
 
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("pooling", ["mean", "first"])
-def test_encoder_ignores_padding(pooling):
+def test_encoder_ignores_padding(block, pooling):
     torch.manual_seed(0)
-    model = TransformerClassifier(small(num_classes=3, pooling=pooling)).eval()
+    model = TransformerClassifier(small(block, num_classes=3, pooling=pooling)).eval()
     ids = torch.randint(1, 50, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.long)
     padded = torch.cat([ids, torch.zeros(2, 6, dtype=torch.long)], dim=1)
@@ -72,16 +84,19 @@ def test_encoder_ignores_padding(pooling):
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
 
 
-def test_sequences_longer_than_the_model_are_refused():
-    model = TransformerLM(small())
+@pytest.mark.parametrize("block", BLOCKS)
+def test_sequences_longer_than_the_model_are_refused(block):
+    model = TransformerLM(small(block))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 25, dtype=torch.long))
 
 
-def test_gradients_reach_every_parameter():
+@pytest.mark.parametrize("block", BLOCKS)
+def test_gradients_reach_every_parameter(block):
     torch.manual_seed(0)
     model = TransformerLM(
         small(
+            block,
             moe_every=2,
             moe=MoEConfig(
                 num_experts=4, d_expert=16, num_shared_experts=1, activation="swiglu", router=RouterConfig(top_k=4)

@@ -10,3 +10,13 @@ SMALL = {
     "moe_every": 2,
     "moe": {"num_experts": 4, "d_expert": 24},
 }
+
+# The same model with the modern block (RMSNorm, rotary positions, grouped-query attention with
+# per-head QK-norm, SwiGLU): the decoder tests run on both blocks.
+MODERN = {"block": "modern", "n_kv_heads": 2, "qk_norm": "per_head", "moe": {**SMALL["moe"], "activation": "swiglu"}}
+BLOCKS = ("gpt2", "modern")
+
+
+def small(block: str = "gpt2") -> dict:
+    """SMALL with ``block``'s fields."""
+    return {**SMALL, **(MODERN if block == "modern" else {})}

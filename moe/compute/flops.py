@@ -15,11 +15,16 @@ def linear_flops(rows: int, d_in: int, d_out: int) -> int:
     return 2 * rows * d_in * d_out
 
 
-def attention_flops(batch: int, seq: int, d_model: int) -> int:
-    """QKV and output projections plus the two attention products (scores, weighted values)."""
-    projections = linear_flops(batch * seq, d_model, 3 * d_model) + linear_flops(batch * seq, d_model, d_model)
-    products = 2 * 2 * batch * seq * seq * d_model
-    return projections + products
+def attention_widths(cfg: ModelConfig) -> tuple[int, int]:
+    """(query width, key/value width): heads times head width; both d_model in the GPT-2 block,
+    the key/value one narrower under grouped-query attention."""
+    return cfg.n_heads * cfg.attn_head_dim, cfg.kv_heads * cfg.attn_head_dim
+
+
+def attention_flops(batch: int, seq: int, d_model: int, q_width: int | None = None, kv_width: int | None = None) -> int:
+    """Q, K, V and output projections plus the two attention products (scores, weighted values);
+    widths as in :func:`attention_rows_flops`."""
+    return attention_rows_flops(batch * seq, batch * seq * seq, d_model, None, q_width, kv_width)
 
 
 def dense_ffn_flops(tokens: int, d_model: int, d_hidden: int, activation: str = "gelu") -> int:
@@ -49,14 +54,20 @@ def moe_ffn_flops_by_component(tokens, d_model: int, cfg: MoEConfig, assignments
     }
 
 
-def attention_rows_flops(queries, pairs, d_model: int, kv_rows=None):
+def attention_rows_flops(queries, pairs, d_model: int, kv_rows=None, q_width=None, kv_width=None):
     """Attention computed for ``queries`` rows only, with ``pairs`` query-key products in all and K
     and V projected for ``kv_rows`` rows (default: the queries). Every token a query and a key of
     every token of its sequence (``pairs = batch * seq**2``) is :func:`attention_flops`; fewer
-    queries or keys is what halting and routing save. Counts may be tensors (no host sync)."""
+    queries or keys is what halting and routing save. Counts may be tensors (no host sync).
+    ``q_width`` (query heads times head width, default d_model) sizes the Q and output projections
+    and both products (every query head scores and reads keys, shared or not); ``kv_width``
+    (default q_width) the K and V projections."""
     kv_rows = queries if kv_rows is None else kv_rows
-    projections = linear_flops(queries, d_model, 2 * d_model) + linear_flops(kv_rows, d_model, 2 * d_model)
-    return projections + 2 * 2 * pairs * d_model
+    q_width = d_model if q_width is None else q_width
+    kv_width = q_width if kv_width is None else kv_width
+    # Q in and the output projection back: 2 * d_model * q_width per query row; K and V per key row.
+    projections = linear_flops(queries, d_model, 2 * q_width) + linear_flops(kv_rows, d_model, 2 * kv_width)
+    return projections + 2 * 2 * pairs * q_width
 
 
 def conv2d_flops(batch: int, c_in: int, c_out: int, kernel: int, h_out: int, w_out: int) -> int:
@@ -68,7 +79,7 @@ def transformer_block_flops(cfg: ModelConfig, is_moe: bool, queries, pairs, kv_r
     products, K/V for ``kv_rows``), then the FFN on ``ffn_rows`` (default the queries; dropless
     routing for MoE)."""
     ffn_rows = queries if ffn_rows is None else ffn_rows
-    out = {"attention": attention_rows_flops(queries, pairs, cfg.d_model, kv_rows)}
+    out = {"attention": attention_rows_flops(queries, pairs, cfg.d_model, kv_rows, *attention_widths(cfg))}
     if is_moe:
         out.update(moe_ffn_flops_by_component(ffn_rows, cfg.d_model, cfg.moe))
     else:

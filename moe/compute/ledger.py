@@ -81,6 +81,7 @@ class ComputeLedger:
         from dynamoe.exits.heads import ExitHead
         from dynamoe.layers.experts import DenseMLP
         from dynamoe.layers.moe_layer import MoELayer
+        from dynamoe.models.modern import GroupedQueryAttention
         from dynamoe.models.transformer import SelfAttention
 
         covered: set[int] = set()  # modules inside a hooked module are not hooked again
@@ -95,7 +96,7 @@ class ComputeLedger:
             if id(module) in covered:
                 continue
             hook = None
-            if isinstance(module, SelfAttention):
+            if isinstance(module, (SelfAttention, GroupedQueryAttention)):
                 hook = self._attention
             elif isinstance(module, MoELayer):
                 hook = self._moe(module)
@@ -115,11 +116,12 @@ class ComputeLedger:
         x = inputs[0]
         B, S, D = x.shape
         rows = kwargs.get("rows")
+        widths = module.q_width, module.kv_width  # grouped-query attention: narrower K and V
         if rows is None:
-            self.flops["attention"] += F_.attention_flops(B, S, D)
+            self.flops["attention"] += F_.attention_flops(B, S, D, *widths)
         else:  # S query rows against the K key rows of each sequence (halting, mixture-of-depths)
             K = rows[1].shape[1]
-            self.flops["attention"] += F_.attention_rows_flops(B * S, B * S * K, D, B * K)
+            self.flops["attention"] += F_.attention_rows_flops(B * S, B * S * K, D, B * K, *widths)
 
     def _hf_layer(self, layer):
         d_ff = layer.intermediate.dense.out_features

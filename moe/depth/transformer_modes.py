@@ -332,7 +332,8 @@ class MoDDepth(TransformerDepthMode):
         if state.depth.rule == "top_c":
             gather = idx.unsqueeze(-1).expand(B, C, D)
             xs = x.gather(1, gather)
-            y, aux = block(xs, None if mask is None else mask.gather(1, idx))
+            # The chosen tokens keep their sequence positions (rotary attention reads them).
+            y, aux = block(xs, None if mask is None else mask.gather(1, idx), positions=idx)
             out = MoD.scale_update(xs, y, MoD.router_weight(scores.gather(1, idx), d.router_weight))
             x = x.scatter(1, gather, out)
             executed = B * C

@@ -1,8 +1,10 @@
 """Transformer backbones with MoE FFNs: a decoder (causal LM) and an encoder (classifier).
 
-Pre-LayerNorm blocks; layer i has an MoE FFN when ``cfg.is_moe_layer(i)`` and a dense FFN
-otherwise. Every forward returns a :class:`ModelOutput` whose ``aux_loss`` sums the routers'
-balancing and z-losses, so the trainer adds them without knowing where the MoE layers are.
+Pre-norm blocks, ``cfg.block``: the GPT-2 block (LayerNorm, learned positions, fused QKV) or the
+modern one (RMSNorm, rotary positions, grouped-query attention, SwiGLU: ``dynamoe.models.modern``).
+Layer i has an MoE FFN when ``cfg.is_moe_layer(i)`` and a dense FFN otherwise. Every forward
+returns a :class:`ModelOutput` whose ``aux_loss`` sums the routers' balancing and z-losses, so the
+trainer adds them without knowing where the MoE layers are.
 Shape legend: B batch, S sequence, D model width, V vocabulary, C classes.
 """
 
@@ -26,6 +28,7 @@ from dynamoe.layers.experts import DenseMLP
 from dynamoe.layers.moe_layer import MoEAux, MoELayer
 from dynamoe.layers.recompute import checkpointed
 from dynamoe.models.base import DynamoeModel
+from dynamoe.models.modern import GroupedQueryAttention, make_norm
 from dynamoe.models.output import ModelOutput, aux_total, classification_output
 from dynamoe.models.pooling import masked_mean
 from dynamoe.stage import RecordLog, StageRecords, StageState
@@ -37,17 +40,25 @@ class SelfAttention(nn.Module):
         self.n_heads = n_heads
         self.causal = causal
         self.dropout = dropout
+        self.q_width = self.kv_width = d_model  # read by the FLOP counts
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.proj = nn.Linear(d_model, d_model, bias=False)
         nn.init.normal_(self.qkv.weight, std=0.02)
         nn.init.normal_(self.proj.weight, std=out_init_std)
 
     def forward(
-        self, x_BSD: torch.Tensor, key_mask_BS: torch.Tensor | None = None, *, rows: tuple | None = None
+        self,
+        x_BSD: torch.Tensor,
+        key_mask_BS: torch.Tensor | None = None,
+        *,
+        rows: tuple | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Self-attention over the whole sequence, or, with ``rows = (q_pos, x_kv, k_pos, k_valid)``,
         for the query rows ``x_BSD`` only against the key rows ``x_kv`` (:meth:`attend`). Both go
-        through the module call, so forward hooks (compute accounting) see every use."""
+        through the module call, so forward hooks (compute accounting) see every use. ``positions``
+        is not read: this block's positions are in the embeddings (learned), so gathered tokens
+        keep theirs."""
         if rows is not None:
             return self.attend(x_BSD, *rows)
         B, S, D = x_BSD.shape
@@ -99,9 +110,12 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, causal: bool):
         super().__init__()
         out_std = 0.02 / math.sqrt(2 * cfg.n_layers)  # GPT-2: scale residual projections by depth
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, causal, out_std)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ln1 = make_norm(cfg)
+        if cfg.block == "modern":
+            self.attn = GroupedQueryAttention(cfg, causal, out_std)
+        else:
+            self.attn = SelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, causal, out_std)
+        self.ln2 = make_norm(cfg)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
             self.ffn = MoELayer(cfg.moe, cfg.d_model, out_init_std=out_std)
@@ -113,13 +127,20 @@ class Block(nn.Module):
 
     checkpointing = False  # set_activation_checkpointing: keep only the input for backward
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEAux | None]:
+    def forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEAux | None]:
+        """The block on every token of ``x``; ``positions`` [B, S] are the tokens' sequence
+        positions when ``x`` holds some tokens of longer sequences (mixture-of-depths gathers them;
+        rotary attention needs them), default 0..S-1."""
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpointed(self._forward, x, key_mask)
-        return self._forward(x, key_mask)
+            return checkpointed(self._forward, x, key_mask, positions)
+        return self._forward(x, key_mask, positions)
 
-    def _forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux | None]:
-        x = x + self.drop(self.attn(self.ln1(x), key_mask))
+    def _forward(
+        self, x: torch.Tensor, key_mask: torch.Tensor | None, positions: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEAux | None]:
+        x = x + self.drop(self.attn(self.ln1(x), key_mask, positions=positions))
         aux = None
         if self.is_moe:
             h, aux = self.ffn(self.ln2(x))
@@ -169,20 +190,24 @@ class _Backbone(DynamoeModel):
             raise ValueError("model.vocab_size is unset: build the data first (it sets the vocabulary) or set it")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        # Rotary attention puts positions into queries and keys; there is no position table.
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position_kind == "learned" else None
         nn.init.normal_(self.tok_emb.weight, std=0.02)
-        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        if self.pos_emb is not None:
+            nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i, self.causal) for i in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = make_norm(cfg)
         self.depth = build_transformer_depth(cfg, self.causal)
 
     def _embed(self, idx_BS: torch.Tensor) -> torch.Tensor:
         S = idx_BS.shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        pos = torch.arange(S, device=idx_BS.device)
-        return self.drop(self.tok_emb(idx_BS) + self.pos_emb(pos))
+        x = self.tok_emb(idx_BS)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(S, device=idx_BS.device))
+        return self.drop(x)
 
     def start_state(self, x_BSD: torch.Tensor, key_mask_BS: torch.Tensor | None, mod_rule: str = "top_c") -> StageState:
         state = StageState(x_BSD, key_mask_BS)
@@ -228,7 +253,7 @@ class _Backbone(DynamoeModel):
             if self.blocks[i].is_moe
             else F_.dense_ffn_flops(tokens, cfg.d_model, cfg.d_ff, cfg.moe.activation)
         )
-        return F_.attention_flops(batch, seq, cfg.d_model) + ffn
+        return F_.attention_flops(batch, seq, cfg.d_model, *F_.attention_widths(cfg)) + ffn
 
 
 class TransformerLM(_Backbone):
@@ -246,7 +271,7 @@ class TransformerLM(_Backbone):
 
         # Per-token early exits: a norm per exit in front of the shared output projection.
         self.exit_cfg = cfg.exits
-        self.exit_norms = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in cfg.exits.layers)
+        self.exit_norms = nn.ModuleList(make_norm(cfg) for _ in cfg.exits.layers)
         self.exit_predictors = nn.ModuleList(
             nn.Linear(cfg.d_model, 1) for _ in (cfg.exits.layers if cfg.exits.policy == "learned" else [])
         )
@@ -393,7 +418,7 @@ class TransformerClassifier(_Backbone, MultiExitModel):
         self.classifier = nn.Linear(cfg.d_model, cfg.num_classes)
         self.exit_cfg = cfg.exits
         # The residual stream of a pre-LN model is not normalised: each exit gets its own norm.
-        self.exit_norms = nn.ModuleList(nn.LayerNorm(cfg.d_model) for _ in cfg.exits.layers)
+        self.exit_norms = nn.ModuleList(make_norm(cfg) for _ in cfg.exits.layers)
         self.exit_heads = nn.ModuleList(
             ExitHead(cfg.d_model, cfg.num_classes, cfg.exits.head_hidden, cfg.dropout, cfg.exits.policy == "learned")
             for _ in cfg.exits.layers
