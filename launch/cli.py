@@ -6,6 +6,8 @@
     moe bench layer [...]        MoE layer vs DeepSpeed's MoE on this machine
     moe bench kernels [...]      routing, dispatch, grouped GEMMs and layers vs peers (see --help)
     moe export RUN_OR_CHECKPOINT OUT.safetensors   the whole model in one file
+    moe export RUN_OR_CHECKPOINT OUT/ --format hf [--family F]   a Hugging Face model folder
+    moe import HF_FOLDER_OR_HUB_NAME OUT.safetensors [--config RUN.yaml]   a Hugging Face MoE LM in
     moe calibrate RUN_DIR --budget 0.6 [--unit layers|flops] [--policy P]   exit thresholds for a budget
     moe exit-eval RUN_DIR [--budget 0.6 ...]  early exits: accuracy vs compute, compacted-inference speed
     moe bench all-to-all|depth [...]  all-to-all cost for 1, 2, 4 processes; MoD / ACT vs dense
@@ -71,10 +73,48 @@ def _launch(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from dynamoe.training.checkpoint import export_model
 
+    if args.format == "hf":
+        from dynamoe.interop.hf_models import export_model as export_hf
+
+        hf = export_hf(args.source, args.out, family=args.family, dtype=args.dtype)
+        tokenizer = " with its tokenizer" if hf.tokenizer else " (the run has no tokenizer folder)"
+        print(f"wrote {hf.path}: a {hf.family} model{tokenizer}, the model at step {hf.step} ({hf.checkpoint})")
+        return 0
+    if args.family is not None:
+        raise SystemExit("moe export: error: --family goes with --format hf")
     result = export_model(args.source, args.out)
     for folder, why in result.skipped:
         print(f"moe export: warning: skipped {folder.name}: {why}", file=sys.stderr)
     print(f"wrote {result.path}: the model at step {result.step} ({result.checkpoint})")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    import yaml
+
+    from dynamoe.config import to_dict
+    from dynamoe.interop.hf_models import import_model, shareable_state
+    from dynamoe.training.checkpoint import write_exported
+
+    imported = import_model(args.source)
+    out = write_exported(
+        to_dict(imported.config), shareable_state(imported.model), Path(args.out), source=str(args.source)
+    )
+    cfg = imported.config
+    params = sum(p.numel() for p in imported.model.parameters())
+    print(f"wrote {out}: {imported.family} as dynamoe's modern decoder, {cfg.n_layers} layers, {params:,} parameters")
+    if args.config:
+        has_tokenizer = any((imported.source / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        run = {
+            "model": to_dict(cfg),
+            "data": {"dataset": "tinyshakespeare", "tokenizer": str(imported.source) if has_tokenizer else "char"},
+            "train": {"init_from": str(Path(args.out).resolve()), "lr": 1e-5, "warmup_steps": 10},
+        }
+        Path(args.config).write_text(
+            "# Fine-tune an imported model: set data.dataset (and data.path) to your corpus.\n"
+            + yaml.safe_dump(run, sort_keys=False)
+        )
+        print(f"wrote {args.config}: moe train {args.config} fine-tunes it")
     return 0
 
 
@@ -206,10 +246,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark (see `moe bench layer --help`)")
     p.set_defaults(func=_bench)
 
-    p = sub.add_parser("export", help="write a checkpoint's whole model to one safetensors file")
+    p = sub.add_parser(
+        "export", help="write a checkpoint's whole model to one safetensors file, or as a Hugging Face model folder"
+    )
     p.add_argument("source", help="a checkpoint folder, or a run folder (its newest checkpoint)")
-    p.add_argument("out", help="the .safetensors file to write (the model config travels in its metadata)")
+    p.add_argument(
+        "out", help="the .safetensors file to write (the model config in its metadata), or with --format hf a folder"
+    )
+    p.add_argument(
+        "--format",
+        choices=["dynamoe", "hf"],
+        default="dynamoe",
+        help="hf: config.json, sharded safetensors and the tokenizer, loadable by AutoModelForCausalLM",
+    )
+    p.add_argument(
+        "--family",
+        default=None,
+        help="hf: mixtral, qwen3_moe, olmoe, glm4_moe, llama or qwen3 (default: the one the model's features name)",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="hf: tensor dtype")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("import", help="a Hugging Face MoE language model (folder or hub name) as a dynamoe model")
+    p.add_argument("source", help="a local model folder (config.json and safetensors) or a hub name")
+    p.add_argument("out", help="the .safetensors file to write (train.init_from takes it)")
+    p.add_argument("--config", default=None, metavar="YAML", help="also write a training config that fine-tunes it")
+    p.set_defaults(func=_import)
 
     from dynamoe.evals.early_exit import add_arguments as exit_eval_arguments
 

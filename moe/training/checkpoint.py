@@ -228,8 +228,17 @@ def export_model(source: Path, out: Path) -> ExportResult:
         raise CheckpointError(
             f"checkpoint '{folder}' records no model config; fix: export a checkpoint written by this version"
         )
+    write_exported(state["model_config"], model_state, out, step=int(state["step"]))
+    return ExportResult(Path(out), int(state["step"]), folder, skipped)
+
+
+def write_exported(model_config: dict, model_state: dict, out: Path, *, step: int = 0, source: str = "") -> Path:
+    """One safetensors file with the whole model and its config in the metadata (what
+    :func:`load_exported` and ``train.init_from`` read), written beside ``out`` and renamed."""
     out = Path(out)
-    metadata = {"format": EXPORT_FORMAT, "model_config": json.dumps(state["model_config"]), "step": str(state["step"])}
+    metadata = {"format": EXPORT_FORMAT, "model_config": json.dumps(model_config), "step": str(step)}
+    if source:
+        metadata["source"] = source
     tmp = out.with_name(out.name + ".partial")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +250,7 @@ def export_model(source: Path, out: Path) -> ExportResult:
         raise CheckpointError(
             f"cannot write '{out}' ({_reason(err)}); fix: choose a writable folder with free space"
         ) from None
-    return ExportResult(out, int(state["step"]), folder, skipped)
+    return out
 
 
 def load_exported(path: Path):
