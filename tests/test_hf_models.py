@@ -239,3 +239,58 @@ def test_a_run_exports_with_its_character_tokenizer(tmp_path):
     _, ours = load_model(tmp_path / "run")
     with torch.no_grad():
         assert torch.allclose(ours(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.distributed
+def test_an_expert_parallel_fine_tune_exports_every_expert_and_its_bias(tmp_path):
+    from dynamoe.training.checkpoint import load_checkpoint, load_model
+
+    from dist_helper import torchrun_train
+
+    sets = [
+        "model.d_model=32",
+        "model.n_heads=4",
+        "model.n_kv_heads=2",
+        "model.n_layers=3",
+        "model.d_ff=48",
+        "model.max_seq_len=32",
+        "model.first_dense_layers=1",
+        "model.qk_norm=per_head",
+        "model.qkv_bias=true",
+        "model.rope_fraction=0.5",
+        "model.moe.num_experts=8",
+        "model.moe.d_expert=16",
+        "model.moe.num_shared_experts=1",
+        "model.moe.router.top_k=3",
+        "model.moe.router.score=sigmoid",
+        "model.moe.router.aux_free_bias=true",
+        "model.moe.router.bias_update_rate=0.01",
+        "model.moe.router.n_group=4",
+        "model.moe.router.topk_group=2",
+        "model.moe.router.routed_scaling_factor=2.0",
+        "model.moe.router.aux_loss_coef=0",
+        "data.seq_len=32",
+        "train.steps=6",
+        "train.batch_size=4",
+        "train.eval_every=0",
+        "train.warmup_steps=1",
+        "parallel.ep_size=2",
+    ]
+    args = ["modern_moe_lm", "--run-dir", str(tmp_path / "run")]
+    for s in sets:
+        args += ["--set", s]
+    torchrun_train(2, *args)
+    result = export_model(tmp_path / "run", tmp_path / "hf", dtype="float32")
+    assert result.family == "glm4_moe" and result.tokenizer
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    state, _, _ = load_checkpoint(result.checkpoint)
+    for i in (1, 2):  # both MoE layers: all 8 experts, gathered from the two ranks, and the learned bias
+        bias = state[f"blocks.{i}.ffn.router.expert_bias"]
+        assert bias.abs().sum() > 0
+        assert torch.equal(hf.model.layers[i].mlp.gate.e_score_correction_bias, bias)
+        assert hf.model.layers[i].mlp.experts.gate_up_proj.shape[0] == 8
+    _, ours = load_model(tmp_path / "run")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([tok.encode("KING RICHARD III:\nNow is the")])
+    with torch.no_grad():
+        assert torch.allclose(ours.eval()(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
