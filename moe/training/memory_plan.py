@@ -536,6 +536,11 @@ def plan(
             available_bytes = here
     if cfg.model.depth.enabled:
         notes.append(f"depth mode {cfg.model.depth.mode} is counted as if every token ran every layer (an upper bound)")
+    if cfg.model.block == "modern":
+        notes.append(
+            "modern block: attention activations are counted with the GPT-2 block's shapes (d_model-wide q, k, v; "
+            "no rotary or QK-norm copies), not yet measured for grouped-query attention"
+        )
     if device == "cuda":
         notes.append(
             f"runtime overhead on GPU is an estimate ({_fmt(CUDA_OVERHEAD_BYTES)}: CUDA context, cuBLAS, NCCL)"
