@@ -8,6 +8,7 @@
     moe export RUN_OR_CHECKPOINT OUT.safetensors   the whole model in one file
     moe export RUN_OR_CHECKPOINT OUT/ --format hf [--family F]   a Hugging Face model folder
     moe import HF_FOLDER_OR_HUB_NAME OUT.safetensors [--config RUN.yaml]   a Hugging Face MoE LM in
+    moe upcycle CONFIG OUT.safetensors [--set ...]   the run's MoE model made from the dense train.init_from
     moe calibrate RUN_DIR --budget 0.6 [--unit layers|flops] [--policy P]   exit thresholds for a budget
     moe exit-eval RUN_DIR [--budget 0.6 ...]  early exits: accuracy vs compute, compacted-inference speed
     moe bench all-to-all|depth [...]  all-to-all cost for 1, 2, 4 processes; MoD / ACT vs dense
@@ -115,6 +116,22 @@ def _import(args: argparse.Namespace) -> int:
             + yaml.safe_dump(run, sort_keys=False)
         )
         print(f"wrote {args.config}: moe train {args.config} fine-tunes it")
+    return 0
+
+
+def _upcycle(args: argparse.Namespace) -> int:
+    from dynamoe.config import load_config, to_dict
+    from dynamoe.interop.hf_models import shareable_state
+    from dynamoe.models.upcycle import plan, upcycle_model
+    from dynamoe.training.checkpoint import load_exported, write_exported
+
+    cfg = load_config(args.config, [*args.set, "train.upcycle.enabled=true"])
+    source = cfg.train.init_from
+    dense_cfg, dense = load_exported(Path(source))
+    model_cfg, model = upcycle_model(dense_cfg, dense, cfg.model, cfg.train.upcycle, seed=cfg.train.seed, name=source)
+    out = write_exported(to_dict(model_cfg), shareable_state(model), Path(args.out), source=f"upcycled from {source}")
+    print(plan(model_cfg, cfg.train.upcycle).describe())
+    print(f"wrote {out}: train.init_from takes it (without train.upcycle), `moe export --format hf` converts it")
     return 0
 
 
@@ -272,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="the .safetensors file to write (train.init_from takes it)")
     p.add_argument("--config", default=None, metavar="YAML", help="also write a training config that fine-tunes it")
     p.set_defaults(func=_import)
+
+    p = sub.add_parser("upcycle", help="write the MoE model a config upcycles from its dense train.init_from")
+    p.add_argument("config", help="a YAML config with train.init_from (a dense model) and train.upcycle options")
+    p.add_argument("out", help="the .safetensors file to write (train.init_from takes it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.set_defaults(func=_upcycle)
 
     from dynamoe.evals.early_exit import add_arguments as exit_eval_arguments
 

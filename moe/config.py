@@ -632,6 +632,56 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class UpcycleConfig:
+    """Sparse upcycling (``train.upcycle``): start the run's MoE layers from the dense FFNs of the
+    model in ``train.init_from`` (``docs/upcycling.md``).
+
+    The run's model section says where MoE sits (``moe_every``, ``first_dense_layers``,
+    ``moe_layers``) and what the experts are (``model.moe``); the dense model must be the same
+    model with dense FFNs in every layer. Routed expert e = c * granularity + p is part p of copy c
+    of the dense FFN: its hidden units [p * F/g, (p + 1) * F/g) (the same units' gate and up rows
+    for SwiGLU).
+    """
+
+    _section: ClassVar[str] = "train.upcycle"
+
+    enabled: bool = False
+    # Split each copy of the dense FFN's hidden units into this many finer experts of d_ff / g units
+    # (model.moe.d_expert must be d_ff / g and num_experts a multiple of g).
+    granularity: int = 1
+    # The shared expert (model.moe.num_shared_experts, of total width d_ff) is the dense FFN itself;
+    # with the default output_scale the routed experts then start with zero down projections.
+    keep_dense_as_shared: bool = False
+    # Multiplicative noise on every routed copy: each weight times (1 + noise * N(0, 1)).
+    noise: float = 0.0
+    # Drop-Upcycling: this share of each routed expert's hidden units re-drawn from a normal with the
+    # mean and std of the dense matrix it came from, a different random set per expert.
+    reinit_fraction: float = 0.0
+    # The new routers' weights ~ N(0, std); 0 is a zero router (every score ties, so every token
+    # picks experts 0..top_k-1 at first). None: 0 where exactness needs it, else 0.02.
+    router_init_std: float | None = None
+    # Multiplier on each routed expert's down projection. None: the value that makes the upcycled
+    # model give the dense model's output at init (0 with keep_dense_as_shared, else
+    # granularity / (top_k * combine weight of a zero router): granularity / routed_scaling_factor
+    # with renormalised top-k).
+    output_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        s = self._section
+        _require_positive(s, self, "granularity")
+        for name in ("noise", "router_init_std"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                _fail(f"{s}.{name}", f"must be >= 0, got {value}", f"set {s}.{name} to 0 or more")
+        if not 0 <= self.reinit_fraction <= 1:
+            _fail(
+                f"{s}.reinit_fraction",
+                f"must be in [0, 1], got {self.reinit_fraction}",
+                "use the share of hidden units to re-initialise, e.g. 0.5",
+            )
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """The optimisation loop (``train``)."""
 
@@ -669,6 +719,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     # Experiment trackers beside metrics.jsonl and TensorBoard, when installed: wandb, mlflow.
     trackers: list[Literal["wandb", "mlflow"]] = field(default_factory=list)
+    # Turn the dense FFNs of the model in init_from into this run's MoE layers (sparse upcycling).
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
 
     def __post_init__(self) -> None:
         s = self._section
@@ -702,6 +754,13 @@ class TrainConfig:
                 f"{s}.init_from",
                 f"'{self.init_from}' is not a file",
                 "pass the .safetensors file written by `moe export`",
+            )
+        if self.upcycle.enabled and self.init_from is None:
+            _fail(
+                f"{s}.upcycle.enabled",
+                "upcycling needs a dense model to start from, and train.init_from is not set",
+                "set train.init_from to a dense model file (`moe import` of a Llama or Qwen3 checkpoint, or "
+                "`moe export` of a dense run)",
             )
         if self.warmup_steps > self.steps:
             warnings.warn(
@@ -786,6 +845,8 @@ class RunConfig:
                 "parallel.zero_stage is 0",
                 "set parallel.zero_stage: 1 (on one process it partitions nothing and costs no memory) or 2",
             )
+        if self.train.upcycle.enabled:
+            _check_upcycle(self.model, self.train.upcycle)
         task = self.data.task or known_task(self.data.dataset)
         wanted = _KINDS_FOR_TASK.get(task)
         if wanted is not None and self.model.kind not in wanted:
@@ -801,6 +862,63 @@ class RunConfig:
         if task is not None:
             return task
         return {"decoder": "lm", "cnn": "image_classification"}.get(self.model.kind, "classification")
+
+
+def _check_upcycle(model: ModelConfig, up: UpcycleConfig) -> None:
+    """What the run's model must be for ``train.upcycle`` (the dense model itself is checked
+    against it when it is read, before training starts)."""
+    if model.kind not in ("decoder", "encoder"):
+        why = {
+            "hf_encoder": "a pretrained Hugging Face encoder's FFNs have biases, and dynamoe's experts have none",
+            "cnn": "the CNN's MoE layers are not FFNs of a dense model",
+        }[model.kind]
+        _fail(
+            "train.upcycle.enabled",
+            f"upcycling is not supported for kind '{model.kind}' ({why})",
+            "upcycle a decoder (or dynamoe's own encoder), or set train.upcycle.enabled: false",
+        )
+    moe = model.moe
+    if not any(model.is_moe_layer(i) for i in range(model.n_layers)):
+        _fail(
+            "model.moe_every",
+            "upcycling turns dense FFNs into MoE layers, and this model has none",
+            "set model.moe_every: 1 (every FFN), 2 (every other one), or list model.moe_layers",
+        )
+    g = up.granularity
+    if model.d_ff % g:
+        _fail(
+            "train.upcycle.granularity",
+            f"granularity={g} does not divide the dense FFN width model.d_ff={model.d_ff}",
+            f"choose granularity among {_divisors(model.d_ff)}",
+        )
+    if moe.d_expert != model.d_ff // g:
+        _fail(
+            "model.moe.d_expert",
+            f"the experts are the dense FFN's {model.d_ff} hidden units split into granularity={g} parts of "
+            f"{model.d_ff // g}, but d_expert is {moe.d_expert}",
+            f"set model.moe.d_expert: {model.d_ff // g}",
+        )
+    if moe.num_experts % g:
+        _fail(
+            "model.moe.num_experts",
+            f"the experts are copies of the dense FFN split into granularity={g} parts, so their number is a "
+            f"multiple of {g}; got {moe.num_experts}",
+            f"set num_experts to a multiple of {g}, e.g. {g * max(1, moe.num_experts // g)}",
+        )
+    shared = moe.num_shared_experts * (moe.d_shared or moe.d_expert)
+    if up.keep_dense_as_shared and shared != model.d_ff:
+        _fail(
+            "model.moe.num_shared_experts",
+            f"keep_dense_as_shared makes the shared expert the dense FFN of width {model.d_ff}, but the shared "
+            f"experts are {moe.num_shared_experts} x {moe.d_shared or moe.d_expert} wide",
+            f"set model.moe.num_shared_experts: 1 and model.moe.d_shared: {model.d_ff}",
+        )
+    if not up.keep_dense_as_shared and moe.num_shared_experts:
+        _fail(
+            "model.moe.num_shared_experts",
+            "upcycling starts a shared expert from the dense FFN only with train.upcycle.keep_dense_as_shared",
+            "set train.upcycle.keep_dense_as_shared: true, or model.moe.num_shared_experts: 0",
+        )
 
 
 _KINDS_FOR_TASK = {"lm": ("decoder",), "classification": ("encoder", "hf_encoder"), "image_classification": ("cnn",)}

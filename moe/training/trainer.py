@@ -178,6 +178,8 @@ class Trainer:
         preflight(self.cfg, self.run_dir, resuming=resume is not None, restart=restart, is_main=launcher_rank == 0)
         check_precision_supported(self.cfg.train.precision)
         check_trackers(self.cfg.train.trackers)
+        # Upcycling reads and checks the dense model here, so what does not fit fails before DeepSpeed.
+        self._upcycled = self._upcycle(progress and launcher_rank == 0) if self.cfg.train.upcycle.enabled else None
         self.deepspeed = init_distributed(cfg.parallel.backend)
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
@@ -286,8 +288,26 @@ class Trainer:
         shard_experts(self.model, ep_group, name, self.traffic)
         return ep_group, name
 
+    def _upcycle(self, report: bool) -> dict:
+        """train.upcycle: the run's model state made from the dense model in train.init_from
+        (``dynamoe.models.upcycle``); checked against the run's model here, before DeepSpeed starts."""
+        from dynamoe.models.upcycle import plan, upcycle_state
+
+        path = self.cfg.train.init_from
+        dense_cfg, dense = ckpt.load_exported(Path(path))
+        up = self.cfg.train.upcycle
+        state = upcycle_state(dense_cfg, dense.state_dict(), self.cfg.model, up, seed=self.cfg.train.seed, name=path)
+        if report:
+            print(plan(self.cfg.model, up).describe(), file=sys.stderr)
+        return state
+
     def _init_from(self, path: str) -> None:
         """Start from the weights of an exported model (``moe export``), before experts are sharded."""
+        if self._upcycled is not None:  # its names and shapes are checked already
+            state, self._upcycled = self._upcycled, None
+            self._init_state = state if self.cfg.train.precision != "fp32" else None
+            self.model.load_state_dict(state, strict=True)
+            return
         exported_cfg, exported = ckpt.load_exported(Path(path))
         # Settings that only shape the loss or inference (exit weights, policy thresholds, router
         # loss coefficients) may change between runs; the weights must fit exactly.
@@ -297,9 +317,12 @@ class Trainer:
         try:
             self.model.load_state_dict(state, strict=True)
         except RuntimeError:
+            hint = ""
+            if not any(map(exported_cfg.is_moe_layer, range(exported_cfg.n_layers))) and self.model.moe_layers():
+                hint = " (to turn its dense FFNs into this model's experts, set train.upcycle.enabled: true)"
             raise ConfigError(
                 f"train.init_from: '{path}' holds a different model ({_config_diff(exported_cfg, self.cfg.model)}); "
-                "fix: use the exported model's settings in the model section"
+                f"fix: use the exported model's settings in the model section{hint}"
             ) from None
 
     def _prepare_run_dir(self) -> None:
