@@ -390,7 +390,11 @@ class ModelConfig:
     moe_every: int = 1
     first_dense_layers: int = 0  # dense FFNs in layers 0..first_dense_layers-1 (DeepSeek-V3, GLM-4-MoE)
     moe_layers: list[int] | None = None  # 0-based MoE layers; replaces moe_every and first_dense_layers
-    pooling: Literal["mean", "first"] = "mean"  # encoder: how token states become one vector
+    # Classifiers: how token states become one vector. mean over real tokens; first token; pooler:
+    # the first token through the pretrained checkpoint's pooler (dense + tanh, as Hugging Face's
+    # sequence classifiers do; hf_encoder only); auto: pooler for an hf_encoder whose checkpoint has
+    # one, mean otherwise.
+    pooling: Literal["auto", "mean", "first", "pooler"] = "auto"
     tie_embeddings: bool = True  # decoder: share the input embedding with the output projection
     # The Transformer block. gpt2: pre-LayerNorm, learned positions, fused bias-free QKV, one
     # residual dropout (the original block, bit for bit). modern: the Llama / Mixtral / Qwen3-MoE /
@@ -435,6 +439,12 @@ class ModelConfig:
                     f"{self.depth.mod_every} exceeds n_layers={self.n_layers}, so no layer is routed",
                     "use 2 (every other layer) or 1 (every layer)",
                 )
+        if self.pooling == "pooler" and self.kind != "hf_encoder":
+            _fail(
+                f"{s}.pooling",
+                "pooler is the pretrained checkpoint's pooler, and only an hf_encoder has one",
+                "set model.pooling: first or mean",
+            )
         if self.kind == "hf_encoder" and not self.pretrained:
             _fail(
                 f"{s}.pretrained",

@@ -65,7 +65,8 @@ def test_hf_tokenizer_from_the_bundled_minilm_package():
     d = load_classification(DataConfig(dataset="sst2", seq_len=16, tokenizer="minilm", max_train_samples=10))
     assert d.vocab_size == 30522  # bert-base-uncased WordPiece
     text = d.tokenizer.decode(d.val["input_ids"][0][d.val["attention_mask"][0] == 1].tolist())
-    assert text == "one long string of cliches."  # the first dev sentence, lower-cased WordPiece round trip
+    # The first dev sentence, lower-cased WordPiece round trip, with the special tokens BERT was trained with.
+    assert text == "[CLS] one long string of cliches. [SEP]"
 
 
 def test_missing_dataset_names_where_it_looked_and_the_fix(monkeypatch, tmp_path):

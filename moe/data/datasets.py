@@ -432,13 +432,20 @@ class ImageData(_SplitData):
 
 
 def _encode_split(texts: list[str], labels: list[int], tokenizer: Tokenizer, seq_len: int) -> dict:
+    """Padded ids, attention mask and labels. A transformers tokenizer encodes the way its model was
+    trained ([CLS] ... [SEP], truncated to ``seq_len`` with the closing token kept), in one batched
+    call; the character tokenizer encodes each text as it is."""
+    label_ids = torch.tensor(labels, dtype=torch.long)
+    if tokenizer.hf is not None:
+        enc = tokenizer.hf(list(texts), max_length=seq_len, truncation=True, padding="max_length", return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": label_ids}
     ids = torch.full((len(texts), seq_len), tokenizer.pad_id, dtype=torch.long)
     mask = torch.zeros((len(texts), seq_len), dtype=torch.long)
     for i, text in enumerate(texts):
         toks = tokenizer.encode(text)[:seq_len] or [tokenizer.pad_id]
         ids[i, : len(toks)] = torch.tensor(toks)
         mask[i, : len(toks)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels, dtype=torch.long)}
+    return {"input_ids": ids, "attention_mask": mask, "labels": label_ids}
 
 
 def _read_sst2_local(folder: Path, cfg: DataConfig) -> tuple[dict, dict, dict | None]:

@@ -79,6 +79,28 @@ def fill_from_pretrained(cfg: ModelConfig) -> ModelConfig:
     )
 
 
+def resolve_pooling(cfg: ModelConfig, encoder: nn.Module) -> str:
+    """mean, first or pooler; auto is the pooler where the checkpoint has one (BERT, MiniLM), else mean."""
+    pooler = getattr(getattr(encoder, "pooler", None), "dense", None)
+    if cfg.pooling == "auto":
+        pooling = "pooler" if pooler is not None else "mean"
+    else:
+        pooling = cfg.pooling
+    if pooling != "pooler":
+        return pooling
+    if pooler is None:
+        raise ConfigError(
+            f"model.pooling: pooler, but '{cfg.pretrained}' has no pooler; fix: set model.pooling: first or mean"
+        )
+    width = pooler.out_features
+    if cfg.exits.head_hidden not in (None, width):
+        raise ConfigError(
+            f"model.exits.head_hidden: {cfg.exits.head_hidden}, but the heads start from the checkpoint's pooler, "
+            f"which is {width} wide; fix: remove model.exits.head_hidden, or set model.pooling: first or mean"
+        )
+    return pooling
+
+
 class HFExitClassifier(MultiExitModel):
     """Pretrained encoder + an exit head after each chosen layer + a final head after the last."""
 
@@ -97,6 +119,13 @@ class HFExitClassifier(MultiExitModel):
         self.exit_heads = nn.ModuleList(
             ExitHead(hf.hidden_size, cfg.num_classes, cfg.exits.head_hidden, dropout, learned) for _ in cfg.exits.layers
         )
+        self.pooling = resolve_pooling(cfg, self.encoder)
+        if self.pooling == "pooler":
+            # Every head starts from the checkpoint's pooler (dense + tanh on the first token), as
+            # the family's own sequence classifier does; the encoder's copy is then never run.
+            for head in (self.head, *self.exit_heads):
+                head.hidden[0].load_state_dict(self.encoder.pooler.dense.state_dict())
+            self.encoder.pooler = None
         self.checkpointed_layers: set[int] = set()  # set_activation_checkpointing
 
     @property
@@ -140,7 +169,8 @@ class HFExitClassifier(MultiExitModel):
         return self.head if j == len(self.exit_heads) else self.exit_heads[j]
 
     def run_head(self, j: int, state: StageState) -> HeadOutput:
-        return self._head(j)(masked_mean(state.x, state.mask))
+        pooled = masked_mean(state.x, state.mask) if self.pooling == "mean" else state.x[:, 0]
+        return self._head(j)(pooled)
 
     def stage_flops(self, i: int, state: StageState) -> float:
         B, S = state.x.shape[:2]

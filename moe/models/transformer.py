@@ -438,7 +438,7 @@ class TransformerClassifier(_Backbone, MultiExitModel):
         return self.run_layer(i, state)
 
     def _pool(self, h_BSD: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return h_BSD[:, 0] if self.cfg.pooling == "first" else masked_mean(h_BSD, mask)
+        return h_BSD[:, 0] if self.cfg.pooling == "first" else masked_mean(h_BSD, mask)  # auto: mean
 
     def run_head(self, j: int, state: StageState) -> HeadOutput:
         if j == len(self.exit_heads):
