@@ -58,3 +58,48 @@ def test_pooling_errors_name_the_fix():
         load_config("sst2_moe_classifier", ["model.pooling=pooler"])
     with pytest.raises(ConfigError, match="model.exits.head_hidden: 64, but the heads start from the .*pooler"):
         HFExitClassifier(_classifier(layers=[2], head_hidden=64))
+
+
+def test_a_fine_tuned_encoder_exports_as_the_familys_classifier_with_its_exits_beside(tmp_path):
+    import json
+
+    from dynamoe.interop.hf_models import export_model
+    from dynamoe.training.checkpoint import load_model
+    from dynamoe.training.trainer import train
+
+    sets = [
+        "train.steps=2",
+        "train.batch_size=4",
+        "train.warmup_steps=1",
+        "train.eval_every=0",
+        "train.eval_batches=1",
+        "train.checkpoint_every=0",
+        "data.seq_len=24",
+        "data.max_train_samples=64",
+        "model.exits.layers=[2,4]",
+    ]
+    train(load_config("bert_early_exit_sst2", sets), run_dir=str(tmp_path / "run"), progress=False)
+    result = export_model(tmp_path / "run", tmp_path / "hf")
+    assert result.family == "BertForSequenceClassification" and result.tokenizer
+    theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    _, ours = load_model(tmp_path / "run")
+    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a = ours.eval()(batch["input_ids"], batch["attention_mask"]).logits
+        b = theirs(**batch).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    meta = json.loads((tmp_path / "hf" / "exit_heads.json").read_text())
+    assert meta["layers"] == [2, 4] and (tmp_path / "hf" / "exit_heads.safetensors").exists()
+    assert theirs.config.id2label == {0: "0", 1: "1"} or theirs.config.num_labels == 2
+
+
+def test_an_encoder_fine_tuned_with_mean_pooling_is_refused(tmp_path):
+    from dynamoe.interop.hf_encoder_export import export_encoder
+    from dynamoe.interop.hf_files import HFFormatError
+
+    cfg = _classifier("mean", layers=[])
+    state = HFExitClassifier(cfg).state_dict()
+    with pytest.raises(HFFormatError, match="model.pooling: mean.*fix: fine-tune with model.pooling: pooler"):
+        export_encoder(state, cfg, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

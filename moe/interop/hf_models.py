@@ -272,6 +272,21 @@ def export_model(
         model_config, step = trainer_state["model_config"], int(trainer_state["step"])
         tokenizer = folder.parent.parent / TOKENIZER_FOLDER
     cfg = from_dict(ModelConfig, model_config, "model")
+    if cfg.kind == "hf_encoder":
+        from dynamoe.interop.hf_encoder_export import export_encoder
+
+        labels_file = folder.parent.parent / "labels.json" if not source.is_file() else None
+        labels = json.loads(labels_file.read_text()) if labels_file is not None and labels_file.exists() else None
+        encoder = export_encoder(
+            state,
+            cfg,
+            Path(out),
+            tokenizer=tokenizer if tokenizer is not None and tokenizer.is_dir() else None,
+            labels=labels,
+            provenance={"step": step, "source": str(folder)},
+        )
+        has_tokenizer = tokenizer is not None and tokenizer.is_dir()
+        return ExportedHF(encoder.path, encoder.architecture, step, folder, has_tokenizer)
     path, fam = write_hf(
         state,
         cfg,
