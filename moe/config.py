@@ -715,7 +715,8 @@ class TrainConfig:
     run_dir: str = "runs/{name}"
     name: str | None = None  # None: the config file's stem
     threads: int | None = None  # torch CPU threads; None leaves PyTorch's default
-    init_from: str | None = None  # start from an exported model file (`moe export`)
+    # Start from an exported model file (`moe export`, `moe import`) or a Hugging Face model folder.
+    init_from: str | None = None
     # Steps in a row whose loss or gradient norm is not finite (each is skipped: no update) before
     # training stops with an error.
     max_bad_steps: int = 10
@@ -759,11 +760,12 @@ class TrainConfig:
         if self.max_bad_steps < 1:
             _fail(f"{s}.max_bad_steps", f"must be at least 1, got {self.max_bad_steps}", "use a value such as 10")
         _check_run_dir_template(self.run_dir)
-        if self.init_from is not None and not Path(self.init_from).expanduser().is_file():
+        source = None if self.init_from is None else Path(self.init_from).expanduser()
+        if source is not None and not (source.is_file() or (source / "config.json").is_file()):
             _fail(
                 f"{s}.init_from",
-                f"'{self.init_from}' is not a file",
-                "pass the .safetensors file written by `moe export`",
+                f"'{self.init_from}' is neither a file nor a Hugging Face model folder (with config.json)",
+                "pass the .safetensors file written by `moe export` or `moe import`, or a transformers model folder",
             )
         if self.upcycle.enabled and self.init_from is None:
             _fail(

@@ -14,7 +14,7 @@ from dynamoe.interop.hf_files import HFFormatError
 from dynamoe.interop.hf_models import export_model, import_model, shareable_state, write_hf
 
 COMMON = dict(
-    vocab_size=61,
+    vocab_size=65,  # the character tokenizer of Tiny Shakespeare, so imported models can fine-tune on it
     hidden_size=32,
     intermediate_size=40,
     num_hidden_layers=3,
@@ -294,3 +294,23 @@ def test_an_expert_parallel_fine_tune_exports_every_expert_and_its_bias(tmp_path
     ids = torch.tensor([tok.encode("KING RICHARD III:\nNow is the")])
     with torch.no_grad():
         assert torch.allclose(ours.eval()(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_train_init_from_takes_a_hugging_face_folder(tmp_path):
+    from dynamoe.config import ConfigError
+    from dynamoe.launch.cli import main
+    from dynamoe.training.trainer import Trainer
+
+    source = _saved(tmp_path, "qwen3_moe_norm")
+    assert main(["import", source, str(tmp_path / "q.safetensors"), "--config", str(tmp_path / "run.yaml")]) == 0
+    sets = [f"train.init_from={source}", "train.steps=1", "data.seq_len=16", "train.batch_size=2"]
+    trainer = Trainer(load_config(str(tmp_path / "run.yaml"), sets), run_dir=str(tmp_path / "run"), progress=False)
+    hf = transformers.Qwen3MoeForCausalLM.from_pretrained(source).eval()
+    ids = torch.randint(0, COMMON["vocab_size"], (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(trainer.model.eval()(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+    other = load_config("debug_tiny", [f"train.init_from={source}"])
+    with pytest.raises(ConfigError, match=r"holds a different model .*moe import FOLDER OUT --config"):
+        Trainer(other, run_dir=str(tmp_path / "other"), progress=False)
+    with pytest.raises(ConfigError, match="neither a file nor a Hugging Face model folder"):
+        load_config("debug_tiny", [f"train.init_from={tmp_path}"])
