@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-all lint bench clean
+.PHONY: setup quickstart test test-all lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/moe bench layer
+
+# On a fresh single-GPU machine (its own python3 with a CUDA torch and triton; no setup, no network):
+# the gpu-marked tests and the kernel benchmark, one JSON (runs/gpu_check.json) and a summary, < 8 min.
+# `make gpu-check GPU_CHECK_ARGS=--dry-run` checks the plan on a machine without a GPU.
+gpu-check:
+	$(PYTHON) evals/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,12 +7,18 @@ Providers per op (each runs where it can; a row that cannot run says why):
     torch loop    a Python loop over experts, one torch.mm per expert
     torch._grouped_mm   PyTorch's grouped GEMM (CUDA bf16 on sm90+, CPU fp32/bf16 with aligned widths)
     dense         one torch.mm with the same FLOPs (cuBLAS on GPU): the "% dense" column's baseline
-    deepspeed / megatron-core   their MoE layers (whole layer rows only; Megatron-Core needs CUDA)
+    scattermoe    ScatterMoE's expert MLP (expert MLP rows; CUDA, when ``scattermoe`` is installed)
+    deepspeed / megatron-core / megablocks   their MoE layers (whole layer rows only; Megatron-Core
+                  with its grouped-GEMM experts, MegaBlocks' dropless dMoE; both need CUDA)
 
 FLOPs and bytes are nominal, from the formulas in ``FORMULAS`` (dropless, so N = T * k rows).
+Routing is balanced by default (every expert gets T*k/E rows: kernel speed apart from router
+quality); ``--routing skewed`` draws log-normal expert popularity instead. ``--iters``/``--warmup``
+are counts of timed and untimed runs (on CUDA timed with CUDA events, L2 flushed before each run).
+Each dense baseline is timed once and used both for its own row and for the "% dense" column.
 
-    python -m dynamoe.evals.bench_kernels [--shapes mixtral,fine_grained,deepseek] [--small] [--balanced]
-                                  [--dtype bf16] [--iters 20] [--json PATH]
+    python -m dynamoe.evals.bench_kernels [--shapes mixtral,fine_grained,deepseek] [--small]
+                                  [--routing balanced|skewed] [--dtype bf16] [--iters 20] [--json PATH]
 """
 
 from __future__ import annotations
@@ -54,19 +60,34 @@ def shape_of(name: str, small: bool) -> dict:
     return s
 
 
-def time_ms(fn, device: torch.device, iters: int, warmup: int) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds: do_bench on CUDA (L2 flushed between runs), wall clock on CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
+_L2_FLUSH: dict = {}
 
-        med, lo, hi = do_bench(fn, warmup=max(25, warmup), rep=max(100, iters), quantiles=[0.5, 0.2, 0.8])
-        return med, lo, hi
+
+def time_ms(fn, device: torch.device, iters: int, warmup: int) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds over ``iters`` timed runs after ``warmup`` untimed ones (both
+    counts). On CUDA each run is timed with CUDA events and the L2 cache is flushed before it (as
+    triton's do_bench does); on CPU, wall clock."""
+    iters, warmup = max(1, int(iters)), max(0, int(warmup))
     times = []
-    for i in range(warmup + iters):
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
+    if device.type == "cuda":
+        flush = _L2_FLUSH.setdefault(device, torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device))
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for i in range(warmup + iters):
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
     q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
     return statistics.median(times), q[0], q[-1]
 
@@ -91,12 +112,13 @@ def torch_loop(x, w, counts_list):
     return torch.cat([xe @ w[e] for e, xe in enumerate(torch.split(x, counts_list))])
 
 
-def _row(shape, op, provider, fn, device, args, flops=None, nbytes=None, dense_ms=None, note=""):
+def _row(shape, op, provider, fn, device, args, flops=None, nbytes=None, dense_ms=None, note="", timing=None):
+    """One table row; ``timing`` (median, p20, p80) when already measured (the dense baselines)."""
     row = {"shape": shape, "op": op, "provider": provider, "note": note}
-    if fn is None:
+    if fn is None and timing is None:
         return {**row, "median_ms": None}
     try:
-        med, lo, hi = time_ms(fn, device, args.iters, args.warmup)
+        med, lo, hi = timing if timing is not None else time_ms(fn, device, args.iters, args.warmup)
     except Exception as err:  # noqa: BLE001 - a peer that fails on this machine is reported, not fatal
         return {**row, "median_ms": None, "note": f"not run: {type(err).__name__}: {str(err)[:120]}"}
     row.update(median_ms=med, p20_ms=lo, p80_ms=hi)
@@ -114,7 +136,7 @@ def bench_ops(name: str, s: dict, args, device, dtype) -> list[dict]:
     N = T * k
     elt = torch.finfo(dtype).bits // 8
     torch.manual_seed(args.seed)
-    logits, experts, weights, counts = make_routing(s, device, args.balanced, args.seed)
+    logits, experts, weights, counts = make_routing(s, device, args.routing == "balanced", args.seed)
     counts_list = counts.tolist()
     offsets = kernels.offsets_from_counts(counts)
     x = torch.randn(T, d, device=device, dtype=dtype)
@@ -165,20 +187,9 @@ def bench_ops(name: str, s: dict, args, device, dtype) -> list[dict]:
 
     # Grouped GEMM, forward and forward+backward, against a dense GEMM of the same FLOPs.
     fl = 2 * N * d * f
-    dense_fwd = time_ms(lambda: x_sorted @ wd, device, args.iters, args.warmup)[0]
-    rows.append(
-        _row(
-            name,
-            "grouped_mm fwd",
-            "dense",
-            lambda: x_sorted @ wd,
-            device,
-            args,
-            flops=fl,
-            dense_ms=dense_fwd,
-            note="one [N,d]x[d,f] mm",
-        )
-    )
+    t_dense = time_ms(lambda: x_sorted @ wd, device, args.iters, args.warmup)
+    dense_fwd = t_dense[0]
+    add("grouped_mm fwd", "dense", None, flops=fl, dense_ms=dense_fwd, note="one [N,d]x[d,f] mm", timing=t_dense)
     off_dev = offsets.to(device)
     tg = torch_grouped_mm_applies(x_sorted, w1)
     gmm_fwd = {
@@ -202,8 +213,9 @@ def bench_ops(name: str, s: dict, args, device, dtype) -> list[dict]:
     def fwd_bwd(fn, inputs):
         return lambda: torch.autograd.grad(fn(), inputs, gy)
 
-    dense_fb = time_ms(fwd_bwd(lambda: xg @ wdg, (xg, wdg)), device, args.iters, args.warmup)[0]
-    add("grouped_mm fwd+bwd", "dense", fwd_bwd(lambda: xg @ wdg, (xg, wdg)), flops=3 * fl, dense_ms=dense_fb)
+    t_dense = time_ms(fwd_bwd(lambda: xg @ wdg, (xg, wdg)), device, args.iters, args.warmup)
+    dense_fb = t_dense[0]
+    add("grouped_mm fwd+bwd", "dense", None, flops=3 * fl, dense_ms=dense_fb, timing=t_dense)
     gmm_fb = {
         "triton": fwd_bwd(lambda: impl("grouped_mm")(xg, w1g, off_dev), (xg, w1g)) if triton else None,
         "reference": fwd_bwd(lambda: grouped_mm_pytorch(xg, w1g, offsets), (xg, w1g)),
@@ -215,14 +227,16 @@ def bench_ops(name: str, s: dict, args, device, dtype) -> list[dict]:
     # The expert MLP as the layer runs it: dispatch -> GEMM -> GELU -> GEMM -> combine (routing given).
     mlp_fl = 2 * fl
     w2d = w2[0].contiguous()
-    dense_mlp = time_ms(lambda: F.gelu(x_sorted @ wd) @ w2d, device, args.iters, args.warmup)[0]
+    t_dense = time_ms(lambda: F.gelu(x_sorted @ wd) @ w2d, device, args.iters, args.warmup)
+    dense_mlp = t_dense[0]
     add(
         "expert MLP fwd",
         "dense",
-        lambda: F.gelu(x_sorted @ wd) @ w2d,
+        None,
         flops=mlp_fl,
         dense_ms=dense_mlp,
         note="two dense mm, no dispatch",
+        timing=t_dense,
     )
     mlp_args = (experts, weights, counts, w1, w2)
     add(
@@ -240,6 +254,15 @@ def bench_ops(name: str, s: dict, args, device, dtype) -> list[dict]:
         flops=mlp_fl,
         dense_ms=dense_mlp,
     )
+    scatter, scatter_note = _scattermoe(s, device, dtype, w1, w2)
+    add(
+        "expert MLP fwd",
+        "scattermoe",
+        (lambda: scatter(x, weights, experts)) if scatter else None,
+        flops=mlp_fl,
+        dense_ms=dense_mlp,
+        note=scatter_note,
+    )
     xm, w1m, w2m = (t.detach().requires_grad_() for t in (x, w1, w2))
     gm = torch.randn(T, d, device=device, dtype=dtype)
     mlp_inputs = (xm, w1m, w2m)
@@ -247,15 +270,64 @@ def bench_ops(name: str, s: dict, args, device, dtype) -> list[dict]:
     def mlp_fb(fn):
         return lambda: torch.autograd.grad(fn(xm, experts, weights, counts, w1m, w2m, num_rows=N), mlp_inputs, gm)
 
+    xd, wdm, w2dm = (t.detach().requires_grad_() for t in (x_sorted, wd, w2d))
+    gd = torch.randn(N, d, device=device, dtype=dtype)
+    t_dense = time_ms(
+        lambda: torch.autograd.grad(F.gelu(xd @ wdm) @ w2dm, (xd, wdm, w2dm), gd), device, args.iters, args.warmup
+    )
+    dense_mlp_fb = t_dense[0]
+    add(
+        "expert MLP fwd+bwd",
+        "dense",
+        None,
+        flops=3 * mlp_fl,
+        dense_ms=dense_mlp_fb,
+        note="two dense mm, no dispatch",
+        timing=t_dense,
+    )
+
     add(
         "expert MLP fwd+bwd",
         "triton (fused)",
         mlp_fb(impl("moe_mlp")) if triton else None,
         flops=3 * mlp_fl,
+        dense_ms=dense_mlp_fb,
         note="" if triton else NOT_CUDA,
     )
-    add("expert MLP fwd+bwd", "reference", mlp_fb(kernels.moe_mlp_ref), flops=3 * mlp_fl)
+    add("expert MLP fwd+bwd", "reference", mlp_fb(kernels.moe_mlp_ref), flops=3 * mlp_fl, dense_ms=dense_mlp_fb)
+    if scatter:
+        sparams = [p for p in scatter.parameters() if p.requires_grad]
+        add(
+            "expert MLP fwd+bwd",
+            "scattermoe",
+            lambda: torch.autograd.grad(scatter(xm, weights, experts), [xm, *sparams], gm),
+            flops=3 * mlp_fl,
+            dense_ms=dense_mlp_fb,
+            note=scatter_note,
+        )
+    else:
+        add("expert MLP fwd+bwd", "scattermoe", None, note=scatter_note)
     return rows
+
+
+def _scattermoe(s: dict, device, dtype, w1, w2):
+    """(ScatterMoE's expert MLP holding our weights, note) or (None, why not)."""
+    if device.type != "cuda":
+        return None, "not run: ScatterMoE's kernels need CUDA"
+    try:
+        from scattermoe.mlp import MLP
+    except ImportError:
+        return None, "not run: scattermoe is not installed (pip install scattermoe)"
+    try:
+        mlp = MLP(
+            input_size=s["d"], hidden_size=s["f"], num_experts=s["E"], top_k=s["k"], activation=torch.nn.GELU()
+        ).to(device, dtype)
+        with torch.no_grad():  # ParallelExperts keeps [E, out, in]
+            mlp.experts.weight.copy_(w1.transpose(1, 2))
+            mlp.output_experts.weight.copy_(w2.transpose(1, 2))
+        return mlp, "ScatterMoE MLP (scatter2scatter kernels), same weights and routing"
+    except Exception as err:  # noqa: BLE001 - a version whose API differs becomes the row's note
+        return None, f"not run: {type(err).__name__}: {str(err)[:120]}"
 
 
 def bench_layers(name: str, s: dict, args, device, dtype) -> list[dict]:
@@ -268,11 +340,11 @@ def bench_layers(name: str, s: dict, args, device, dtype) -> list[dict]:
     flops = 3 * (2 * 2 * T * k * d * f + 2 * T * d * E)
     torch.manual_seed(args.seed)
     ours = MoELayer(MoEConfig(num_experts=E, d_expert=f, activation="gelu", router=RouterConfig(top_k=k)), d_model=d)
-    if args.balanced:  # orthonormal gate rows so make_input can fix every router's choices exactly
+    if args.routing == "balanced":  # orthonormal gate rows so make_input can fix every router's choices exactly
         with torch.no_grad():
             ours.router.gate.weight.copy_(torch.linalg.qr(torch.randn(d, E))[0].t())
     ns = SimpleNamespace(tokens=T, experts=E, top_k=k, d_model=d, d_ff=f)
-    x = make_input(ns, ours.router.gate.weight.detach(), args.balanced).to(device, dtype)
+    x = make_input(ns, ours.router.gate.weight.detach(), args.routing == "balanced").to(device, dtype)
     gy = torch.randn(T, d, device=device, dtype=dtype)
     rows = []
 
@@ -322,7 +394,44 @@ def bench_layers(name: str, s: dict, args, device, dtype) -> list[dict]:
             }
         )
     rows.append(_megatron_row(name, s, args, device, dtype, x, gy, flops))
+    rows.append(_megablocks_row(name, s, args, device, dtype, x, gy, flops))
     return rows
+
+
+def _megablocks_row(name, s, args, device, dtype, x, gy, flops) -> dict:
+    base = {"shape": name, "op": "MoE layer fwd+bwd", "provider": "megablocks dMoE", "median_ms": None}
+    if device.type != "cuda":
+        return {**base, "note": "not run: MegaBlocks' kernels need CUDA"}
+    try:
+        from megablocks.layers.arguments import Arguments
+        from megablocks.layers.dmoe import dMoE
+    except ImportError:
+        return {**base, "note": "not run: megablocks is not installed (pip install megablocks)"}
+    try:
+        margs = Arguments(
+            hidden_size=s["d"],
+            ffn_hidden_size=s["f"],
+            moe_num_experts=s["E"],
+            moe_top_k=s["k"],
+            mlp_impl="grouped",
+            mlp_type="mlp",
+            activation_fn=F.gelu,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            init_device=device,
+        )
+        layer = dMoE(margs).to(device, dtype)
+        xx = x.detach().unsqueeze(1).requires_grad_()  # [S, B, d]
+        params = [p for p in layer.parameters() if p.requires_grad]
+
+        def step():
+            out = layer(xx)
+            out = out[0] if isinstance(out, tuple) else out
+            return torch.autograd.grad(out, [xx, *params], gy.unsqueeze(1), allow_unused=True)
+
+        return _row(name, base["op"], base["provider"], step, device, args, flops=flops, note="grouped GEMM, dropless")
+    except Exception as err:  # noqa: BLE001 - MegaBlocks' failure on this machine becomes the row's note
+        return {**base, "note": f"not run: {type(err).__name__}: {str(err)[:120]}"}
 
 
 def _megatron_row(name, s, args, device, dtype, x, gy, flops) -> dict:
@@ -350,10 +459,11 @@ def _megatron_row(name, s, args, device, dtype, x, gy, flops) -> dict:
             activation_func=F.gelu,
             moe_token_dispatcher_type="alltoall",
             moe_aux_loss_coeff=0.0,
+            moe_grouped_gemm=True,
             params_dtype=dtype,
             bf16=dtype == torch.bfloat16,
         )
-        spec = get_gpt_layer_local_spec(num_experts=s["E"], moe_grouped_gemm=False)
+        spec = get_gpt_layer_local_spec(num_experts=s["E"], moe_grouped_gemm=True)
         layer = MCoreMoE(cfg, submodules=spec.submodules.mlp.submodules).to(device)
         xx = x.detach().unsqueeze(1).requires_grad_()  # Megatron's [S, B, d]
         params = [p for p in layer.parameters() if p.requires_grad]
@@ -369,7 +479,7 @@ def _megatron_row(name, s, args, device, dtype, x, gy, flops) -> dict:
             device,
             args,
             flops=flops,
-            note="SequentialMLP experts, alltoall dispatcher, its own routing",
+            note=f"{type(layer.experts).__name__} experts (grouped GEMM), alltoall dispatcher, its own routing",
         )
     except Exception as err:  # noqa: BLE001 - Megatron-Core's failure on this machine becomes the row's note
         return {**base, "note": f"not run: {type(err).__name__}: {str(err)[:120]}"}
@@ -405,13 +515,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=None, help="override T for every shape")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument(
-        "--balanced",
-        action="store_true",
-        help="every expert gets exactly T*k/E rows (kernel speed apart from router quality)",
+        "--routing",
+        choices=["balanced", "skewed"],
+        default="balanced",
+        help="balanced (default): every expert gets exactly T*k/E rows, kernel speed apart from router "
+        "quality; skewed: log-normal expert popularity, as trained routers have",
     )
+    p.add_argument(
+        "--balanced", dest="routing", action="store_const", const="balanced", help="same as --routing balanced"
+    )
+    p.add_argument("--skewed", dest="routing", action="store_const", const="skewed", help="same as --routing skewed")
     p.add_argument("--no-layers", action="store_true", help="skip the whole-layer rows (DeepSpeed, Megatron-Core)")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=20, help="timed runs per row (a count)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before them (a count)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="runs/bench/kernels.json")
     return p.parse_args(argv)
@@ -442,7 +558,7 @@ def main(argv=None) -> dict:
         shapes[name] = s
         print(
             f"[{name}] T={s['T']} d={s['d']} f={s['f']} E={s['E']} k={s['k']} {str(dtype).removeprefix('torch.')} "
-            f"routing={'balanced' if args.balanced else 'skewed (log-normal expert popularity)'}",
+            f"routing={'balanced' if args.routing == 'balanced' else 'skewed (log-normal expert popularity)'}",
             flush=True,
         )
         rows += bench_ops(name, s, args, device, dtype)

@@ -49,6 +49,7 @@ from dynamoe.kernels.grouped_gemm import grouped_mm_ref
 from dynamoe.kernels.routing import topk_route_ref
 from dynamoe.kernels.triton import autotune
 from dynamoe.kernels.triton.grouped_gemm import tile_table
+from dynamoe.kernels.triton.routing import rows_differing_beyond_ties, selection_scores, tie_eps
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 
@@ -110,6 +111,28 @@ def test_backend_is_triton_here_and_reference_without_interpreter(monkeypatch):
 ROUTE_CASES = [(1, 1, 1), (7, 4, 1), (7, 4, 4), (600, 9, 2), (600, 9, 9), (33, 64, 6), (20, 256, 8)]
 
 
+def assert_same_routing(out, ref, logits, k, score, bias, normalize):
+    """Selections equal to the reference's except between near-tied experts (selection scores within
+    ``tie_eps``: the kernel's scores may differ from torch's by a few ulps, the softmax sum's order);
+    weights equal to the reference's scores of the experts actually chosen; counts exact for them."""
+    w, ex, counts = out
+    rw, rex, rcounts = ref
+    sel = selection_scores(logits, score, bias)
+    eps = tie_eps(sel)
+    bad = rows_differing_beyond_ties(ex, rex, sel, eps)
+    assert not bad.any(), f"rows {bad.nonzero().flatten().tolist()[:8]} pick other experts than the reference"
+    E = logits.shape[1]
+    assert torch.equal(counts, torch.bincount(ex.reshape(-1), minlength=E))
+    if torch.equal(ex, rex):
+        assert torch.equal(counts, rcounts)
+        torch.testing.assert_close(w, rw, atol=1e-6, rtol=1e-6)
+        return
+    p = selection_scores(logits, score, None).gather(1, ex)
+    if normalize:
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+    torch.testing.assert_close(w, p, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("T,E,k", ROUTE_CASES)
@@ -120,12 +143,22 @@ def test_topk_route_matches_reference(T, E, k, score, normalize):
     w, ex, counts = kernels.topk_route(logits, k, score=score, bias=bias, normalize=normalize)
     rw, rex, rcounts = topk_route_ref(logits, k, score=score, bias=bias, normalize=normalize)
     assert (w.dtype, ex.dtype, counts.dtype) == (torch.float32, torch.int64, torch.int64)
-    assert torch.equal(ex, rex) and torch.equal(counts, rcounts)
-    torch.testing.assert_close(w, rw, atol=1e-6, rtol=1e-6)
+    assert_same_routing((w, ex, counts), (rw, rex, rcounts), logits, k, score, bias, normalize)
+    if not torch.equal(ex, rex):
+        return  # a near-tie chose other experts: the gradients are of another selection
     up = torch.randn(T, k, generator=g).to(DEV)
     (grad,) = torch.autograd.grad((w * up).sum(), logits)
     (rgrad,) = torch.autograd.grad((rw * up).sum(), logits)
     torch.testing.assert_close(grad, rgrad, atol=1e-6, rtol=1e-5)
+
+
+def test_near_tie_comparison_accepts_ties_only():
+    sel = torch.tensor([[0.5, 0.5 + 1e-8, 0.1, 0.3], [0.5, 0.4, 0.1, 0.3]])
+    ref = torch.tensor([[1, 0], [0, 3]])
+    eps = tie_eps(sel)
+    assert not rows_differing_beyond_ties(torch.tensor([[0, 1], [0, 3]]), ref, sel, eps).any()  # near-tie swap
+    assert rows_differing_beyond_ties(torch.tensor([[1, 0], [0, 1]]), ref, sel, eps).tolist() == [False, True]
+    assert rows_differing_beyond_ties(torch.tensor([[1, 1], [0, 3]]), ref, sel, eps).tolist() == [True, False]
 
 
 def test_topk_route_ties_and_bf16_logits():
@@ -408,3 +441,86 @@ def test_registration_needs_triton(monkeypatch):
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     assert backend.register() is False
+
+
+# ------------------------------------------------------------------- precision and tile choice
+
+
+def test_fp32_dot_precision_follows_torch(monkeypatch):
+    from dynamoe.kernels.triton._jit import dot_precision
+    from dynamoe.kernels.triton.grouped_gemm import gmm_constexprs
+
+    monkeypatch.delenv("DYNAMOE_FP32_DOT", raising=False)
+    matmul = torch.backends.cuda.matmul  # a module object with __setattr__: monkeypatch cannot undo it
+    saved, saved_tf32 = torch.get_float32_matmul_precision(), matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == "ieee" and dot_precision(torch.bfloat16) == "ieee"
+        tile = autotune.Tile(64, 64, 32)
+        assert gmm_constexprs(torch.float32, 64, 4, tile, gather=False, scale=False)["DOT_PRECISION"] == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+        torch.set_float32_matmul_precision("highest")
+        matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32"
+        monkeypatch.setenv("DYNAMOE_FP32_DOT", "tf32x3")
+        assert dot_precision(torch.float32) == "tf32x3" and dot_precision(torch.float16) == "ieee"
+        monkeypatch.setenv("DYNAMOE_FP32_DOT", "fast")
+        with pytest.raises(ValueError, match="DYNAMOE_FP32_DOT"):
+            dot_precision(torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+        matmul.allow_tf32 = saved_tf32
+
+
+def test_tiles_fit_shared_memory_for_dtype_and_device():
+    f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
+    for cap in ((9, 0), (8, 0), (8, 9), (12, 0), (7, 5)):
+        limit = autotune.smem_per_block(cap)
+        for dtype, precision in ((bf16, "ieee"), (f32, "ieee"), (f32, "tf32"), (f32, "tf32x3"), (f64, "ieee")):
+            elt = torch.tensor([], dtype=dtype).element_size()
+            for aligned in (True, False):
+                cands = autotune.candidates(dtype, precision, cap, is_aligned=aligned)
+                assert cands[0] == autotune.default_tile(dtype, precision, cap, is_aligned=aligned)
+                assert all(autotune.smem_estimate(t, elt, cap) <= limit for t in cands), (cap, dtype, precision)
+    # The review's numbers: the old 128x128x64, 3-stage fallback needs 192 KB in fp32 and 256 KB in
+    # fp64, over the A100's 163 KB; fp32 TF32 on an A100 keeps only tiles that fit.
+    old = autotune.Tile(128, 128, 64, 8, 8, 3)
+    assert autotune.smem_estimate(old, 4, (9, 0)) > 192 * 1024 > autotune.smem_per_block((8, 0))
+    assert old not in autotune.candidates(f32, "tf32", (8, 6))
+    assert autotune.Tile(128, 256, 64, 8, 8, 3) not in autotune.candidates(f32, "tf32", (9, 0))
+    assert autotune.Tile(128, 256, 64, 8, 8, 3) in autotune.candidates(bf16, "ieee", (9, 0))
+    assert autotune.aligned(4096, 1024) and not autotune.aligned(4096, 333)
+
+
+def test_tune_key_names_everything_that_changes_the_kernel():
+    from dynamoe.kernels.triton.grouped_gemm import tune_key
+
+    base = tune_key("gmmt", (9, 0), torch.bfloat16, torch.bfloat16, "ieee", (3000, 4096, 1024, 64))
+    assert base.startswith("gmmt|sm90|triton") and base.endswith("|bfloat16|bfloat16|ieee|4096x4096x1024x64")
+    assert tune_key("gmmt", (9, 0), torch.bfloat16, torch.float32, "ieee", (3000, 4096, 1024, 64)) != base
+    assert tune_key("gmmt", (8, 0), torch.bfloat16, torch.bfloat16, "ieee", (3000, 4096, 1024, 64)) != base
+    f32 = [tune_key("gmm", (9, 0), torch.float32, torch.float32, p, (8, 8, 8, 2)) for p in ("ieee", "tf32")]
+    assert f32[0] != f32[1]
+
+
+def test_tuning_waits_for_another_process_and_reads_its_choice(tmp_path, monkeypatch):
+    import json
+
+    path = tmp_path / "tiles.json"
+    monkeypatch.setenv("DYNAMOE_TRITON_TUNE_CACHE", str(path))
+    monkeypatch.delenv("DYNAMOE_TRITON_TUNE", raising=False)
+    cands = (autotune.Tile(64, 64, 32), autotune.Tile(128, 64, 32))
+    assert autotune.choose_tile("k0", "GPU", cands, cands[0], lambda t: float(t.BLOCK_M)) == cands[0]
+    # Another rank measured "k1" and wrote the file after this process last read it: once this
+    # process holds the machine lock it reads the file again and does not measure.
+    entries = json.loads(path.read_text())
+    entries["GPU|k1"] = {"tile": {**cands[1].launch_kwargs()}, "ms": 0.5, "failed": []}
+    path.write_text(json.dumps(entries))
+
+    def measure(tile):
+        raise AssertionError("measured although another process had")
+
+    assert autotune.choose_tile("k1", "GPU", cands, cands[0], measure) == cands[1]
+    assert (tmp_path / "tiles.json.lock").exists()

@@ -1,8 +1,10 @@
 """The Triton kernels at realistic sizes on a GPU, and the MoE forward captured in a CUDA graph.
 
-Marked ``gpu``: skipped without CUDA (tests/conftest.py). Tolerances as in test_kernels_triton.py:
-exact for routing choices and dispatch copies; bf16 GEMMs within twice PyTorch's own bf16 error
-(cuBLAS through the reference loop) plus one output ulp, both against an fp32 product of the same inputs.
+Marked ``gpu``: skipped without CUDA (tests/conftest.py). Tolerances (docs/kernels.md):
+routing choices equal to the reference's except between near-tied experts (selection scores within
+``tie_eps``); dispatch copies exact; bf16/fp16 GEMMs and exact ("ieee") fp32 GEMMs within twice
+PyTorch's own error in that dtype (cuBLAS, TF32 off) plus one output ulp, against an fp32/fp64 product
+of the same inputs; fp32 with three-pass TF32 within 4e-6 of the largest output, with TF32 within 4e-3.
 """
 
 from __future__ import annotations
@@ -33,13 +35,22 @@ def _no_tf32(monkeypatch):
     "T,E,k,score", [(32768, 64, 4, "softmax"), (16384, 256, 8, "sigmoid"), (8191, 8, 2, "softmax")]
 )
 def test_routing_at_scale(T, E, k, score):
+    # imported here: importing triton at collection would fix its mode before test_kernels_triton.py
+    # asks for the interpreter (CPU runs that collect both files)
+    from dynamoe.kernels.triton.routing import rows_differing_beyond_ties, selection_scores, tie_eps
+
     logits = torch.randn(T, E, device=DEV) + torch.randn(E, device=DEV)
     bias = 0.01 * torch.randn(E, device=DEV)
     assert kernels.backend_for(logits, "topk_route") == "triton"
     w, ex, c = kernels.topk_route(logits, k, score=score, bias=bias, normalize=True)
     rw, rex, rc = topk_route_ref(logits, k, score=score, bias=bias, normalize=True)
-    assert torch.equal(ex, rex) and torch.equal(c, rc)
-    torch.testing.assert_close(w, rw, atol=1e-6, rtol=1e-6)
+    sel = selection_scores(logits, score, bias)
+    bad = rows_differing_beyond_ties(ex, rex, sel, tie_eps(sel))
+    assert not bad.any(), f"{int(bad.sum())} of {T} tokens pick other experts than the reference beyond near-ties"
+    assert torch.equal(c, torch.bincount(ex.reshape(-1), minlength=E))
+    same = (ex == rex).all(1)
+    assert int(same.sum()) >= T - max(8, T // 1000)  # near-ties are rare
+    torch.testing.assert_close(w[same], rw[same], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -81,6 +92,18 @@ def test_grouped_mm_at_scale(N, d, f, E, dtype):
     assert torch.all(gw[0] == 0)
     for out, ref in ((gx, rgx), (gw, rgw)):
         assert _max_err(out, ref) <= 4 * torch.finfo(dtype).eps * float(ref.abs().max()) * max(1.0, (N / E) ** 0.5 / 8)
+
+
+@pytest.mark.parametrize("precision,rel", [("tf32x3", 4e-6), ("tf32", 4e-3)])
+def test_fp32_grouped_mm_tensor_core_precisions(monkeypatch, precision, rel):
+    monkeypatch.setenv("DYNAMOE_FP32_DOT", precision)
+    N, d, f, E = 8192, 2048, 1408, 64
+    counts = torch.full((E,), N // E, dtype=torch.long)
+    x = torch.randn(N, d, device=DEV)
+    w = torch.randn(E, d, f, device=DEV) / d**0.5
+    y = kernels.grouped_mm(x, w, counts=counts.to(DEV))
+    ry = grouped_mm_ref(x.double(), w.double(), kernels.offsets_from_counts(counts))
+    assert _max_err(y, ry) <= rel * float(ry.abs().max())
 
 
 def test_fused_moe_mlp_at_scale():

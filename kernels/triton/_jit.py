@@ -72,6 +72,28 @@ def upcast_for_dot(dtype: torch.dtype) -> bool:
     return triton_interpreted() and dtype == torch.bfloat16
 
 
+FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot`` on ``dtype`` operands.
+
+    Only fp32 products have a choice. Like ``torch.mm``, they are exact ("ieee", FMAs) unless the user
+    allows TF32 (``torch.backends.cuda.matmul.allow_tf32``, or a float32 matmul precision of "high" or
+    "medium"), then "tf32". ``DYNAMOE_FP32_DOT=ieee|tf32x3|tf32`` overrides both; "tf32x3" (three TF32
+    passes, error about 1e-6 relative, about 3x faster than "ieee" on tensor-core GPUs) is opt-in.
+    Other dtypes report "ieee" (the argument does not apply to them)."""
+    if dtype != torch.float32:
+        return "ieee"
+    forced = os.environ.get("DYNAMOE_FP32_DOT", "").strip().lower()
+    if forced:
+        if forced not in FP32_PRECISIONS:
+            raise ValueError(f"DYNAMOE_FP32_DOT={forced!r}: choose one of {FP32_PRECISIONS}")
+        return forced
+    allowed = torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allowed else "ieee"
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -85,6 +107,7 @@ __all__ = [
     "acc_is_f64",
     "cdiv",
     "check_device",
+    "dot_precision",
     "interpreter_enabled",
     "kernel",
     "next_pow2",

@@ -48,9 +48,10 @@ def _plan_rows_kernel(
     in_range = idx < A
     e = tl.load(experts_ptr + idx, mask=in_range, other=-1).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
-    onehot = (e[:, None] == cols[None, :]).to(tl.int64)
+    # int32: the [BLOCK_A, BLOCK_E] cumulative sum is the kernel's register budget (int64 spills at E=256).
+    onehot = (e[:, None] == cols[None, :]).to(tl.int32)
     # Rank among the same expert's assignments earlier in this block (inclusive count minus one).
-    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1
+    rank = (tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1).to(tl.int64)
     kept = in_range & (e >= 0)
     first = tl.load(first_row_ptr + pid * E + e, mask=kept, other=0)
     row = first + rank
@@ -174,6 +175,13 @@ def _combine_bwd_kernel(
             tl.store(dw_ptr + toks * k + j, tl.where(kept, dot, 0.0).to(dw_ptr.dtype.element_ty), mask=tok_ok)
 
 
+def plan_constexprs(num_experts: int) -> dict:
+    """Compile-time arguments of the plan kernels (launches and the compile check use this): a
+    [BLOCK_ASSIGN, BLOCK_E] one-hot tile, over 8 warps from 128 experts so it stays in registers."""
+    BLOCK_E = next_pow2(num_experts)
+    return {"BLOCK_A": BLOCK_ASSIGN, "BLOCK_E": BLOCK_E, "num_warps": 8 if BLOCK_E >= 128 else 4}
+
+
 def _row_blocks(width: int) -> tuple[int, int]:
     """(rows, columns) per program for row-wise copies: wide column blocks, ~4K elements a tile."""
     block_cols = min(256, next_pow2(width))
@@ -194,15 +202,13 @@ def dispatch_plan(experts: torch.Tensor, num_experts: int, num_rows: int | None)
         return row_map, token_of_row, torch.zeros(num_experts, dtype=torch.int64, device=dev)
     flat = experts.contiguous().view(-1)
     blocks = cdiv(A, BLOCK_ASSIGN)
-    BLOCK_E = next_pow2(num_experts)
+    meta = plan_constexprs(num_experts)
     block_counts = torch.empty(blocks, num_experts, dtype=torch.int64, device=dev)
-    _plan_count_kernel.on(dev)[(blocks,)](flat, block_counts, A, num_experts, BLOCK_A=BLOCK_ASSIGN, BLOCK_E=BLOCK_E)
+    _plan_count_kernel.on(dev)[(blocks,)](flat, block_counts, A, num_experts, **meta)
     per_expert = block_counts.sum(0)
     expert_first = torch.cumsum(per_expert, 0) - per_expert
     first_row = torch.cumsum(block_counts, 0) - block_counts + expert_first  # [blocks, E]
-    _plan_rows_kernel.on(dev)[(blocks,)](
-        flat, first_row, row_map, token_of_row, A, num_experts, k, num_rows, BLOCK_A=BLOCK_ASSIGN, BLOCK_E=BLOCK_E
-    )
+    _plan_rows_kernel.on(dev)[(blocks,)](flat, first_row, row_map, token_of_row, A, num_experts, k, num_rows, **meta)
     return row_map, token_of_row, per_expert
 
 

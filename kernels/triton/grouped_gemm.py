@@ -9,6 +9,11 @@ weight gradient is K-grouped: one program per (expert, d tile, f tile) sums over
 Options used by the fused MoE MLP: ``gather`` reads A's rows through an index (the token of each
 sorted row, so X is never permuted in memory), ``scale`` multiplies each output row by a weight
 in the epilogue (the combine weight). Accumulation is fp32 (fp64 for fp64 inputs).
+
+fp32 products take ``DOT_PRECISION`` (``_jit.dot_precision``): exact ("ieee") unless the user allows
+TF32, as ``torch.mm`` does. Tiles: ``autotune.candidates``/``default_tile`` for the dtype, precision
+and device; ``gmm_constexprs``/``gmm_dw_constexprs`` are the one place the kernels' compile-time
+arguments are derived (the launches here and the ahead-of-time compile check both use them).
 """
 
 from __future__ import annotations
@@ -16,9 +21,9 @@ from __future__ import annotations
 import torch
 
 from dynamoe.kernels.triton._jit import (
-    acc_is_f64,
     cdiv,
     check_device,
+    dot_precision,
     kernel,
     next_pow2,
     tl,
@@ -26,12 +31,14 @@ from dynamoe.kernels.triton._jit import (
     upcast_for_dot,
 )
 from dynamoe.kernels.triton.autotune import (
-    GPU_DEFAULT,
-    GPU_TILES,
     INTERPRETER_TILE,
     Tile,
+    aligned,
+    candidates,
     choose_tile,
     cuda_measure,
+    default_tile,
+    device_smem_per_block,
     shape_bucket,
 )
 
@@ -62,6 +69,7 @@ def _gmm_kernel(
     HAS_SCALE: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -113,7 +121,7 @@ def _gmm_kernel(
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
         if HAS_SCALE:
@@ -144,6 +152,7 @@ def _gmm_dw_kernel(
     HAS_SCALE: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC64: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -192,7 +201,7 @@ def _gmm_dw_kernel(
         if UPCAST:
             xt = xt.to(tl.float32)
             g = g.to(tl.float32)
-        acc = tl.dot(xt, g, acc)
+        acc = tl.dot(xt, g, acc, input_precision=DOT_PRECISION)
     w_ptrs = dw_ptr + e * stride_we + dcols[:, None] * stride_wd + fcols[None, :] * stride_wf
     tl.store(w_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=d_ok[:, None] & f_ok[None, :])
 
@@ -218,11 +227,74 @@ def _device_name(t: torch.Tensor) -> str:
     return torch.cuda.get_device_name(t.device) if t.is_cuda else "interpreter"
 
 
-def _pick(op: str, a: torch.Tensor, dims: tuple, launch) -> Tile:
+def gmm_constexprs(
+    dtype: torch.dtype, K: int, E: int, tile: Tile, *, gather: bool, scale: bool, precision: str | None = None
+) -> dict:
+    """Every compile-time argument of ``_gmm_kernel`` (the tile's launch options included)."""
+    return {
+        "HAS_GATHER": gather,
+        "HAS_SCALE": scale,
+        "UPCAST": upcast_for_dot(dtype),
+        "ACC64": dtype == torch.float64,
+        "DOT_PRECISION": precision or dot_precision(dtype),
+        "EVEN_K": K % tile.BLOCK_K == 0,
+        "BLOCK_E": next_pow2(E),
+        **tile.launch_kwargs(),
+    }
+
+
+def gmm_dw_constexprs(dtype: torch.dtype, tile: Tile, *, gather: bool, scale: bool, precision: str | None = None):
+    """Every compile-time argument of ``_gmm_dw_kernel`` (the tile's launch options included)."""
+    return {
+        "HAS_GATHER": gather,
+        "HAS_SCALE": scale,
+        "UPCAST": upcast_for_dot(dtype),
+        "ACC64": dtype == torch.float64,
+        "DOT_PRECISION": precision or dot_precision(dtype),
+        **tile.launch_kwargs(),
+    }
+
+
+def tune_key(
+    op: str, capability: tuple[int, int], dtype: torch.dtype, out_dtype: torch.dtype, precision: str, dims: tuple
+) -> str:
+    """``op | sm_XY | triton version | input dtype | output dtype | precision | shape bucket``; the
+    device name is prefixed by ``choose_tile``. Flags (gather, scale, transposed B) are in ``op``."""
+    import triton
+
+    name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
+    cap = "".join(map(str, capability))
+    return f"{op}|sm{cap}|triton{triton.__version__}|{name(dtype)}|{name(out_dtype)}|{precision}|{shape_bucket(*dims)}"
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _capability_of_current(device: torch.device | None = None) -> tuple[int, int]:
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
+
+
+_SMEM: dict[int, int] = {}
+
+
+def _pick(op: str, a: torch.Tensor, out_dtype: torch.dtype, dims: tuple, widths: tuple, launch) -> Tile:
+    """The tile for this launch; ``dims`` go into the tuning key, ``widths`` are the row strides
+    (alignment picks the tile class)."""
     if triton_interpreted() or not a.is_cuda:
         return INTERPRETER_TILE
-    key = f"{op}|{str(a.dtype).removeprefix('torch.')}|{shape_bucket(*dims)}"
-    return choose_tile(key, _device_name(a), GPU_TILES, GPU_DEFAULT, cuda_measure(launch))
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    cap = _capability_of_current(a.device)
+    if index not in _SMEM:
+        _SMEM[index] = device_smem_per_block(a.device)
+    precision = dot_precision(a.dtype)
+    ok = aligned(*widths)
+    cands = candidates(a.dtype, precision, cap, _SMEM[index], ok)
+    default = default_tile(a.dtype, precision, cap, _SMEM[index], ok)
+    key = tune_key(op, cap, a.dtype, out_dtype, precision, dims)
+    return choose_tile(key, _device_name(a), cands, default, cuda_measure(launch))
 
 
 def gmm(
@@ -249,7 +321,7 @@ def gmm(
     if K == 0:
         return c.zero_()
     sb = (b.stride(0), b.stride(2), b.stride(1)) if trans_b else (b.stride(0), b.stride(1), b.stride(2))
-    BLOCK_E = next_pow2(E)
+    precision = dot_precision(a.dtype)
 
     def launch(tile: Tile) -> None:
         table = tile_table(group_end, tile.BLOCK_M)
@@ -272,17 +344,13 @@ def gmm(
             *sb,
             c.stride(0),
             c.stride(1),
-            HAS_GATHER=gather is not None,
-            HAS_SCALE=scale is not None,
-            UPCAST=upcast_for_dot(a.dtype),
-            ACC64=acc_is_f64(a),
-            EVEN_K=K % tile.BLOCK_K == 0,
-            BLOCK_E=BLOCK_E,
-            **tile.launch_kwargs(),
+            **gmm_constexprs(
+                a.dtype, K, E, tile, gather=gather is not None, scale=scale is not None, precision=precision
+            ),
         )
 
     flags = ("g" if gather is not None else "") + ("s" if scale is not None else "") + ("t" if trans_b else "")
-    launch(_pick(f"gmm{flags}", a, (M, K, N, E), launch))
+    launch(_pick(f"gmm{flags}", a, c.dtype, (M, K, N, E), (K, N), launch))
     return c
 
 
@@ -322,15 +390,11 @@ def gmm_weight_grad(
             dw.stride(0),
             dw.stride(1),
             dw.stride(2),
-            HAS_GATHER=gather is not None,
-            HAS_SCALE=scale is not None,
-            UPCAST=upcast_for_dot(x.dtype),
-            ACC64=acc_is_f64(x),
-            **tile.launch_kwargs(),
+            **gmm_dw_constexprs(x.dtype, tile, gather=gather is not None, scale=scale is not None),
         )
 
     flags = ("g" if gather is not None else "") + ("s" if scale is not None else "")
-    launch(_pick(f"gmm_dw{flags}", x, (dy.shape[0], D, F, num_experts), launch))
+    launch(_pick(f"gmm_dw{flags}", x, dw.dtype, (dy.shape[0], D, F, num_experts), (D, F), launch))
     return dw
 
 

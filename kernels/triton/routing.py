@@ -6,6 +6,13 @@ the k arg-max rounds and the counts never leave registers. Counts are integer at
 order-independent. The backward is a few O(T*E) PyTorch ops on device (no host sync); the forward is
 the part that runs on every step's critical path.
 
+Scores use precise exp and division (libdevice ``expf`` and round-to-nearest ``div_rn``, what
+``torch.softmax``/``torch.sigmoid`` use on CUDA; Triton's ``tl.exp`` and ``/`` are approximate, a few
+ulps off, and flipped near-tied selections). The softmax sum still runs in another order than
+PyTorch's, so a score may differ from the reference by a few ulps: selections are identical to the
+reference wherever the selection scores (bias included) of two experts differ by more than
+``TIE_EPS`` (``tie_eps``); closer than that, either order is a correct top-k, and the tests accept both.
+
 ``routed_scaling_factor`` is one product on the kernel's weights. Group-limited selection
 (DeepSeek-V3's ``n_group``/``topk_group``) is not in the kernel; the backend sends it to the reference.
 """
@@ -15,9 +22,64 @@ from __future__ import annotations
 import torch
 
 from dynamoe.kernels.routing import check_route_args, limits_groups
-from dynamoe.kernels.triton._jit import cdiv, check_device, kernel, next_pow2, tl
+from dynamoe.kernels.triton._jit import cdiv, check_device, kernel, next_pow2, tl, triton_interpreted
+
+try:  # libdevice's expf (the interpreter has none: there numpy's exp, already precise, is used)
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover - very old triton
+    libdevice = None
 
 MAX_EXPERTS = 256
+# Scores of the kernel and of torch's softmax/sigmoid differ by at most a few fp32 ulps (the sum's
+# order); selections may differ only between experts whose selection scores are this close.
+TIE_EPS = 1e-6
+
+
+def tie_eps(scores: torch.Tensor) -> float:
+    """The selection-score distance under which two experts count as tied: ``TIE_EPS`` times the
+    largest selection score (at least 1; bias included), i.e. about 8 fp32 ulps."""
+    return TIE_EPS * max(1.0, float(scores.detach().abs().max())) if scores.numel() else TIE_EPS
+
+
+def selection_scores(logits: torch.Tensor, score: str, bias: torch.Tensor | None) -> torch.Tensor:
+    """The reference's selection scores [T, E] fp32: softmax or sigmoid of the logits, plus the bias."""
+    x = logits.detach().float()
+    s = torch.softmax(x, -1) if score == "softmax" else torch.sigmoid(x)
+    return s + bias.detach().float() if bias is not None else s
+
+
+def rows_differing_beyond_ties(experts: torch.Tensor, ref_experts: torch.Tensor, sel: torch.Tensor, eps: float):
+    """[T] bool: rows whose selection differs from the reference's by more than a near-tie.
+
+    Row t is fine when, for every rank j, the reference's selection score of the expert chosen j-th
+    is within ``eps`` of that of the reference's j-th choice, and the row's experts are distinct:
+    where scores are more than ``eps`` apart this means identical choices, closer it accepts either
+    order of the near-tied experts."""
+    if experts.numel() == 0:
+        return torch.zeros(experts.shape[0], dtype=torch.bool, device=experts.device)
+    a, b = sel.gather(1, experts), sel.gather(1, ref_experts)
+    repeated = (
+        (experts.sort(1).values.diff(dim=1) == 0).any(1)
+        if experts.shape[1] > 1
+        else torch.zeros_like(a[:, 0], dtype=torch.bool)
+    )
+    return ((a - b).abs() > eps).any(1) | repeated
+
+
+def route_constexprs(T: int, E: int, score: str, has_bias: bool, normalize: bool) -> dict:
+    """Every compile-time argument of ``_route_kernel`` (launches and the compile check use this)."""
+    BLOCK_E = next_pow2(E)
+    # Keep the [BLOCK_T, BLOCK_E] tile at about 4K elements: registers on GPU, few programs when interpreted.
+    BLOCK_T = max(1, min(64, 4096 // BLOCK_E, next_pow2(T)))
+    return {
+        "BLOCK_T": BLOCK_T,
+        "BLOCK_E": BLOCK_E,
+        "SIGMOID": score == "sigmoid",
+        "HAS_BIAS": has_bias,
+        "NORMALIZE": normalize,
+        "PRECISE": libdevice is not None and not triton_interpreted(),
+        "num_warps": 4,
+    }
 
 
 @kernel
@@ -36,6 +98,7 @@ def _route_kernel(
     SIGMOID: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -46,10 +109,16 @@ def _route_kernel(
     x = tl.load(logits_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     x = tl.where(col_ok[None, :], x, float("-inf"))
     if SIGMOID:
-        s = 1.0 / (1.0 + tl.exp(-x))
+        if PRECISE:
+            s = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + libdevice.exp(-x))
+        else:
+            s = tl.math.div_rn(tl.full(x.shape, 1.0, tl.float32), 1.0 + tl.exp(-x))
     else:
-        p = tl.exp(x - tl.max(x, axis=1)[:, None])
-        s = p / tl.sum(p, axis=1)[:, None]
+        if PRECISE:
+            p = libdevice.exp(x - tl.max(x, axis=1)[:, None])
+        else:
+            p = tl.exp(x - tl.max(x, axis=1)[:, None])
+        s = tl.math.div_rn(p, tl.broadcast_to(tl.sum(p, axis=1)[:, None], p.shape))
     if HAS_BIAS:
         sel = s + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     else:
@@ -72,7 +141,7 @@ def _route_kernel(
         denom = tl.maximum(total, 1e-20)
         for j in range(k):
             w = tl.load(weights_ptr + rows * k + j, mask=row_ok, other=0.0)
-            tl.store(weights_ptr + rows * k + j, w / denom, mask=row_ok)
+            tl.store(weights_ptr + rows * k + j, tl.math.div_rn(w, denom), mask=row_ok)
     tl.atomic_add(counts_ptr + cols, counts, mask=col_ok)
 
 
@@ -90,11 +159,9 @@ def route_forward(logits: torch.Tensor, k: int, score: str, bias: torch.Tensor |
     counts = torch.zeros(E, dtype=torch.int64, device=logits.device)
     if T == 0:
         return weights, experts, counts
-    BLOCK_E = next_pow2(E)
-    # Keep the [BLOCK_T, BLOCK_E] tile at about 4K elements: registers on GPU, few programs when interpreted.
-    BLOCK_T = max(1, min(64, 4096 // BLOCK_E, next_pow2(T)))
+    meta = route_constexprs(T, E, score, bias is not None, normalize)
     bias_arg = bias.contiguous() if bias is not None else logits  # any pointer; unused without HAS_BIAS
-    grid = (cdiv(T, BLOCK_T),)
+    grid = (cdiv(T, meta["BLOCK_T"]),)
     _route_kernel.on(logits.device)[grid](
         logits,
         bias_arg,
@@ -105,11 +172,7 @@ def route_forward(logits: torch.Tensor, k: int, score: str, bias: torch.Tensor |
         E,
         logits.stride(0),
         k,
-        BLOCK_T=BLOCK_T,
-        BLOCK_E=BLOCK_E,
-        SIGMOID=score == "sigmoid",
-        HAS_BIAS=bias is not None,
-        NORMALIZE=normalize,
+        **meta,
     )
     return weights, experts, counts
 
