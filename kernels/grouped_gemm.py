@@ -6,6 +6,12 @@ convention of ``torch._grouped_mm``). Tokens are never padded: a group may be em
 Two PyTorch implementations live here: ``grouped_mm_ref`` (a loop over experts, the ground truth)
 and a ``torch._grouped_mm`` path wrapped in an autograd function whose backward is two more grouped
 GEMMs (input gradient: dY W^T per group; weight gradient: X^T dY per group, K-grouped).
+
+``w`` may be a strided view: ``torch._grouped_mm`` reads each expert's matrix row-major or
+column-major (one unit stride, the other a multiple of 16 bytes), so a transposed view such as
+transformers' ``gate_up_proj.transpose(1, 2)`` is used as it is, in forward and in backward, and
+its weight gradient is made in its own layout (``dW^T = dY^T X`` per group), so it reaches the
+parameter without a copy. Other strides are made contiguous first.
 """
 
 from __future__ import annotations
@@ -49,7 +55,43 @@ def grouped_mm_ref(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     return torch.cat(pieces, dim=0)
 
 
+def _reads_as_is(t: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes ``t``'s last two dimensions as they are: one of their
+    strides 1 and the other at least the extent it steps over and a multiple of 16 bytes (the test
+    of ATen's ``check_valid_strides_and_return_transposed``, in its order: a unit stride on the
+    second-to-last dimension counts as transposed first). On CUDA the data pointer must also be
+    16-byte aligned; on CPU (torch 2.13) it need not be."""
+    if t.device.type == "cuda" and t.data_ptr() % 16:
+        return False
+    align = 16 // t.element_size()
+    (rows, cols), (s_rows, s_cols) = t.shape[-2:], t.stride()[-2:]
+    if s_rows == 1 and s_cols >= max(1, rows):
+        return s_cols % align == 0
+    if s_cols == 1 and s_rows >= max(1, cols):
+        return s_rows % align == 0
+    return False
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [N, k] with strides (k, 1) exactly (and, on CUDA, 16-byte aligned): ``contiguous()``
+    keeps odd strides on a dimension of size 1 (a [1, k] view may have strides (1, 1)) and a
+    contiguous slice's address, both of which ``torch._grouped_mm`` may refuse."""
+    if t.stride() == (t.shape[1], 1) and (t.device.type != "cuda" or t.data_ptr() % 16 == 0):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _transposed(w: torch.Tensor) -> bool:
+    """``w`` [E, d, f] stores each expert column-major (a ``transpose(-2, -1)`` view of [E, f, d],
+    transformers' layout): its weight gradient is made in that layout too."""
+    return w.stride(-2) == 1 and w.stride(-1) != 1
+
+
 class _TorchGroupedMM(torch.autograd.Function):
+    """``torch._grouped_mm`` with a backward of two more grouped GEMMs. ``w`` is used as it is
+    (a strided view is neither copied nor kept as a copy for backward), and its gradient comes back
+    in ``w``'s layout, so a transposed view's gradient reaches its parameter without a copy."""
+
     @staticmethod
     def forward(ctx, x, w, offsets):
         ctx.save_for_backward(x, w, offsets)
@@ -60,17 +102,24 @@ class _TorchGroupedMM(torch.autograd.Function):
         x, w, offsets = ctx.saved_tensors
         if x.shape[0] == 0:  # no rows: torch._grouped_mm rejects the empty operands of the backward
             return torch.zeros_like(x), torch.zeros_like(w), None
-        dy = dy.contiguous()
+        dy = _row_major(dy)
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dx = torch._grouped_mm(dy, w.transpose(-2, -1), offs=offsets)
         if ctx.needs_input_grad[1]:
             # K-grouped: each expert's weight gradient is a sum over its own rows only.
-            dw = torch._grouped_mm(x.t(), dy, offs=offsets)
+            if _transposed(w):  # dW^T = dY^T X per group, contiguous [E, f, d], returned as its [E, d, f] view
+                dw = torch._grouped_mm(dy.t(), x, offs=offsets).transpose(-2, -1)
+            else:
+                dw = torch._grouped_mm(x.t(), dy, offs=offsets)
         return dx, dw, None
 
 
 def torch_grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the ``torch._grouped_mm`` path runs ``x`` [N, d] times ``w`` [E, d, f]: a dtype and
+    device it supports, and ``d`` and ``f`` whole multiples of 16 bytes (the rows of ``x``, of its
+    transpose and of the output gradient in backward). ``w`` may have any strides; those
+    ``torch._grouped_mm`` cannot read are made contiguous first (:func:`grouped_mm_pytorch`)."""
     if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or x.device != w.device:
         return False
     if x.device.type == "cuda":
@@ -87,7 +136,12 @@ def torch_grouped_mm_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
 @register_impl("grouped_mm", REFERENCE)
 def grouped_mm_pytorch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     if torch_grouped_mm_applies(x, w):
-        return _TorchGroupedMM.apply(x.contiguous(), w.contiguous(), offsets)
+        x = _row_major(x)
+        if not _reads_as_is(w):
+            w = w.contiguous()
+            if not _reads_as_is(w):  # already contiguous, but at an address CUDA cannot take
+                w = w.clone()
+        return _TorchGroupedMM.apply(x, w, offsets)
     return grouped_mm_ref(x, w, offsets)
 
 

@@ -14,7 +14,7 @@
     moe bench all-to-all|depth [...]  all-to-all cost for 1, 2, 4 processes; MoD / ACT vs dense
     moe bench plan [...]         the memory plan against measured peak memory of short runs
     moe bench throughput [...]   tokens/s and peak memory: fp32 vs bf16, activation checkpointing off and on
-    moe bench hf-experts [...]   a transformers MoE training step: eager, grouped_mm and dynamoe experts
+    moe bench hf-experts [...]   an MoE training step: transformers (eager, grouped_mm, dynamoe experts) vs dynamoe
     moe eval RUN_DIR|CHECKPOINT [--report report.html]   load balance, compute per token, plots
     moe plan CONFIG [--gpus N] [--gpu-memory 80GiB] [--routing worst] [--set ...]   memory per rank, all-to-all
     moe configs                  list the shipped configs

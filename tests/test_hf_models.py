@@ -108,6 +108,13 @@ def test_imported_logits_equal_transformers(family):
     name, hf, folder = family
     assert (folder / "hf" / "model.safetensors.index.json").exists()
     imported = import_model(str(folder / "hf"))
+    from dynamoe.models import build_model
+
+    fresh = dict(build_model(imported.config).named_buffers())
+    for name, buf in imported.model.named_buffers():  # none left on the meta device, all as built
+        assert buf.device.type == "cpu" and name in fresh
+        if "expert_bias" not in name:
+            assert torch.equal(buf, fresh[name]), name
     ids = torch.randint(0, COMMON["vocab_size"], (3, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = imported.model(ids).logits, hf(ids).logits

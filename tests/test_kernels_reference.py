@@ -471,3 +471,128 @@ def test_backend_selection(monkeypatch):
         kernels.backend_for(torch.zeros(2))
     with pytest.raises(ValueError, match="DYNAMOE_KERNEL_BACKEND"):
         kernels.topk_route(torch.randn(2, 3), 1)
+
+
+# ----------------------------------------------------------------------- grouped_mm, strided weights
+
+
+def _weight_view(layout: str, E: int, d: int, f: int, dtype, g):
+    """(parameter, w [E, d, f] view of it) for a weight layout of ``w``."""
+    if layout == "transposed":  # transformers' [E, f, d] read as [E, d, f]
+        p = torch.randn(E, f, d, generator=g).to(dtype).requires_grad_()
+        return p, p.transpose(1, 2)
+    if layout == "padded_rows":  # each row of a wider matrix: row stride f + 8
+        p = torch.randn(E, d, f + 8, generator=g).to(dtype).requires_grad_()
+        return p, p[:, :, :f]
+    if layout == "experts_strided":  # experts interleaved with others: [2E, d, f][::2]
+        p = torch.randn(2 * E, d, f, generator=g).to(dtype).requires_grad_()
+        return p, p[::2]
+    assert layout == "contiguous"
+    p = torch.randn(E, d, f, generator=g).to(dtype).requires_grad_()
+    return p, p
+
+
+STRIDED_COUNTS = {**COUNT_CASES, "none": [0, 0, 0, 0, 0], "large": [40, 1, 0, 70, 2]}
+
+
+@pytest.mark.parametrize("counts_name", list(STRIDED_COUNTS))
+@pytest.mark.parametrize("layout", ["transposed", "padded_rows", "experts_strided"])
+@pytest.mark.parametrize("d,f", [(32, 48), (16, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_strided_weights_are_not_copied(counts_name, layout, d, f, dtype, monkeypatch):
+    if dtype == torch.bfloat16 and (d, f) == (16, 8):
+        d, f = 16, 24  # keep every width a multiple of 16 bytes, so torch._grouped_mm applies
+    g = _gen("gmm-strided", counts_name, layout, d, f, str(dtype))
+    counts = torch.tensor(STRIDED_COUNTS[counts_name])
+    N, E = int(counts.sum()), len(counts)
+    offsets = kernels.offsets_from_counts(counts)
+    p, w = _weight_view(layout, E, d, f, dtype, g)
+    x = torch.randn(N, d, generator=g).to(dtype).requires_grad_()
+    up = torch.randn(N, f, generator=g).to(dtype)
+    assert not w.is_contiguous() and torch_grouped_mm_applies(x, w)
+
+    seen = []
+    real = torch._grouped_mm
+
+    def spy(a, b, offs=None, **kw):
+        seen.append((a.data_ptr(), b.data_ptr(), b.stride()))
+        return real(a, b, offs=offs, **kw)
+
+    monkeypatch.setattr(torch, "_grouped_mm", spy)
+    y = kernels.grouped_mm(x, w, offsets=offsets)
+    assert "TorchGroupedMM" in type(y.grad_fn).__name__
+    assert seen[0][1:] == (w.data_ptr(), w.stride())  # the view itself, not a copy
+    y.backward(up)
+    monkeypatch.setattr(torch, "_grouped_mm", real)
+    gx, gp = x.grad, p.grad
+
+    # The loop over experts on the same view: identical numbers (CPU torch._grouped_mm is one GEMM
+    # per group, with the operands' layouts as given), and its gradients by autograd.
+    xr, pr = x.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+    wr = pr.transpose(1, 2) if layout == "transposed" else pr[:, :, :f] if layout == "padded_rows" else pr[::2]
+    yr = kernels.grouped_mm_ref(xr, wr, offsets)
+    yr.backward(up)
+    assert torch.equal(y, yr)
+    assert torch.equal(gx, xr.grad) and torch.equal(gp, pr.grad)
+    # The contiguous path: the same products, summed in another order at most.
+    xc, wc = x.detach().clone().requires_grad_(), w.detach().contiguous().requires_grad_()
+    yc = kernels.grouped_mm(xc, wc, offsets=offsets)
+    yc.backward(up)
+    atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (1e-2, 1e-2)
+    torch.testing.assert_close(y, yc, atol=atol, rtol=rtol)
+    torch.testing.assert_close(gx, xc.grad, atol=atol, rtol=rtol)
+    gw = gp.transpose(1, 2) if layout == "transposed" else gp[:, :, :f] if layout == "padded_rows" else gp[::2]
+    torch.testing.assert_close(gw, wc.grad, atol=atol * 4, rtol=rtol)
+    # The weight gradient comes back in the parameter's own layout (no copy on accumulation), exactly
+    # zero for experts without rows and for the parts of the parameter the view does not cover.
+    assert gp.stride() == p.stride()
+    assert torch.all(gw[counts == 0] == 0)
+    if layout == "padded_rows":
+        assert torch.all(gp[:, :, f:] == 0)
+    if layout == "experts_strided":
+        assert torch.all(gp[1::2] == 0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(3, 16, 8),  # row-major
+        lambda: torch.randn(3, 8, 16).transpose(1, 2),  # column-major
+        lambda: torch.randn(3, 16, 12)[:, :, :8],  # row stride 12: a multiple of 16 bytes
+        lambda: torch.randn(3, 16, 10)[:, :, :8],  # row stride 10: not
+        lambda: torch.randn(3, 10, 8).transpose(1, 2)[:, :8],  # column stride 10: not
+        lambda: torch.randn(3, 16, 16)[:, :, ::2],  # no unit stride
+        lambda: torch.randn(1, 16, 8).expand(3, 16, 8),  # experts share one matrix
+        lambda: torch.randn(3, 1, 8).expand(3, 16, 8),  # rows share one vector
+        lambda: torch.randn(3 * 16 * 8 + 1)[1:].view(3, 16, 8),  # data not 16-byte aligned (CPU: fine)
+    ],
+)
+def test_reads_as_is_matches_what_torch_grouped_mm_accepts(make):
+    from dynamoe.kernels.grouped_gemm import _reads_as_is
+
+    w = make()
+    x = torch.randn(5, w.shape[1])
+    offsets = torch.tensor([2, 2, 5], dtype=torch.int32)
+    try:
+        torch._grouped_mm(x, w, offs=offsets)
+        accepted = True
+    except RuntimeError:
+        accepted = False
+    assert _reads_as_is(w) == accepted
+    # Whatever the layout, kernels.grouped_mm gives the loop's result (copying what torch cannot read).
+    torch.testing.assert_close(
+        kernels.grouped_mm(x, w, offsets=offsets), kernels.grouped_mm_ref(x, w, offsets), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_grouped_mm_single_row_with_unit_strides():
+    # A [1, d] view may carry strides (1, 1), which contiguous() keeps and torch._grouped_mm refuses.
+    x = torch.randn(16, 1).t().requires_grad_()
+    w = torch.randn(2, 8, 16).transpose(1, 2).requires_grad_()
+    assert x.stride() == (1, 1) and x.is_contiguous()
+    counts = torch.tensor([0, 1])
+    y = kernels.grouped_mm(x, w, counts=counts)
+    torch.testing.assert_close(y, x @ w[1], atol=1e-6, rtol=1e-6)
+    gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    torch.testing.assert_close(gx, w[1].sum(1)[None], atol=1e-6, rtol=1e-6)
+    assert torch.all(gw[0] == 0)

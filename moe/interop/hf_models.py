@@ -179,22 +179,21 @@ def _fill(model: torch.nn.Module, cfg: ModelConfig, family: Family, ckpt: HFChec
     missing = sorted(set(own) - set(values))
     if missing:
         raise HFFormatError(f"no checkpoint tensor for {', '.join(missing[:5])}; this is a bug in the importer")
-    state = {**{k: b.detach() for k, b in _materialised_buffers(model, cfg).items()}, **values}
+    # Buffers not in the checkpoint start as a freshly built model's do: every buffer dynamoe's
+    # models register (router bias, load and statistics counters) starts at zero.
+    persistent = set(model.state_dict()) - set(own)
+    state = {
+        **{k: torch.zeros_like(v, device="cpu") for k, v in model.state_dict().items() if k in persistent},
+        **values,
+    }
     model.load_state_dict(state, strict=True, assign=True)
+    for module in model.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:  # non-persistent: not in any state dict
+                module._buffers[name] = torch.zeros_like(buf, device="cpu")
     if cfg.tie_embeddings:  # assign gave each name its own Parameter: tie them again
         model.head.weight = model.tok_emb.weight
     return filled
-
-
-def _materialised_buffers(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The persistent buffers of a freshly built model of ``cfg`` (zeros for the router biases)."""
-    from dynamoe.models import build_model
-
-    persistent = set(model.state_dict()) - {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    if not persistent:
-        return {}
-    reference = build_model(cfg)  # small next to the weights: only its buffers are kept
-    return {k: v for k, v in reference.state_dict().items() if k in persistent}
 
 
 # --- export ------------------------------------------------------------------------------------
