@@ -123,11 +123,11 @@ def _upcycle(args: argparse.Namespace) -> int:
     from dynamoe.config import load_config, to_dict
     from dynamoe.interop.hf_models import shareable_state
     from dynamoe.models.upcycle import plan, upcycle_model
-    from dynamoe.training.checkpoint import load_exported, write_exported
+    from dynamoe.training.checkpoint import load_init_model, write_exported
 
     cfg = load_config(args.config, [*args.set, "train.upcycle.enabled=true"])
     source = cfg.train.init_from
-    dense_cfg, dense = load_exported(Path(source))
+    dense_cfg, dense = load_init_model(source)
     model_cfg, model = upcycle_model(dense_cfg, dense, cfg.model, cfg.train.upcycle, seed=cfg.train.seed, name=source)
     out = write_exported(to_dict(model_cfg), shareable_state(model), Path(args.out), source=f"upcycled from {source}")
     print(plan(model_cfg, cfg.train.upcycle).describe())

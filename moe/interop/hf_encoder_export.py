@@ -14,14 +14,13 @@ RoBERTa-style ones keep both in their classification head (``classifier.dense``,
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dynamoe.config import ModelConfig
-from dynamoe.interop.hf_files import HFFormatError
+from dynamoe.interop.hf_files import HFFormatError, copy_into, staged_folder
 
 EXIT_HEADS_FILE = "exit_heads.safetensors"
 
@@ -58,9 +57,6 @@ def export_encoder(
             "the run kept the encoder's own pooler beside its head (trained with mean or first pooling); "
             "fix: fine-tune with model.pooling: pooler"
         )
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise HFFormatError(f"'{out}' exists and is not empty; fix: choose a new folder or delete it")
     num_labels = int(state["head.out.weight"].shape[0])
     source = resolve_pretrained(cfg.pretrained)
     kwargs = {"num_labels": num_labels}
@@ -109,14 +105,9 @@ def export_encoder(
         for key, target in targets.items():
             target.copy_(head[key])
     exits = sorted({int(k.split(".")[1]) for k in state if k.startswith("exit_heads.")})
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_folder(Path(out)) as tmp:
         model.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            for f in Path(tokenizer).iterdir():
-                if f.is_file():
-                    shutil.copy2(f, tmp / f.name)
+        copy_into(tmp, {"tokenizer": tokenizer} if tokenizer is not None else {})
         if exits:
             save_file(
                 {k: v.contiguous() for k, v in state.items() if k.startswith("exit_heads.")}, str(tmp / EXIT_HEADS_FILE)
@@ -130,10 +121,4 @@ def export_encoder(
             }
             (tmp / "exit_heads.json").write_text(json.dumps(meta, indent=2))
         (tmp / "dynamoe.json").write_text(json.dumps(provenance or {}))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise HFFormatError(f"cannot write '{out}' ({err.strerror or err}); fix: choose a writable folder") from None
-    return ExportedEncoder(out, type(model).__name__, len(exits))
+    return ExportedEncoder(Path(out), type(model).__name__, len(exits))

@@ -134,6 +134,17 @@ def write_folder(
     folder whose files to copy) beside them. Written to ``OUT.partial`` and renamed at the end."""
     from safetensors.torch import save_file
 
+    with staged_folder(out) as tmp:
+        _write_shards(tmp, tensors, max_shard_bytes, save_file)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        copy_into(tmp, extra_files or {})
+    return Path(out)
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A new, empty ``OUT.partial`` to write into, renamed to ``out`` when the block ends well and
+    removed when it does not; a non-empty ``out`` is refused before anything is written."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise HFFormatError(f"'{out}' exists and is not empty; fix: choose a new folder or delete it")
@@ -141,16 +152,7 @@ def write_folder(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        _write_shards(tmp, tensors, max_shard_bytes, save_file)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for name, source in (extra_files or {}).items():
-            source = Path(source)
-            if source.is_dir():
-                for f in source.iterdir():
-                    if f.is_file():
-                        shutil.copy2(f, tmp / f.name)
-            else:
-                shutil.copy2(source, tmp / name)
+        yield tmp
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -163,7 +165,18 @@ def write_folder(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def copy_into(folder: Path, files: dict[str, Path]) -> None:
+    """Copy each file to ``folder / name``, or, for a folder, the files in it (a tokenizer's)."""
+    for name, source in files.items():
+        source = Path(source)
+        if source.is_dir():
+            for f in source.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, folder / f.name)
+        else:
+            shutil.copy2(source, folder / name)
 
 
 def _write_shards(folder: Path, tensors, max_shard_bytes: int, save_file) -> int:

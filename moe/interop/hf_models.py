@@ -249,54 +249,42 @@ def export_model(
     ``moe import``, as a Hugging Face model folder (with the run's tokenizer where it has one)."""
     from dynamoe.config import ModelConfig, from_dict
     from dynamoe.data.tokenizer_files import TOKENIZER_FOLDER
-    from dynamoe.training.checkpoint import is_checkpoint_folder, load_checkpoint, load_newest_intact
+    from dynamoe.training.checkpoint import is_checkpoint_folder, load_checkpoint, load_newest_intact, read_exported
 
     source = Path(source)
     tokenizer = None
     if source.is_file():
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(source), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if "model_config" not in metadata:
-            raise HFFormatError(f"'{source}' is not a dynamoe model file; fix: pass a run, a checkpoint or its export")
-        folder, state = source, load_file(source)
-        model_config, step = json.loads(metadata["model_config"]), int(metadata.get("step", 0))
+        metadata, state = read_exported(source)
+        folder, model_config, step = source, json.loads(metadata["model_config"]), int(metadata.get("step", 0))
     else:
         if is_checkpoint_folder(source):
             folder, (state, _, trainer_state) = source, load_checkpoint(source)
         else:
             folder, (state, _, trainer_state), _ = load_newest_intact(source)
         model_config, step = trainer_state["model_config"], int(trainer_state["step"])
-        tokenizer = folder.parent.parent / TOKENIZER_FOLDER
+        run_tokenizer = folder.parent.parent / TOKENIZER_FOLDER
+        tokenizer = run_tokenizer if run_tokenizer.is_dir() else None
     cfg = from_dict(ModelConfig, model_config, "model")
     if cfg.kind == "hf_encoder":
         from dynamoe.interop.hf_encoder_export import export_encoder
 
-        labels_file = folder.parent.parent / "labels.json" if not source.is_file() else None
+        labels_file = None if source.is_file() else folder.parent.parent / "labels.json"
         labels = json.loads(labels_file.read_text()) if labels_file is not None and labels_file.exists() else None
         encoder = export_encoder(
-            state,
-            cfg,
-            Path(out),
-            tokenizer=tokenizer if tokenizer is not None and tokenizer.is_dir() else None,
-            labels=labels,
-            provenance={"step": step, "source": str(folder)},
+            state, cfg, Path(out), tokenizer=tokenizer, labels=labels, provenance={"step": step, "source": str(folder)}
         )
-        has_tokenizer = tokenizer is not None and tokenizer.is_dir()
-        return ExportedHF(encoder.path, encoder.architecture, step, folder, has_tokenizer)
+        return ExportedHF(encoder.path, encoder.architecture, step, folder, tokenizer is not None)
     path, fam = write_hf(
         state,
         cfg,
         Path(out),
         family=family,
         dtype=dtype,
-        tokenizer=tokenizer if tokenizer is not None and tokenizer.is_dir() else None,
+        tokenizer=tokenizer,
         provenance={"step": step, "source": str(folder)},
         max_shard_bytes=max_shard_bytes,
     )
-    return ExportedHF(path, fam.model_type, step, folder, tokenizer is not None and tokenizer.is_dir())
+    return ExportedHF(path, fam.model_type, step, folder, tokenizer is not None)
 
 
 def write_hf(

@@ -253,11 +253,9 @@ def write_exported(model_config: dict, model_state: dict, out: Path, *, step: in
     return out
 
 
-def load_exported(path: Path):
-    """(ModelConfig, model) from a file written by :func:`export_model`; the weights load strictly."""
-    from dynamoe.config import ModelConfig, from_dict
-    from dynamoe.models import build_model
-
+def read_exported(path: Path) -> tuple[dict, dict]:
+    """(metadata, {name: tensor}) of a file written by :func:`write_exported`, checked to be one; the
+    metadata's ``model_config`` is JSON, ``step`` a string."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"exported model '{path}' does not exist; fix: pass the file written by `moe export`")
@@ -272,6 +270,27 @@ def load_exported(path: Path):
             f"'{path}' is not a dynamoe model export (format {metadata.get('format')!r}); "
             "fix: pass a file written by `moe export`"
         )
+    return metadata, tensors
+
+
+def load_init_model(path: str | Path):
+    """(model config, model) that ``train.init_from`` names: an exported file (``moe export``,
+    ``moe import``), or a Hugging Face model folder imported on the fly."""
+    source = Path(path).expanduser()
+    if source.is_dir():
+        from dynamoe.interop.hf_models import import_model
+
+        imported = import_model(str(source))
+        return imported.config, imported.model
+    return load_exported(source)
+
+
+def load_exported(path: Path):
+    """(ModelConfig, model) from a file written by :func:`export_model`; the weights load strictly."""
+    from dynamoe.config import ModelConfig, from_dict
+    from dynamoe.models import build_model
+
+    metadata, tensors = read_exported(path)
     cfg = from_dict(ModelConfig, json.loads(metadata["model_config"]), "model")
     model = build_model(cfg)
     model.load_state_dict(tensors, strict=True)

@@ -294,7 +294,7 @@ class Trainer:
         from dynamoe.models.upcycle import plan, upcycle_state
 
         path = self.cfg.train.init_from
-        dense_cfg, dense = _load_start(path)
+        dense_cfg, dense = ckpt.load_init_model(path)
         up = self.cfg.train.upcycle
         state = upcycle_state(dense_cfg, dense.state_dict(), self.cfg.model, up, seed=self.cfg.train.seed, name=path)
         if report:
@@ -308,7 +308,7 @@ class Trainer:
             self._init_state = state if self.cfg.train.precision != "fp32" else None
             self.model.load_state_dict(state, strict=True)
             return
-        exported_cfg, exported = _load_start(path)
+        exported_cfg, exported = ckpt.load_init_model(path)
         # Settings that only shape the loss or inference (exit weights, policy thresholds, router
         # loss coefficients) may change between runs; the weights must fit exactly.
         state = exported.state_dict()
@@ -698,18 +698,6 @@ class Trainer:
             (self.run_dir / "summary.json").write_text(json.dumps(finite(summary), indent=2, allow_nan=False))
         self.metrics.close()
         return TrainResult(self.run_dir, t.steps, wall, losses, final, balance, baseline)
-
-
-def _load_start(path: str):
-    """(model config, model) of ``train.init_from``: an exported file, or a Hugging Face model folder
-    imported on the fly (``dynamoe.interop.hf_models``)."""
-    source = Path(path).expanduser()
-    if source.is_dir():
-        from dynamoe.interop.hf_models import import_model
-
-        imported = import_model(str(source))
-        return imported.config, imported.model
-    return ckpt.load_exported(source)
 
 
 def _config_diff(a, b) -> str:
