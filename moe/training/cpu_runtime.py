@@ -8,8 +8,9 @@ tcmalloc give CPU PyTorch jobs.
 
 oneDNN, which runs CPU bf16 matrix products, caches a compiled primitive per shape (1024 by
 default). Expert groups change their row counts every step, so bf16 MoE training fills that cache
-with primitives used once: the quickstart model's resident memory grew from 0.6 to 1.4 GiB over
-60 steps here, and plateaus at 0.85 GiB with a cache of 64, at the same step time.
+with primitives used once. A bf16 quickstart run (ZeRO 1) peaked at 1,643, 1,752 and 1,862 MiB
+after 20, 40 and 60 steps with oneDNN's default, and at 1,252, 1,270 and 1,270 MiB with a cache of
+64, at the same step time (0.19-0.21 s): docs/benchmarks.md has the command.
 """
 
 from __future__ import annotations
