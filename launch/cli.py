@@ -15,7 +15,10 @@
     moe bench plan [...]         the memory plan against measured peak memory of short runs
     moe bench throughput [...]   tokens/s and peak memory: fp32 vs bf16, activation checkpointing off and on
     moe bench hf-experts [...]   an MoE training step: transformers (eager, grouped_mm, dynamoe experts) vs dynamoe
+    moe bench generation RUN     tokens/s of KV-cache decoding: full model vs self-speculative
     moe eval RUN_DIR|CHECKPOINT [--report report.html]   load balance, compute per token, plots
+    moe generate RUN_DIR --prompt TEXT [--prompts-file F] [--max-new-tokens N] [--temperature T
+        --top-k K --top-p P --seed S] [--speculative --draft-layers L --draft-tokens D] [--batch-size B]
     moe plan CONFIG [--gpus N] [--gpu-memory 80GiB] [--routing worst] [--set ...]   memory per rank, all-to-all
     moe configs                  list the shipped configs
 
@@ -51,6 +54,7 @@ BENCHMARKS = {  # `moe bench NAME` -> the module whose main(argv) runs it
     "plan": "dynamoe.evals.plan_check",
     "throughput": "dynamoe.evals.bench_throughput",
     "hf-experts": "dynamoe.evals.bench_hf_experts",
+    "generation": "dynamoe.evals.bench_generation",
 }
 
 
@@ -177,6 +181,101 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_summary(result))
     print(f"wrote {result['json']}" + (f" and {result['report']}" if "report" in result else ""))
     return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dynamoe.generation import GenerationError
+
+    try:
+        return _run_generate(args)
+    except GenerationError as err:
+        if args.debug:
+            raise
+        print(f"moe generate: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _generation_request(args: argparse.Namespace):
+    """Everything ``moe generate`` checks before loading weights, so a bad request costs seconds:
+    (prompt texts, their ids, run, sampling, draft layers or None, tokenizer, new tokens per prompt)."""
+    from dynamoe.generation import GenerationError, SamplingConfig, check_decodable, draft_exit
+    from dynamoe.generation.decode import check_prompts
+    from dynamoe.generation.run_folder import encode_prompts, load_tokenizer, read_prompts, resolve_run
+
+    texts = read_prompts(args.prompt, args.prompts_file)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if args.speculative and not sampling.greedy:
+        raise GenerationError(
+            "--speculative decodes greedily (it reproduces full-model greedy decoding); "
+            "fix: drop --temperature/--top-k/--top-p, or drop --speculative to sample"
+        )
+    for flag, value in (("--draft-tokens", args.draft_tokens), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise GenerationError(f"{flag} must be >= 1, got {value}; fix: e.g. 4")
+    run = resolve_run(args.source)
+    check_decodable(run.model_cfg, dropless=args.dropless)
+    draft_layers = draft_exit(run.model_cfg, args.draft_layers)[0] if args.speculative else None
+    tokenizer = load_tokenizer(run)
+    prompts = encode_prompts(tokenizer, texts)
+    max_new = args.max_new_tokens
+    if max_new is None:  # as many as the context leaves the longest prompt, up to 64
+        max_new = max(1, min(64, run.model_cfg.max_seq_len - max(len(p) for p in prompts)))
+    check_prompts(run.model_cfg, prompts, max_new)
+    return texts, prompts, run, sampling, draft_layers, tokenizer, max_new
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from dynamoe.generation import generate, speculative_generate
+    from dynamoe.training.checkpoint import load_model
+
+    texts, prompts, run, sampling, draft_layers, tokenizer, max_new = _generation_request(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    _, model = load_model(run.weights)
+    model.to(args.device)
+    load_seconds = time.perf_counter() - started
+    common = dict(max_new_tokens=max_new, eos_id=tokenizer.eos_token_id, batch_size=args.batch_size)
+    if draft_layers is not None:
+        result = speculative_generate(
+            model, prompts, draft_layers=draft_layers, draft_tokens=args.draft_tokens, dropless=args.dropless, **common
+        )
+    else:
+        result = generate(model, prompts, sampling=sampling, dropless=args.dropless, **common)
+    completions = [tokenizer.decode(t) for t in result.tokens]
+    for i, (text, ids, new, completion) in enumerate(zip(texts, prompts, result.tokens, completions), 1):
+        print(f"=== {i}/{len(texts)}: {len(ids)} prompt tokens, {len(new)} new ===")
+        print(text + completion)
+    _report_generation(args, result, sampling, draft_layers, run.model_cfg.n_layers, load_seconds)
+    if args.json:
+        import json
+
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"prompt": t, "completion": c, "tokens": n} for t, c, n in zip(texts, completions, result.tokens)]
+        out.write_text(json.dumps({"completions": rows, "stats": result.stats.to_dict()}, indent=2))
+        print(f"wrote {out}")
+    return 0
+
+
+def _report_generation(args, result, sampling, draft_layers, n_layers: int, load_seconds: float) -> None:
+    s = result.stats
+    mode = "greedy" if sampling.greedy else f"sampled (temperature {sampling.temperature}, seed {sampling.seed})"
+    print(
+        f"generated {s.new_tokens} tokens for {s.prompts} prompt(s) in {s.seconds:.2f} s "
+        f"({s.tokens_per_second:.1f} tokens/s, {mode}; model loaded in {load_seconds:.2f} s)"
+    )
+    if draft_layers is not None:
+        rate = "n/a" if s.acceptance_rate is None else f"{s.acceptance_rate:.1%}"
+        print(
+            f"self-speculative: drafts from the exit after layer {draft_layers} of {n_layers}, "
+            f"{args.draft_tokens} per round: {rate} of {s.drafted} drafted tokens accepted, "
+            f"{s.tokens_per_round:.2f} tokens per verification pass"
+        )
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -354,6 +453,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser(
+        "generate", help="continue prompts with a trained decoder (KV cache; optionally self-speculative)"
+    )
+    p.add_argument("source", help="a run folder (its newest checkpoint and tokenizer) or one of its checkpoint folders")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeat for several)")
+    p.add_argument("--prompts-file", default=None, metavar="FILE", help="a text file, one prompt a line")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens to add to each prompt (default: 64, or what the context leaves the longest prompt)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sample")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample among the most likely tokens holding mass P")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i samples with seed + i")
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="self-speculative greedy decoding: an early exit drafts, the remaining layers verify",
+    )
+    p.add_argument(
+        "--draft-layers",
+        type=int,
+        default=None,
+        metavar="L",
+        help="layers the draft runs: one of model.exits.layers (default: the exit nearest half the depth)",
+    )
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="D", help="tokens drafted per round (default 4)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    p.add_argument(
+        "--dropless",
+        action="store_true",
+        help="decode a model trained with expert capacity routing every token to its top-k experts",
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the completions and statistics as JSON")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("plan", help="memory per rank and all-to-all bytes per step of a config, and whether it fits")
     p.add_argument("config", help="a YAML config path or a shipped config name (see `moe configs`)")

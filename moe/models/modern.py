@@ -138,9 +138,13 @@ class GroupedQueryAttention(nn.Module):
         *,
         rows: tuple | None = None,
         positions: torch.Tensor | None = None,
+        cache=None,
     ) -> torch.Tensor:
         """Every token of ``x`` attends to the others (``positions`` [B, S]: their sequence
-        positions, ascending; default 0..S-1), or, with ``rows``, :meth:`attend`."""
+        positions, ascending; default 0..S-1), or, with ``rows``, :meth:`attend`, or, with
+        ``cache``, :meth:`attend_cached`."""
+        if cache is not None:
+            return self.attend_cached(x_BSD, cache)
         if rows is not None:
             return self.attend(x_BSD, *rows)
         B, S, _ = x_BSD.shape
@@ -180,3 +184,14 @@ class GroupedQueryAttention(nn.Module):
         # A query always sees itself, so padding queries have no empty row (no NaN to mask later).
         allowed = allowed | (k_pos_BK[:, None, :] == q_pos_BQ[:, :, None])
         return self._attention(q, k, v, attn_mask=allowed[:, None])
+
+    def attend_cached(self, x_BnD: torch.Tensor, cache) -> torch.Tensor:
+        """New tokens ``x`` [B, n, D] at the cache step's positions against every cached key at or
+        before their position. Keys are cached after QK-norm and rotation, so each is rotated once,
+        by its own position, exactly as a full pass rotates it."""
+        pos = cache.positions
+        q = self._rotate(self._heads(self.q_proj(x_BnD), self.q_norm, self.n_heads), pos)
+        k = self._rotate(self._heads(self.k_proj(x_BnD), self.k_norm, self.n_kv_heads), pos)
+        v = self._heads(self.v_proj(x_BnD), None, self.n_kv_heads)
+        k_all, v_all = cache.append(k, v)
+        return self._attention(q, k_all, v_all, attn_mask=cache.mask)

@@ -53,12 +53,16 @@ class SelfAttention(nn.Module):
         *,
         rows: tuple | None = None,
         positions: torch.Tensor | None = None,
+        cache=None,
     ) -> torch.Tensor:
         """Self-attention over the whole sequence, or, with ``rows = (q_pos, x_kv, k_pos, k_valid)``,
-        for the query rows ``x_BSD`` only against the key rows ``x_kv`` (:meth:`attend`). Both go
-        through the module call, so forward hooks (compute accounting) see every use. ``positions``
-        is not read: this block's positions are in the embeddings (learned), so gathered tokens
-        keep theirs."""
+        for the query rows ``x_BSD`` only against the key rows ``x_kv`` (:meth:`attend`), or, with
+        ``cache`` (a ``dynamoe.generation.kv_cache.LayerCache``), for new tokens against the cached
+        keys and values (:meth:`attend_cached`). All go through the module call, so forward hooks
+        (compute accounting) see every use. ``positions`` is not read: this block's positions are
+        in the embeddings (learned), so gathered tokens keep theirs."""
+        if cache is not None:
+            return self.attend_cached(x_BSD, cache)
         if rows is not None:
             return self.attend(x_BSD, *rows)
         B, S, D = x_BSD.shape
@@ -105,6 +109,17 @@ class SelfAttention(nn.Module):
         )
         return self.proj(y.transpose(1, 2).reshape(B, Q, D))
 
+    def attend_cached(self, x_BnD: torch.Tensor, cache) -> torch.Tensor:
+        """New tokens ``x`` [B, n, D] (at the cache step's positions) against every cached key at
+        or before their position: their K and V are written into the cache first."""
+        B, n, D = x_BnD.shape
+        q, k, v = (
+            t.view(B, n, self.n_heads, D // self.n_heads).transpose(1, 2) for t in self.qkv(x_BnD).split(D, dim=-1)
+        )
+        k_all, v_all = cache.append(k, v)
+        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=cache.mask)
+        return self.proj(y.transpose(1, 2).reshape(B, n, D))
+
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, causal: bool):
@@ -147,6 +162,17 @@ class Block(nn.Module):
         else:
             h = self.ffn(self.ln2(x))
         return x + self.drop(h), aux
+
+    def forward_cached(self, x_BnD: torch.Tensor, cache) -> torch.Tensor:
+        """The block on new tokens only (incremental decoding, eval mode), their attention reading
+        earlier tokens' keys and values from ``cache`` (a ``LayerCache``) and adding their own.
+        The FFN sees each token alone, which is what a full pass does with dropless token-choice
+        routing (``dynamoe.generation.decode.check_decodable`` refuses the rest)."""
+        x = x_BnD + self.drop(self.attn(self.ln1(x_BnD), cache=cache))
+        h = self.ffn(self.ln2(x))
+        if self.is_moe:
+            h = h[0]
+        return x + self.drop(h)
 
     def forward_rows(
         self,
@@ -207,6 +233,14 @@ class _Backbone(DynamoeModel):
         x = self.tok_emb(idx_BS)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(S, device=idx_BS.device))
+        return self.drop(x)
+
+    def embed_at(self, idx_Bn: torch.Tensor, positions_Bn: torch.Tensor) -> torch.Tensor:
+        """Embeddings of tokens at explicit sequence positions (incremental decoding: each row's
+        new tokens sit at its own length), as :meth:`_embed` gives them inside a whole sequence."""
+        x = self.tok_emb(idx_Bn)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions_Bn)
         return self.drop(x)
 
     def start_state(self, x_BSD: torch.Tensor, key_mask_BS: torch.Tensor | None, mod_rule: str = "top_c") -> StageState:
