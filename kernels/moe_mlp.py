@@ -2,9 +2,11 @@
 
 The reference composes the reference ops exactly as the MoE layer's unfused path does (dispatcher,
 ``GroupedExperts``, combine), so it is the ground truth for fused implementations. The Triton one
-(``kernels/triton/fused_moe.py``) gathers token rows inside the first GEMM's loads and applies the
-combine weights in the second GEMM's epilogue, so neither the permuted input nor a weighted copy of
-the output is ever materialised. The layer takes this op only when an accelerated backend has it.
+(``kernels/triton/fused_moe.py``) gathers token rows inside the GEMMs' loads, applies the activation
+in the first GEMM's epilogue and the combine weights in the second's, and runs the activation's
+backward in the epilogue of the GEMM that computes its input gradient, so neither the permuted input,
+the permuted output gradient, a weighted copy of the output nor an fp32 intermediate is ever
+materialised. The layer takes this op only when an accelerated backend has it.
 """
 
 from __future__ import annotations

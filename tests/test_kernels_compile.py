@@ -23,13 +23,13 @@ import pytest
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 
-def _compile(tmp_path, *extra) -> list[dict]:
+def _compile(tmp_path, *extra, timeout: int = 1200) -> list[dict]:
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     cmd = [sys.executable, "-m", "dynamoe.kernels.triton.compile_check", "--json", str(out), *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     print(proc.stdout[-20000:])
     if not out.exists():
         pytest.fail(f"the compile check wrote no result:\n{proc.stderr[-4000:]}")
@@ -66,10 +66,26 @@ def test_every_kernel_has_a_variant():
     assert defined <= covered
 
 
+def test_every_gemm_flag_combination_has_a_variant():
+    """Each way the launches call the GEMM kernels (flags, epilogues, stored outputs) is compiled by the
+    sweep on both targets; the default run covers every epilogue and the dY gather on sm_90a."""
+    from dynamoe.kernels.triton import compile_check
+    from dynamoe.kernels.triton.grouped_gemm import EPILOGUES
+
+    ops = set(compile_check.gemm_ops())
+    for cap in ((9, 0), (8, 0)):
+        assert ops <= {v.label.split()[0] for v in compile_check.variants(cap, exhaustive=True)}
+    default = [v.kwargs() for v in compile_check.variants((9, 0)) if v.kernel.startswith("_gmm")]
+    assert {ce["EPILOGUE"] for ce in default if "EPILOGUE" in ce} == set(EPILOGUES)
+    for flag in ("GATHER_DY", "STORE_AUX", "ROWDOT"):
+        assert {ce[flag] for ce in default if flag in ce} == {True, False}, flag
+
+
 def test_kernels_compile_for_sm90a_and_sm80(tmp_path):
     _check(_compile(tmp_path))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # about 1500 variants, near half an hour on 2 cores
 def test_every_candidate_tile_compiles(tmp_path):
-    _check(_compile(tmp_path, "--all", "--jobs", "2"))
+    _check(_compile(tmp_path, "--all", "--jobs", "2", timeout=3300))

@@ -327,35 +327,188 @@ def test_grouped_mm_errors():
 MLP_CASES = [(1, 1, 1, "gelu"), (7, 4, 4, "swiglu"), (7, 4, 2, "gelu"), (200, 9, 2, "swiglu"), (60, 16, 6, "gelu")]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T,E,k,activation", MLP_CASES)
-def test_fused_moe_mlp_matches_unfused_reference(T, E, k, activation, dtype):
-    g = _gen("mlp", T, E, k, activation, str(dtype))
-    d, f = 24, 20
-    experts = _assignments(T, E, k, g, drop=0.2 if k > 1 else 0.0).to(DEV)
+def _mlp_inputs(T, E, k, activation, dtype, drop, d=24, f=20, tag="mlp"):
+    """x, experts, weights, counts, w1, w2 on DEV; experts 1 and E-1 starved (E > 2), ``drop`` of the slots -1."""
+    g = _gen(tag, T, E, k, activation, str(dtype))
+    experts = _assignments(T, E, k, g, drop=drop).to(DEV)
     counts = torch.bincount(experts[experts >= 0].cpu(), minlength=E).to(DEV)
     width = 2 * f if activation == "swiglu" else f
     x = torch.randn(T, d, generator=g).to(DEV, dtype).requires_grad_()
     weights = torch.rand(T, k, generator=g).to(DEV).requires_grad_()
     w1 = (torch.randn(E, d, width, generator=g) / math.sqrt(d)).to(DEV, dtype).requires_grad_()
     w2 = (torch.randn(E, f, d, generator=g) / math.sqrt(f)).to(DEV, dtype).requires_grad_()
+    return x, experts, weights, counts, w1, w2, torch.randn(T, d, generator=g).to(DEV, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("T,E,k,activation", MLP_CASES)
+def test_fused_moe_mlp_matches_unfused_reference(T, E, k, activation, dtype):
+    x, experts, weights, counts, w1, w2, up = _mlp_inputs(T, E, k, activation, dtype, 0.2 if k > 1 else 0.0)
     args = (experts, weights, counts, w1, w2)
     y = kernels.moe_mlp(x, *args, activation=activation)
     ry = kernels.moe_mlp_ref(x, *args, activation=activation)
     assert y.dtype == dtype and torch.isfinite(y).all()
-    up = torch.randn(T, d, generator=g).to(DEV, dtype)
     inputs = (x, weights, w1, w2)
     grads = torch.autograd.grad(y, inputs, up)
     rgrads = torch.autograd.grad(ry, inputs, up)
-    if dtype == torch.float32:
+    if dtype == torch.float64:
+        tol = {"atol": 1e-10, "rtol": 1e-10}
+    elif dtype == torch.float32:
         tol = {"atol": 2e-5, "rtol": 1e-4}
     else:  # the fused path rounds w * (a @ W2) once, the unfused a @ W2 then w * (...): a few ulps apart
         tol = {"atol": 4 * _ulp(ry) + 1e-3, "rtol": 2e-2}
-    torch.testing.assert_close(y.float(), ry.float(), **tol)
+    torch.testing.assert_close(y.double(), ry.double(), **tol)
     for name, a, b in zip(("dx", "dweights", "dw1", "dw2"), grads, rgrads):
-        scale = max(1.0, float(b.float().abs().max()))
-        torch.testing.assert_close(a.float() / scale, b.float() / scale, **tol, msg=lambda m, n=name: f"{n}: {m}")
+        scale = max(1.0, float(b.double().abs().max()))
+        # the combine weights are fp32 (also with fp64 activations): their gradient is rounded to fp32
+        t = {"atol": 1e-6, "rtol": 1e-6} if name == "dweights" and dtype == torch.float64 else tol
+        torch.testing.assert_close(a.double() / scale, b.double() / scale, **t, msg=lambda m, n=name: f"{n}: {m}")
     assert torch.all(grads[1][experts < 0] == 0)
+
+
+def _tol(ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """Max abs error allowed for a kernel output against an fp64 reference from the same inputs: the
+    fp32 accumulation, plus for bf16 the rounding to it (2 ulps at the largest magnitude: the
+    interpreter's fp32 -> bf16 conversion may round differently from PyTorch's)."""
+    big = max(1.0, float(ref.abs().max())) if ref.numel() else 1.0
+    if dtype == torch.float64:
+        return 1e-12 * big
+    return (2 * _ulp(ref, dtype) if dtype != torch.float32 else 0.0) + 1e-5 * big
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_activation_epilogues_match_pytorch(activation, dtype):
+    """Each fused piece alone, against PyTorch in fp64 from the same rounded inputs: GEMM1 with the
+    activation in its epilogue (a and h), the backward GEMM (dh, the recomputed a, the row dots), and
+    the weight gradient with dY gathered; empty experts, a group over one tile, widths off the tile."""
+    from dynamoe.kernels.moe_mlp import activate
+    from dynamoe.kernels.triton.grouped_gemm import gmm_act, gmm_act_grad, gmm_weight_grad
+
+    g = _gen("epilogues", activation, str(dtype))
+    counts = torch.tensor([3, 0, 37, 0, 9, 1])
+    E, N, T, d, f = len(counts), int(counts.sum()), 23, 24, 20
+    width = 2 * f if activation == "swiglu" else f
+    tok = torch.randint(0, T, (N,), generator=g).to(DEV)
+    x = torch.randn(T, d, generator=g).to(DEV, dtype)
+    w1 = (torch.randn(E, d, width, generator=g) / math.sqrt(d)).to(DEV, dtype)
+    w2 = (torch.randn(E, f, d, generator=g) / math.sqrt(f)).to(DEV, dtype)
+    dy = torch.randn(T, d, generator=g).to(DEV, dtype)
+    scale = torch.rand(N, generator=g).to(DEV)
+    ends = kernels.offsets_from_counts(counts).to(DEV)
+    offsets = ends.cpu()
+
+    a, h = gmm_act(x, w1, ends, activation, gather=tok, keep_h=True)
+    assert (a.shape, h.shape, a.dtype, h.dtype) == ((N, f), (N, width), dtype, dtype)
+    h_ref = grouped_mm_ref(x.double().cpu()[tok.cpu()], w1.double().cpu(), offsets)
+    assert (h.double().cpu() - h_ref).abs().max() <= _tol(h_ref, dtype)
+    a_ref = activate(h.double().cpu(), activation)  # from the kernel's rounded h, as the epilogue reads it
+    assert (a.double().cpu() - a_ref).abs().max() <= _tol(a_ref, dtype)
+    a_only, no_h = gmm_act(x, w1, ends, activation, gather=tok)
+    assert no_h is None and torch.equal(a_only, a)
+
+    dh, a_bwd, rowdot = gmm_act_grad(dy, w2, h, ends, activation, gather=tok, scale=scale, keep_a=True, rowdot=True)
+    assert (dh.shape, dh.dtype, rowdot.shape) == ((N, width), dtype, (N,))
+    da = grouped_mm_ref(dy.double().cpu()[tok.cpu()], w2.double().cpu().transpose(1, 2), offsets)
+    h64 = h.double().cpu().requires_grad_()
+    (dh_ref,) = torch.autograd.grad(activate(h64, activation), h64, da * scale.double().cpu()[:, None])
+    assert (dh.double().cpu() - dh_ref).abs().max() <= _tol(dh_ref, dtype)
+    # The backward's a is the forward's, recomputed from h the same way (bit-equal in the interpreter).
+    if CUDA:
+        assert (a_bwd.double() - a.double()).abs().max() <= _ulp(a, dtype)
+    else:
+        assert torch.equal(a_bwd, a)
+    rowdot_ref = (da * a.double().cpu()).sum(-1)
+    assert rowdot.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert (rowdot.double().cpu() - rowdot_ref).abs().max() <= _tol(
+        rowdot_ref, torch.float32 if dtype != torch.float64 else dtype
+    )
+    dh2, none_a, none_rowdot = gmm_act_grad(dy, w2, h, ends, activation, gather=tok, scale=scale)
+    assert none_a is None and none_rowdot is None and torch.equal(dh2, dh)
+
+    dw2 = gmm_weight_grad(a, dy, ends, E, gather_dy=tok, scale=scale)
+    # the kernel scales dY's rows in fp32 and rounds them to the input dtype before the product
+    g_rows = (dy.double().cpu()[tok.cpu()] * scale.double().cpu()[:, None]).to(dtype).double()
+    dw2_ref = torch.stack(
+        [a.double().cpu()[s:e].T @ g_rows[s:e] for s, e in zip([0, *offsets[:-1].tolist()], offsets.tolist())]
+    )
+    assert torch.all(dw2[counts.to(DEV) == 0] == 0)  # empty experts: zeros, not poison
+    assert (dw2.double().cpu() - dw2_ref).abs().max() <= _tol(dw2_ref, dtype)
+
+
+def test_activation_epilogues_without_rows():
+    from dynamoe.kernels.triton.grouped_gemm import gmm_act, gmm_act_grad, gmm_weight_grad
+
+    ends = torch.zeros(3, dtype=torch.int32, device=DEV)
+    tok = torch.zeros(0, dtype=torch.int64, device=DEV)
+    x, dy = torch.randn(4, 8, device=DEV), torch.randn(4, 8, device=DEV)
+    w1, w2 = torch.randn(3, 8, 10, device=DEV), torch.randn(3, 5, 8, device=DEV)
+    a, h = gmm_act(x, w1, ends, "swiglu", gather=tok, keep_h=True)
+    assert a.shape == (0, 5) and h.shape == (0, 10)
+    dh, a2, rowdot = gmm_act_grad(dy, w2, h, ends, "swiglu", gather=tok, keep_a=True, rowdot=True)
+    assert dh.shape == (0, 10) and a2.shape == (0, 5) and rowdot.shape == (0,)
+    assert torch.equal(gmm_weight_grad(a, dy, ends, 3, gather_dy=tok), torch.zeros(3, 5, 8, device=DEV))
+
+
+def test_epilogue_flags_are_checked_where_they_are_derived():
+    from dynamoe.kernels.triton.grouped_gemm import gmm_constexprs, gmm_op
+
+    tile = autotune.Tile(32, 32, 32)
+    ce = gmm_constexprs(
+        torch.bfloat16, 64, 4, tile, gather=True, scale=True, epilogue="dswiglu", store_aux=True, rowdot=True
+    )
+    assert (ce["EPILOGUE"], ce["STORE_AUX"], ce["ROWDOT"]) == ("dswiglu", True, True)
+    assert gmm_op(True, True, True, "dswiglu", True, True) == "gmmgst_dswiglu+a+r"
+    assert gmm_op(True, False, False, "gelu", True) == "gmmg_gelu+h" and gmm_op(False, False, True) == "gmmt"
+    for bad in (
+        {"epilogue": "relu"},
+        {"epilogue": "gelu", "scale": True},  # a row scale before the activation: not what the MLP needs
+        {"store_aux": True},
+        {"epilogue": "swiglu", "rowdot": True},
+    ):
+        kw = {"gather": False, "scale": False, **bad}
+        with pytest.raises(ValueError):
+            gmm_constexprs(torch.bfloat16, 64, 4, tile, **kw)
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every tensor an op creates (storage not shared with its inputs): (op, shape, dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[tuple[str, tuple, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor) and t.numel()}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in inputs:
+                self.made.append((str(func), tuple(t.shape), t.dtype))
+        return out
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_fused_mlp_writes_no_intermediate_it_fuses_away(activation):
+    """What the fusions remove is never created: no activation pass over h, no gathered copy of dY, no
+    fp32 [N, f] tensor in the backward; and under no_grad, no h."""
+    T, E, k, d, f = 40, 4, 2, 24, 20
+    x, experts, weights, counts, w1, w2, up = _mlp_inputs(T, E, k, activation, torch.bfloat16, 0.0, tag="allocs")
+    N, width = int((experts >= 0).sum()), w1.shape[2]  # kept rows (experts 1 and 3 are starved)
+    args = (experts, weights, counts, w1, w2)
+    with _Allocations() as fwd:
+        y = kernels.moe_mlp(x, *args, activation=activation)
+    big = [(op, shape) for op, shape, _ in fwd.made if math.prod(shape) >= N * f]
+    # a [N, f] and h [N, w] (for the backward) from the first GEMM, z [N, d] from the second, y: nothing else
+    assert sorted(shape for _, shape in big) == sorted([(N, f), (N, width), (N, d), (T, d)]), big
+    with _Allocations() as bwd:
+        torch.autograd.grad(y, (x, weights, w1, w2), up)
+    assert not [m for m in bwd.made if m[2] == torch.float32 and math.prod(m[1]) >= N * f], bwd.made
+    assert [shape for _, shape, _ in bwd.made].count((N, d)) == 1, bwd.made  # dh @ W1^T only: no dY[tok] copy
+    with torch.no_grad(), _Allocations() as inference:
+        kernels.moe_mlp(x, *args, activation=activation)
+    shapes = [shape for _, shape, _ in inference.made]
+    assert shapes.count((N, f)) == 1 and (width == f or (N, width) not in shapes), inference.made
 
 
 def _layer(activation, capacity_factor=None, k=2, score="softmax"):
@@ -492,6 +645,32 @@ def test_tiles_fit_shared_memory_for_dtype_and_device():
     assert autotune.Tile(128, 256, 64, 8, 8, 3) not in autotune.candidates(f32, "tf32", (9, 0))
     assert autotune.Tile(128, 256, 64, 8, 8, 3) in autotune.candidates(bf16, "ieee", (9, 0))
     assert autotune.aligned(4096, 1024) and not autotune.aligned(4096, 333)
+
+
+def test_tile_pruning_counts_the_fused_epilogues():
+    """The SwiGLU forward's second accumulator and B tile, and the fused epilogues' live tiles, shrink
+    the default tile where the plain GEMM's would not fit (what the compile check measured)."""
+    from dynamoe.kernels.triton.grouped_gemm import EPILOGUES, accumulators, epilogue_tiles
+
+    bf16, big = torch.bfloat16, autotune.Tile(128, 128, 64, 8, 8, 3)
+    assert autotune.smem_estimate(big, 2, (9, 0), 2) > autotune.smem_estimate(big, 2, (9, 0))
+    assert autotune.fits_registers(big, bf16, "ieee", (9, 0)) and not autotune.fits_registers(
+        big, bf16, "ieee", (8, 0), 2
+    )
+    for cap in ((9, 0), (8, 0), (8, 9)):
+        limit = autotune.smem_per_block(cap)
+        for epilogue in EPILOGUES:
+            regs = (accumulators(epilogue), epilogue_tiles(epilogue))
+            for dtype, precision, elt in ((bf16, "ieee", 2), (torch.float32, "ieee", 4), (torch.float64, "ieee", 8)):
+                for tile in autotune.candidates(dtype, precision, cap, None, True, *regs):
+                    assert autotune.smem_estimate(tile, elt, cap, regs[0]) <= limit
+                    assert autotune.fits_registers(tile, dtype, precision, cap, *regs)
+    default = {
+        e: autotune.default_tile(bf16, "ieee", (9, 0), None, True, accumulators(e), epilogue_tiles(e))
+        for e in EPILOGUES
+    }
+    assert default[""] == default["gelu"] == big
+    assert {default[e] for e in ("swiglu", "dgelu", "dswiglu")} == {autotune.Tile(128, 64, 64, 8, 8, 3)}
 
 
 def test_tune_key_names_everything_that_changes_the_kernel():

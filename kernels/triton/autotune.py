@@ -69,6 +69,9 @@ TENSOR_CORE_TILES = (
     Tile(64, 128, 64, 8, 4, 4),
     Tile(64, 256, 64, 8, 8, 3),
     Tile(128, 64, 64, 8, 4, 4),
+    # 32 accumulator elements a thread over 128 rows: for the fused MLP's epilogues, whose temporaries
+    # (h, a, dh, the SwiGLU halves) do not fit beside a 64-element accumulator.
+    Tile(128, 64, 64, 8, 8, 3),
     Tile(64, 64, 64, 8, 4, 4),
     Tile(128, 128, 32, 8, 8, 3),  # the fallback for fp32 where 64-deep stages do not fit (99 KB parts)
     Tile(64, 64, 32, 8, 4, 3),
@@ -79,6 +82,7 @@ TF32X3_TILES = (
     Tile(128, 128, 32, 8, 8, 3),
     Tile(64, 128, 32, 8, 8, 3),
     Tile(64, 64, 32, 8, 4, 3),
+    Tile(64, 64, 32, 8, 8, 3),  # the fused SwiGLU epilogues
 )
 # Widths that are not multiples of 16 elements: no alignment hints, so no asynchronous copies; the
 # operands pass through registers and the big tiles spill. Small tiles only.
@@ -88,7 +92,10 @@ UNALIGNED_TILES = (
     Tile(64, 32, 32, 8, 4, 3),
 )
 UNALIGNED_FMA_TILES = (Tile(32, 32, 32, 8, 4, 3),)
-UNALIGNED_TF32_TILES = (Tile(64, 64, 32, 8, 8, 3),)  # 4-warp tiles spill on sm_80
+UNALIGNED_TF32_TILES = (
+    Tile(64, 64, 32, 8, 8, 3),  # 4-warp tiles spill on sm_80
+    Tile(64, 16, 32, 8, 4, 3),  # the fused SwiGLU epilogues with tf32x3 (32-row tiles lose wgmma)
+)
 # Exact fp32 ("ieee") products are FMAs on the CUDA cores: the operands live in registers.
 FMA_TILES = (
     Tile(64, 64, 32, 8, 8, 3),
@@ -99,6 +106,7 @@ FP64_TILES = (
     Tile(64, 64, 16, 8, 4, 2),
     Tile(32, 64, 32, 8, 4, 2),
     Tile(32, 32, 32, 8, 4, 2),
+    Tile(16, 32, 32, 8, 4, 2),  # the fused SwiGLU epilogues
 )
 GPU_TILES = TENSOR_CORE_TILES  # kept for callers of the old name
 # The interpreter runs each program in Python: few, moderately sized programs are fastest.
@@ -132,24 +140,41 @@ def device_smem_per_block(device: torch.device) -> int:
     return int(reported) or smem_per_block((props.major, props.minor))
 
 
-def smem_estimate(tile: Tile, elt_bytes: int, capability: tuple[int, int]) -> int:
+def smem_estimate(tile: Tile, elt_bytes: int, capability: tuple[int, int], n_acc: int = 1) -> int:
     """Bytes of shared memory the GEMM kernels need with ``tile``: the software pipeline keeps
     ``num_stages`` A and B tiles in flight (sm_90; ``num_stages - 1`` before), and the epilogue's
     layout change may reuse the same memory for the fp32 accumulator; 1 KB for barriers and scratch.
-    An upper bound of what Triton allocates (checked by tests/test_kernels_compile.py)."""
+    ``n_acc`` accumulators (2 for the SwiGLU forward) mean as many B tiles a stage and fp32 tiles in
+    the epilogue. An upper bound of what Triton allocates (checked by tests/test_kernels_compile.py)."""
     stages = tile.num_stages if capability[0] >= 9 else max(1, tile.num_stages - 1)
-    buffers = stages * (tile.BLOCK_M * tile.BLOCK_K + tile.BLOCK_K * tile.BLOCK_N) * elt_bytes
-    epilogue = tile.BLOCK_M * tile.BLOCK_N * max(4, elt_bytes)
+    buffers = stages * (tile.BLOCK_M * tile.BLOCK_K + n_acc * tile.BLOCK_K * tile.BLOCK_N) * elt_bytes
+    epilogue = n_acc * tile.BLOCK_M * tile.BLOCK_N * max(4, elt_bytes)
     # an operand's layout change (the scaled or transposed operand of the weight gradient) in fp32
     convert = tile.BLOCK_K * max(tile.BLOCK_M, tile.BLOCK_N) * max(4, elt_bytes)
     return max(buffers, epilogue) + convert + 1024
 
 
-def fits_registers(tile: Tile, dtype: torch.dtype, precision: str, capability: tuple[int, int]) -> bool:
-    """Accumulator elements a thread holds, against what leaves room for the operands: wgmma (sm_90)
-    reads its operands from shared memory, mma.sync (sm_80) and FMA keep them in registers, and
-    three-pass TF32 keeps three of each. The compile check's sweep is what these bounds come from."""
+def fits_registers(
+    tile: Tile,
+    dtype: torch.dtype,
+    precision: str,
+    capability: tuple[int, int],
+    n_acc: int = 1,
+    epilogue_tiles: int = 1,
+    is_aligned: bool = True,
+) -> bool:
+    """Accumulator elements a thread holds (``n_acc`` tiles of them), against what leaves room for the
+    operands: wgmma (sm_90) reads its operands from shared memory, mma.sync (sm_80) and FMA keep them
+    in registers, and three-pass TF32 keeps three of each. The epilogue's ``epilogue_tiles`` live
+    tiles (two registers an element in fp64) get 128 registers, halved for each of: unaligned widths
+    (the operands pass through registers), three-pass TF32 (split operands) and fp64, which keep more
+    live around it. The compile check's sweep is what these bounds come from."""
     per_thread = tile.BLOCK_M * tile.BLOCK_N // (32 * tile.num_warps)
+    fp64 = dtype == torch.float64
+    heavy = (not is_aligned) + (precision == "tf32x3" and dtype == torch.float32) + fp64
+    if epilogue_tiles > 1 and epilogue_tiles * per_thread * (2 if fp64 else 1) > 128 >> heavy:
+        return False
+    per_thread *= n_acc
     if dtype == torch.float64:
         return per_thread <= 32
     if dtype == torch.float32 and precision == "ieee":
@@ -184,24 +209,37 @@ def candidates(
     capability: tuple[int, int],
     smem: int | None = None,
     is_aligned: bool = True,
+    n_acc: int = 1,
+    epilogue_tiles: int = 1,
 ) -> tuple[Tile, ...]:
-    """The tiles worth measuring for this dtype, dot precision, alignment and device: those whose
-    shared memory fits (pruned here, before anything is compiled). Best-first; never empty."""
+    """The tiles worth measuring for this dtype, dot precision, alignment and device, for a kernel
+    holding ``n_acc`` accumulators and ``epilogue_tiles`` live tiles in its epilogue: those whose
+    shared memory and registers fit (pruned here, before anything is compiled). Best-first; never
+    empty."""
     limit = smem_per_block(capability) if smem is None else smem
     elt = torch.tensor([], dtype=dtype).element_size()
     cls = tile_class(dtype, precision, is_aligned)
     tiles = tuple(
-        t for t in cls if smem_estimate(t, elt, capability) <= limit and fits_registers(t, dtype, precision, capability)
+        t
+        for t in cls
+        if smem_estimate(t, elt, capability, n_acc) <= limit
+        and fits_registers(t, dtype, precision, capability, n_acc, epilogue_tiles, is_aligned)
     )
-    return tiles or (min(cls, key=lambda t: smem_estimate(t, elt, capability)),)
+    return tiles or (min(cls, key=lambda t: smem_estimate(t, elt, capability, n_acc)),)
 
 
 def default_tile(
-    dtype: torch.dtype, precision: str, capability: tuple[int, int], smem: int | None = None, is_aligned: bool = True
+    dtype: torch.dtype,
+    precision: str,
+    capability: tuple[int, int],
+    smem: int | None = None,
+    is_aligned: bool = True,
+    n_acc: int = 1,
+    epilogue_tiles: int = 1,
 ) -> Tile:
     """The tile used untuned (``DYNAMOE_TRITON_TUNE=0``, or inside a CUDA-graph capture for an unseen
     shape): the first candidate that fits."""
-    return candidates(dtype, precision, capability, smem, is_aligned)[0]
+    return candidates(dtype, precision, capability, smem, is_aligned, n_acc, epilogue_tiles)[0]
 
 
 def cache_path() -> Path:

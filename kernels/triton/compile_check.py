@@ -96,73 +96,156 @@ def _dt(d: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------- variants
 
 
+@dataclass(frozen=True)
+class GemmOp:
+    """One way the launch code calls a grouped-GEMM kernel (its flags, as the launches pass them)."""
+
+    name: str
+    dw: bool = False  # the K-grouped weight-gradient kernel
+    gather: bool = False
+    gather_dy: bool = False
+    scale: bool = False
+    trans: bool = False
+    epilogue: str = ""
+    store_aux: bool = False
+    rowdot: bool = False
+
+
+def gemm_ops() -> dict[str, GemmOp]:
+    """Every flag combination the launches reach, by the name its tuning key uses: the plain forward,
+    input gradient and scaled/gathered GEMMs; the fused MLP's GEMM1 with its activation (with and
+    without h, i.e. training and inference) and its backward GEMM (with or without a and the row
+    dots, as the gradients asked for decide); the weight gradients."""
+    from dynamoe.kernels.triton.grouped_gemm import FORWARD_ACTIVATIONS, gmm_dw_op, gmm_op
+
+    ops = [
+        GemmOp(gmm_op(g, s, t), gather=g, scale=s, trans=t) for g, s, t in ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1))
+    ]
+    for act in FORWARD_ACTIVATIONS:
+        for keep_h in (True, False):
+            ops.append(GemmOp(gmm_op(True, False, False, act, keep_h), gather=True, epilogue=act, store_aux=keep_h))
+        for keep_a in (True, False):
+            for rowdot in (True, False):
+                name = gmm_op(True, True, True, f"d{act}", keep_a, rowdot)
+                ops.append(
+                    GemmOp(
+                        name, gather=True, scale=True, trans=True, epilogue=f"d{act}", store_aux=keep_a, rowdot=rowdot
+                    )
+                )
+    for g, y, s in ((0, 0, 0), (1, 0, 0), (0, 0, 1), (0, 1, 1)):
+        ops.append(GemmOp(gmm_dw_op(g, s, y), dw=True, gather=g, gather_dy=y, scale=s))
+    return {op.name: op for op in ops}
+
+
+# Default CI: every flag combination the MoE path uses in training, in bf16 (the dtype that matters)
+# on sm_90a; on sm_80 and in the other dtypes, the register-heaviest ones.
+_REPRESENTATIVE_OPS = (
+    "gmm",
+    "gmmg",
+    "gmms",
+    "gmmt",
+    "gmmg_gelu+h",
+    "gmmg_gelu",
+    "gmmg_swiglu+h",
+    "gmmg_swiglu",
+    "gmmgst_dgelu+a+r",
+    "gmmgst_dgelu",
+    "gmmgst_dswiglu+a+r",
+    "gmm_dw",
+    "gmm_dwg",
+    "gmm_dws",
+    "gmm_dwys",
+)
+_SM80_OPS = ("gmm", "gmmg_swiglu+h", "gmmgst_dswiglu+a+r")
+
+
 def gemm_combos(exhaustive: bool):
-    """(input dtype, output dtype, fp32 precision, op flags) the code launches; flags as in the
-    tuning key: g = gathered A rows, s = scaled output rows, t = transposed B; dw = weight gradient."""
-    lowp = (torch.bfloat16, torch.float16)
+    """(input dtype, output dtype, fp32 precision, op name) the code launches (see ``gemm_ops``)."""
     combos = []
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         precisions = ("ieee", "tf32x3", "tf32") if dtype == torch.float32 else ("ieee",)
         for p in precisions:
-            for op in ("gmm", "gmmg", "gmms", "gmmt", "gmm_dw", "gmm_dwg", "gmm_dws"):
+            for op in gemm_ops():
                 combos.append((dtype, dtype, p, op))
-            if dtype in lowp:
-                combos.append((dtype, torch.float32, p, "gmmt"))  # the fused backward's da0
     if exhaustive:
         return combos
-    keep = {
-        (torch.bfloat16, torch.bfloat16, "ieee", op)
-        for op in ("gmm", "gmmg", "gmms", "gmmt", "gmm_dw", "gmm_dwg", "gmm_dws")
-    }
-    keep |= {(torch.bfloat16, torch.float32, "ieee", "gmmt"), (torch.float16, torch.float16, "ieee", "gmm")}
+    keep = {(torch.bfloat16, torch.bfloat16, "ieee", op) for op in _REPRESENTATIVE_OPS}
+    keep |= {(torch.float16, torch.float16, "ieee", "gmm")}
     keep |= {(torch.float32, torch.float32, p, "gmm") for p in ("ieee", "tf32x3", "tf32")}
-    keep |= {(torch.float32, torch.float32, "ieee", "gmm_dw"), (torch.float64, torch.float64, "ieee", "gmm")}
-    keep |= {(torch.float64, torch.float64, "ieee", "gmm_dw")}
+    keep |= {(torch.float32, torch.float32, "ieee", op) for op in ("gmm_dw", "gmmg_swiglu+h", "gmmgst_dswiglu+a+r")}
+    keep |= {(torch.float64, torch.float64, "ieee", op) for op in ("gmm", "gmm_dw", "gmmg_swiglu+h")}
     return [c for c in combos if c in keep]
 
 
+def _gemm_args(op: GemmOp, dtype, out_dtype, tile, K: int, N: int, E: int) -> tuple:
+    """The runtime arguments of one launch, tensors as dtypes, integers as a launch would pass them."""
+    idx = torch.int64 if op.gather or op.gather_dy else torch.int32
+    sc = torch.float32 if op.scale else torch.int32
+    if op.dw:
+        D, F = K, N
+        return (dtype, dtype, out_dtype, torch.int32, idx, sc, D, F, D, 1, F, 1, D * F, F, 1)
+    rows = 4096
+    width = 2 * N if op.epilogue.endswith("swiglu") else N  # h's row; dh's too, in the backward
+    backward = op.epilogue.startswith("d")
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    h = dtype if op.epilogue and (backward or op.store_aux) else torch.int32
+    a_out = dtype if backward and op.store_aux else torch.int32
+    rowdot = acc if op.rowdot else torch.int32
+    sb = (N * K, 1, K) if op.trans else (K * N, N, 1)
+    args = (dtype, dtype, out_dtype, torch.int32, torch.int32, idx, sc, h, a_out, rowdot, rows // tile.BLOCK_M + E)
+    args += (N, K, E, K, 1, *sb, width if backward else N, 1)
+    return args + (width if h != torch.int32 else 0, N if a_out != torch.int32 else 0, rows if op.rowdot else 0)
+
+
 def gemm_variants(capability: tuple[int, int], exhaustive: bool) -> list[Variant]:
-    from dynamoe.kernels.triton.grouped_gemm import gmm_constexprs, gmm_dw_constexprs
+    from dynamoe.kernels.triton.grouped_gemm import accumulators, epilogue_tiles, gmm_constexprs, gmm_dw_constexprs
 
     out = []
+    ops = gemm_ops()
     smem = autotune.smem_per_block(capability)
     # Representative shapes: fine-grained (d=4096, f=1024, E=64), and widths that are not multiples
     # of 16 (no alignment hints, masked K loop: the unaligned tile class).
-    for dtype, out_dtype, precision, op in gemm_combos(exhaustive):
-        if not exhaustive and capability[0] < 9 and op != "gmm":
-            continue  # sm_80: one row per dtype; the flags change nothing the Hopper rows don't show
+    for dtype, out_dtype, precision, name in gemm_combos(exhaustive):
+        if not exhaustive and capability[0] < 9 and name not in _SM80_OPS:
+            continue  # sm_80: the plain GEMM and the SwiGLU ones (two accumulators, the heaviest epilogue)
+        op = ops[name]
         elt = torch.tensor([], dtype=dtype).element_size()
         tensor_core = dtype in (torch.bfloat16, torch.float16) or (dtype == torch.float32 and precision != "ieee")
-        name = f"{_dt(dtype)}{'->' + _dt(out_dtype) if out_dtype != dtype else ''}"
+        dname = f"{_dt(dtype)}{'->' + _dt(out_dtype) if out_dtype != dtype else ''}"
         if dtype == torch.float32:
-            name += f"/{precision}"
+            dname += f"/{precision}"
         shapes = [("", 4096, 1024, 64)]
-        if exhaustive or (op == "gmm" and dtype in (torch.bfloat16, torch.float32) and precision == "ieee"):
+        if exhaustive or (name == "gmm" and dtype in (torch.bfloat16, torch.float32) and precision == "ieee"):
             shapes.append(("odd", 1000, 333, 7))
+        n_acc = 1 if op.dw else accumulators(op.epilogue)
+        regs = (n_acc, 1 if op.dw else epilogue_tiles(op.epilogue))
         for tag, K, N, E in shapes:
-            cands = autotune.candidates(dtype, precision, capability, smem, autotune.aligned(K, N))
+            cands = autotune.candidates(dtype, precision, capability, smem, autotune.aligned(K, N), *regs)
             for tile in cands if exhaustive else cands[:1]:
-                gather, scale = op.endswith("g"), op.endswith("s")
                 t = tile
-                label = f"{op} {name} {t.BLOCK_M}x{t.BLOCK_N}x{t.BLOCK_K} w{t.num_warps} s{t.num_stages}"
+                label = f"{name} {dname} {t.BLOCK_M}x{t.BLOCK_N}x{t.BLOCK_K} w{t.num_warps} s{t.num_stages}"
                 label += f" {tag}" if tag else ""
-                est = {capability: autotune.smem_estimate(tile, elt, capability)}
-                idx = torch.int64 if gather else torch.int32
-                sc = torch.float32 if scale else torch.int32
-                if op.startswith("gmm_dw"):
-                    D, F = K, N
-                    args = (dtype, dtype, out_dtype, torch.int32, idx, sc, D, F, D, 1, F, 1, D * F, F, 1)
-                    ce = gmm_dw_constexprs(dtype, tile, gather=gather, scale=scale, precision=precision)
-                    out.append(
-                        _v("grouped_gemm", "_gmm_dw_kernel", label, args, ce, dtype=name, **_tc(tensor_core, est))
+                kw = _tc(tensor_core, {capability: autotune.smem_estimate(tile, elt, capability, n_acc)})
+                args = _gemm_args(op, dtype, out_dtype, tile, K, N, E)
+                if op.dw:
+                    ce = gmm_dw_constexprs(
+                        dtype, tile, gather=op.gather, gather_dy=op.gather_dy, scale=op.scale, precision=precision
                     )
+                    out.append(_v("grouped_gemm", "_gmm_dw_kernel", label, args, ce, dtype=dname, **kw))
                     continue
-                trans = op.endswith("t")
-                sb = (N * K, 1, K) if trans else (K * N, N, 1)
-                args = (dtype, dtype, out_dtype, torch.int32, torch.int32, idx, sc, 4096 // tile.BLOCK_M + E)
-                args += (N, K, E, K, 1, *sb, N, 1)
-                ce = gmm_constexprs(dtype, K, E, tile, gather=gather, scale=scale, precision=precision)
-                out.append(_v("grouped_gemm", "_gmm_kernel", label, args, ce, dtype=name, **_tc(tensor_core, est)))
+                ce = gmm_constexprs(
+                    dtype,
+                    K,
+                    E,
+                    tile,
+                    gather=op.gather,
+                    scale=op.scale,
+                    precision=precision,
+                    epilogue=op.epilogue,
+                    store_aux=op.store_aux,
+                    rowdot=op.rowdot,
+                )
+                out.append(_v("grouped_gemm", "_gmm_kernel", label, args, ce, dtype=dname, **kw))
     return out
 
 

@@ -8,7 +8,10 @@ weight gradient is K-grouped: one program per (expert, d tile, f tile) sums over
 
 Options used by the fused MoE MLP: ``gather`` reads A's rows through an index (the token of each
 sorted row, so X is never permuted in memory), ``scale`` multiplies each output row by a weight
-in the epilogue (the combine weight). Accumulation is fp32 (fp64 for fp64 inputs).
+in the epilogue (the combine weight). ``gmm_act`` applies GELU or SwiGLU in the epilogue (writing a,
+and h for a backward); ``gmm_act_grad`` turns dA = dY[gather] @ W2^T into dh = act'(h) * scale * dA
+in its epilogue, with a and the combine-weight row dots; the weight gradient can read dY's rows
+through the index (``gather_dy``). Accumulation is fp32 (fp64 for fp64 inputs).
 
 fp32 products take ``DOT_PRECISION`` (``_jit.dot_precision``): exact ("ieee") unless the user allows
 TF32, as ``torch.mm`` does. Tiles: ``autotune.candidates``/``default_tile`` for the dtype, precision
@@ -54,6 +57,9 @@ def _gmm_kernel(
     tile_end_ptr,
     gather_ptr,
     scale_ptr,
+    h_ptr,
+    act_ptr,
+    rowdot_ptr,
     num_m_tiles,
     N,
     K,
@@ -65,8 +71,14 @@ def _gmm_kernel(
     stride_bn,
     stride_cm,
     stride_cn,
+    stride_hm,
+    stride_actm,
+    stride_rowdot,
     HAS_GATHER: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    STORE_AUX: tl.constexpr,
+    ROWDOT: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC64: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -110,25 +122,99 @@ def _gmm_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if EPILOGUE == "swiglu":
+            # h = [gate | up]: this program also owns the up columns N + cols, so the epilogue has
+            # both halves of its outputs (a second B tile per step, a second accumulator).
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=acc.dtype)
+            up_offset = N * stride_bn
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
                 b = tl.load(b_ptrs, mask=col_ok[None, :], other=0.0)
+                if EPILOGUE == "swiglu":
+                    b_up = tl.load(b_ptrs + up_offset, mask=col_ok[None, :], other=0.0)
             else:
                 k_ok = (k0 + ks) < K
                 a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                if EPILOGUE == "swiglu":
+                    b_up = tl.load(b_ptrs + up_offset, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
+                if EPILOGUE == "swiglu":
+                    b_up = b_up.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            if EPILOGUE == "swiglu":
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
-        if HAS_SCALE:
-            s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-            acc = acc * s.to(acc.dtype)[:, None]
+        out_ok = row_ok[:, None] & col_ok[None, :]
         c_ptrs = c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+        h_ptrs = h_ptr + rows[:, None] * stride_hm + cols[None, :]
+        out_ty = c_ptr.dtype.element_ty
+        # Constants as tensors of the accumulator's type: a bare float literal is an fp32 constant,
+        # which would cost fp64 runs their precision.
+        rsqrt2 = tl.full((1, 1), 0.7071067811865476, acc.dtype)
+        if EPILOGUE == "dgelu" or EPILOGUE == "dswiglu":
+            # acc = dA = dY[token] @ W2^T, unscaled. From the saved h: a (the GEMM2 input, recomputed
+            # and rounded as the forward rounded it), dh = act'(h) * w_row * dA in the input dtype,
+            # and the combine-weight gradient's share of this column tile, rowdot(dA, a).
+            if HAS_SCALE:
+                s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(acc.dtype)[:, None]
+            else:
+                s = tl.full((1, 1), 1.0, acc.dtype)
+            # Ordered so that few [BLOCK_M, BLOCK_N] temporaries are live at once: the epilogue, not the
+            # K loop, is what bounds this kernel's tile (autotune.fits_registers, epilogue_tiles).
+            act_ptrs = act_ptr + rows[:, None] * stride_actm + cols[None, :]
+            rowdot_ptrs = rowdot_ptr + pid_n * stride_rowdot + rows
+            if EPILOGUE == "dgelu":
+                x = tl.load(h_ptrs, mask=out_ok, other=0.0).to(acc.dtype)
+                cdf = 0.5 * (1.0 + tl.math.erf(x * rsqrt2))
+                act_q = (x * cdf).to(out_ty)
+                if STORE_AUX:
+                    tl.store(act_ptrs, act_q, mask=out_ok)
+                if ROWDOT:
+                    tl.store(rowdot_ptrs, tl.sum(acc * act_q.to(acc.dtype), axis=1), mask=row_ok)
+                dact = cdf + x * tl.exp(-0.5 * x * x) * tl.full((1, 1), 0.3989422804014327, acc.dtype)
+                tl.store(c_ptrs, (acc * s * dact).to(out_ty), mask=out_ok)
+            else:
+                gate = tl.load(h_ptrs, mask=out_ok, other=0.0).to(acc.dtype)
+                sig = 1.0 / (1.0 + tl.exp(-gate))
+                silu = gate * sig
+                dsilu = sig * (1.0 + gate * (1.0 - sig))
+                up = tl.load(h_ptrs + N, mask=out_ok, other=0.0).to(acc.dtype)
+                act_q = (silu * up).to(out_ty)
+                if STORE_AUX:
+                    tl.store(act_ptrs, act_q, mask=out_ok)
+                if ROWDOT:
+                    tl.store(rowdot_ptrs, tl.sum(acc * act_q.to(acc.dtype), axis=1), mask=row_ok)
+                da = acc * s
+                tl.store(c_ptrs + N * stride_cn, (da * silu).to(out_ty), mask=out_ok)
+                tl.store(c_ptrs, (da * up * dsilu).to(out_ty), mask=out_ok)
+        else:
+            if HAS_SCALE:
+                s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+                acc = acc * s.to(acc.dtype)[:, None]
+            if EPILOGUE == "gelu":
+                # The activation reads h rounded to the input dtype, as the unfused path does and as
+                # the backward, which recomputes it from the saved h, will.
+                h = acc.to(out_ty)
+                if STORE_AUX:
+                    tl.store(h_ptrs, h, mask=out_ok)
+                x = h.to(acc.dtype)
+                out = x * (0.5 * (1.0 + tl.math.erf(x * rsqrt2)))
+            elif EPILOGUE == "swiglu":
+                gate_q = acc.to(out_ty)
+                up_q = acc_up.to(out_ty)
+                if STORE_AUX:
+                    tl.store(h_ptrs, gate_q, mask=out_ok)
+                    tl.store(h_ptrs + N, up_q, mask=out_ok)
+                gate = gate_q.to(acc.dtype)
+                out = gate * (1.0 / (1.0 + tl.exp(-gate))) * up_q.to(acc.dtype)
+            else:
+                out = acc
+            tl.store(c_ptrs, out.to(out_ty), mask=out_ok)
 
 
 @kernel
@@ -149,6 +235,7 @@ def _gmm_dw_kernel(
     stride_wd,
     stride_wf,
     HAS_GATHER: tl.constexpr,
+    GATHER_DY: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC64: tl.constexpr,
@@ -183,21 +270,32 @@ def _gmm_dw_kernel(
     for r0 in range(row_start, row_end, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
         r_ok = rows < row_end
-        if HAS_GATHER:
+        if HAS_GATHER or GATHER_DY:
             src = tl.load(gather_ptr + rows, mask=r_ok, other=0).to(tl.int64)
         else:
             src = rows
+        if HAS_GATHER:
+            x_rows = src
+        else:
+            x_rows = rows
+        if GATHER_DY:
+            # dY in token order, read through the row's token: the gathered [N, d] copy is never made.
+            y_rows = src
+        else:
+            y_rows = rows
         xt = tl.load(
-            x_ptr + src[None, :] * stride_xm + dcols[:, None] * stride_xk, mask=d_ok[:, None] & r_ok[None, :], other=0.0
+            x_ptr + x_rows[None, :] * stride_xm + dcols[:, None] * stride_xk,
+            mask=d_ok[:, None] & r_ok[None, :],
+            other=0.0,
         )
         g = tl.load(
-            dy_ptr + rows[:, None] * stride_ym + fcols[None, :] * stride_yn,
+            dy_ptr + y_rows[:, None] * stride_ym + fcols[None, :] * stride_yn,
             mask=r_ok[:, None] & f_ok[None, :],
             other=0.0,
         )
         if HAS_SCALE:
             s = tl.load(scale_ptr + rows, mask=r_ok, other=0.0)
-            g = (g.to(tl.float32) * s.to(tl.float32)[:, None]).to(g.dtype)
+            g = (g.to(acc.dtype) * s.to(acc.dtype)[:, None]).to(g.dtype)
         if UPCAST:
             xt = xt.to(tl.float32)
             g = g.to(tl.float32)
@@ -227,13 +325,58 @@ def _device_name(t: torch.Tensor) -> str:
     return torch.cuda.get_device_name(t.device) if t.is_cuda else "interpreter"
 
 
+# Epilogues of ``_gmm_kernel``: "" stores C; "gelu"/"swiglu" store a = act(h) (and h when the backward
+# needs it); "dgelu"/"dswiglu" turn dA into dh = act'(h) * scale * dA (and a, and rowdot(dA, a)).
+FORWARD_ACTIVATIONS = ("gelu", "swiglu")
+EPILOGUES = ("", *FORWARD_ACTIVATIONS, *(f"d{act}" for act in FORWARD_ACTIVATIONS))
+
+
+def accumulators(epilogue: str) -> int:
+    """fp32 accumulator tiles a ``_gmm_kernel`` program holds, which is also its B tiles per pipeline
+    stage: two for the SwiGLU forward (the gate and the matching up columns), else one."""
+    return 2 if epilogue == "swiglu" else 1
+
+
+# fp32 tiles live at once in each epilogue, for the register pruning (autotune.fits_registers). Read
+# off the compile check: at 64 accumulator elements a thread (128x128, 8 warps) the GELU forward
+# uses 196 registers, the SwiGLU forward spills without h and both backward epilogues spill; at 32
+# the SwiGLU backward, the heaviest (h's two halves, sigmoid, a, two dh halves), uses 240.
+_EPILOGUE_TILES = {"": 1, "gelu": 2, "swiglu": 3, "dgelu": 3, "dswiglu": 4}
+
+
+def epilogue_tiles(epilogue: str) -> int:
+    return _EPILOGUE_TILES[epilogue]
+
+
 def gmm_constexprs(
-    dtype: torch.dtype, K: int, E: int, tile: Tile, *, gather: bool, scale: bool, precision: str | None = None
+    dtype: torch.dtype,
+    K: int,
+    E: int,
+    tile: Tile,
+    *,
+    gather: bool,
+    scale: bool,
+    precision: str | None = None,
+    epilogue: str = "",
+    store_aux: bool = False,
+    rowdot: bool = False,
 ) -> dict:
-    """Every compile-time argument of ``_gmm_kernel`` (the tile's launch options included)."""
+    """Every compile-time argument of ``_gmm_kernel`` (the tile's launch options included).
+
+    ``store_aux``: the forward activations also store h, the backward ones also store a;
+    ``rowdot``: the backward ones write rowdot(dA, a) per column tile."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"gmm: epilogue {epilogue!r} must be one of {EPILOGUES}")
+    if scale and epilogue in FORWARD_ACTIVATIONS:
+        raise ValueError("gmm: a row scale before the activation is not supported")
+    if (store_aux and not epilogue) or (rowdot and not epilogue.startswith("d")):
+        raise ValueError(f"gmm: store_aux needs an activation epilogue and rowdot a backward one, not {epilogue!r}")
     return {
         "HAS_GATHER": gather,
         "HAS_SCALE": scale,
+        "EPILOGUE": epilogue,
+        "STORE_AUX": store_aux,
+        "ROWDOT": rowdot,
         "UPCAST": upcast_for_dot(dtype),
         "ACC64": dtype == torch.float64,
         "DOT_PRECISION": precision or dot_precision(dtype),
@@ -243,10 +386,19 @@ def gmm_constexprs(
     }
 
 
-def gmm_dw_constexprs(dtype: torch.dtype, tile: Tile, *, gather: bool, scale: bool, precision: str | None = None):
+def gmm_dw_constexprs(
+    dtype: torch.dtype,
+    tile: Tile,
+    *,
+    gather: bool,
+    scale: bool,
+    gather_dy: bool = False,
+    precision: str | None = None,
+):
     """Every compile-time argument of ``_gmm_dw_kernel`` (the tile's launch options included)."""
     return {
         "HAS_GATHER": gather,
+        "GATHER_DY": gather_dy,
         "HAS_SCALE": scale,
         "UPCAST": upcast_for_dot(dtype),
         "ACC64": dtype == torch.float64,
@@ -255,11 +407,29 @@ def gmm_dw_constexprs(dtype: torch.dtype, tile: Tile, *, gather: bool, scale: bo
     }
 
 
+def gmm_op(
+    gather: bool, scale: bool, trans_b: bool, epilogue: str = "", store_aux: bool = False, rowdot: bool = False
+) -> str:
+    """The op's name in tuning keys and compile-check labels: ``gmm`` + g (gathered A rows), s (scaled
+    rows), t (transposed B); then ``_<epilogue>``, ``+h`` / ``+a`` (the stored h or a), ``+r`` (row dots)."""
+    name = "gmm" + "g" * gather + "s" * scale + "t" * trans_b
+    if epilogue:
+        name += f"_{epilogue}"
+    if store_aux:
+        name += "+a" if epilogue.startswith("d") else "+h"
+    return name + "+r" * rowdot
+
+
+def gmm_dw_op(gather: bool, scale: bool, gather_dy: bool = False) -> str:
+    """``gmm_dw`` + g (gathered X rows), y (gathered dY rows), s (scaled dY rows)."""
+    return "gmm_dw" + "g" * gather + "y" * gather_dy + "s" * scale
+
+
 def tune_key(
     op: str, capability: tuple[int, int], dtype: torch.dtype, out_dtype: torch.dtype, precision: str, dims: tuple
 ) -> str:
     """``op | sm_XY | triton version | input dtype | output dtype | precision | shape bucket``; the
-    device name is prefixed by ``choose_tile``. Flags (gather, scale, transposed B) are in ``op``."""
+    device name is prefixed by ``choose_tile``. Flags (gather, scale, transposed B, epilogue) are in ``op``."""
     import triton
 
     name = lambda d: str(d).removeprefix("torch.")  # noqa: E731
@@ -280,9 +450,11 @@ def _capability_of_current(device: torch.device | None = None) -> tuple[int, int
 _SMEM: dict[int, int] = {}
 
 
-def _pick(op: str, a: torch.Tensor, out_dtype: torch.dtype, dims: tuple, widths: tuple, launch) -> Tile:
+def _pick(
+    op: str, a: torch.Tensor, out_dtype: torch.dtype, dims: tuple, widths: tuple, launch, epilogue: str = ""
+) -> Tile:
     """The tile for this launch; ``dims`` go into the tuning key, ``widths`` are the row strides
-    (alignment picks the tile class)."""
+    (alignment picks the tile class), ``epilogue`` prunes the tiles by its registers."""
     if triton_interpreted() or not a.is_cuda:
         return INTERPRETER_TILE
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
@@ -291,10 +463,92 @@ def _pick(op: str, a: torch.Tensor, out_dtype: torch.dtype, dims: tuple, widths:
         _SMEM[index] = device_smem_per_block(a.device)
     precision = dot_precision(a.dtype)
     ok = aligned(*widths)
-    cands = candidates(a.dtype, precision, cap, _SMEM[index], ok)
-    default = default_tile(a.dtype, precision, cap, _SMEM[index], ok)
+    regs = (accumulators(epilogue), epilogue_tiles(epilogue))
+    cands = candidates(a.dtype, precision, cap, _SMEM[index], ok, *regs)
+    default = default_tile(a.dtype, precision, cap, _SMEM[index], ok, *regs)
     key = tune_key(op, cap, a.dtype, out_dtype, precision, dims)
     return choose_tile(key, _device_name(a), cands, default, cuda_measure(launch))
+
+
+def _launch_gmm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    group_end: torch.Tensor,
+    c: torch.Tensor,
+    N: int,
+    *,
+    trans_b: bool = False,
+    gather: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    epilogue: str = "",
+    h: torch.Tensor | None = None,
+    a_out: torch.Tensor | None = None,
+    rowdot: bool = False,
+) -> torch.Tensor | None:
+    """One ``_gmm_kernel`` launch over N computed columns into ``c`` (rows = c's rows). ``h``: written by
+    the forward epilogues, read by the backward ones; ``a_out``: written by the backward ones.
+    Returns the row-dot partials [column tiles, rows] when ``rowdot``."""
+    E = b.shape[0]
+    K = b.shape[2] if trans_b else b.shape[1]
+    M = c.shape[0]
+    sb = (b.stride(0), b.stride(2), b.stride(1)) if trans_b else (b.stride(0), b.stride(1), b.stride(2))
+    for t in (c, h, a_out):
+        if t is not None and t.stride(1) != 1:
+            raise ValueError("gmm: the epilogue's outputs must have unit column stride")
+    precision = dot_precision(a.dtype)
+    store_aux = (h is not None) if epilogue in FORWARD_ACTIVATIONS else a_out is not None
+    acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    partial: list[torch.Tensor | None] = [None]
+
+    def launch(tile: Tile) -> None:
+        table = tile_table(group_end, tile.BLOCK_M)
+        m_tiles = cdiv(M, tile.BLOCK_M) + E  # upper bound: each group wastes at most one partial tile
+        n_tiles = cdiv(N, tile.BLOCK_N)
+        if rowdot:
+            # One partial per column tile, summed afterwards in a fixed order: deterministic, unlike
+            # atomic adds across the column tiles.
+            partial[0] = torch.empty(n_tiles, M, dtype=acc_dtype, device=a.device)
+        unused = group_end
+        _gmm_kernel.on(a.device)[(m_tiles * n_tiles,)](
+            a,
+            b,
+            c,
+            group_end,
+            table,
+            gather if gather is not None else unused,
+            scale if scale is not None else unused,
+            h if h is not None else unused,
+            a_out if a_out is not None else unused,
+            partial[0] if rowdot else unused,
+            m_tiles,
+            N,
+            K,
+            E,
+            a.stride(0),
+            a.stride(1),
+            *sb,
+            c.stride(0),
+            c.stride(1),
+            h.stride(0) if h is not None else 0,
+            a_out.stride(0) if a_out is not None else 0,
+            M if rowdot else 0,
+            **gmm_constexprs(
+                a.dtype,
+                K,
+                E,
+                tile,
+                gather=gather is not None,
+                scale=scale is not None,
+                precision=precision,
+                epilogue=epilogue,
+                store_aux=store_aux,
+                rowdot=rowdot,
+            ),
+        )
+
+    op = gmm_op(gather is not None, scale is not None, trans_b, epilogue, store_aux, rowdot)
+    launch(_pick(op, a, c.dtype, (M, K, N, E), (K, N), launch, epilogue))
+    return partial[0]
 
 
 def gmm(
@@ -312,7 +566,6 @@ def gmm(
     a [rows of A, K], b [E, K, N] (or [E, N, K] with ``trans_b``), group_end [E] int32; C has
     group_end[-1] rows (= len(gather) when gathering, else a's rows).
     """
-    E = b.shape[0]
     K, N = (b.shape[2], b.shape[1]) if trans_b else (b.shape[1], b.shape[2])
     M = gather.shape[0] if gather is not None else a.shape[0]
     c = torch.empty(M, N, dtype=out_dtype or a.dtype, device=a.device)
@@ -320,38 +573,75 @@ def gmm(
         return c
     if K == 0:
         return c.zero_()
-    sb = (b.stride(0), b.stride(2), b.stride(1)) if trans_b else (b.stride(0), b.stride(1), b.stride(2))
-    precision = dot_precision(a.dtype)
-
-    def launch(tile: Tile) -> None:
-        table = tile_table(group_end, tile.BLOCK_M)
-        m_tiles = cdiv(M, tile.BLOCK_M) + E  # upper bound: each group wastes at most one partial tile
-        grid = (m_tiles * cdiv(N, tile.BLOCK_N),)
-        _gmm_kernel.on(a.device)[grid](
-            a,
-            b,
-            c,
-            group_end,
-            table,
-            gather if gather is not None else group_end,
-            scale if scale is not None else group_end,
-            m_tiles,
-            N,
-            K,
-            E,
-            a.stride(0),
-            a.stride(1),
-            *sb,
-            c.stride(0),
-            c.stride(1),
-            **gmm_constexprs(
-                a.dtype, K, E, tile, gather=gather is not None, scale=scale is not None, precision=precision
-            ),
-        )
-
-    flags = ("g" if gather is not None else "") + ("s" if scale is not None else "") + ("t" if trans_b else "")
-    launch(_pick(f"gmm{flags}", a, c.dtype, (M, K, N, E), (K, N), launch))
+    _launch_gmm(a, b, group_end, c, N, trans_b=trans_b, gather=gather, scale=scale)
     return c
+
+
+def gmm_act(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    group_end: torch.Tensor,
+    activation: str,
+    *,
+    gather: torch.Tensor | None = None,
+    keep_h: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """a = act(X[gather] @ W1) with the activation in the GEMM's epilogue: (a [M, f], h or None).
+
+    w1 [E, d, f], or [E, d, 2f] = [gate | up] for SwiGLU; h = X @ W1 [M, f or 2f] is written only with
+    ``keep_h`` (for a backward). Both in x's dtype; the activation reads h rounded to it."""
+    if activation not in FORWARD_ACTIVATIONS:
+        raise ValueError(f"gmm_act: activation {activation!r} must be one of {FORWARD_ACTIVATIONS}")
+    width = w1.shape[2]
+    N = width // 2 if activation == "swiglu" else width
+    M = gather.shape[0] if gather is not None else x.shape[0]
+    a = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    h = torch.empty(M, width, dtype=x.dtype, device=x.device) if keep_h else None
+    if M and N:  # K = 0 needs no special case: h = 0 and act(0) = 0 come out of the epilogue
+        _launch_gmm(x, w1, group_end, a, N, gather=gather, epilogue=activation, h=h)
+    return a, h
+
+
+def gmm_act_grad(
+    dy: torch.Tensor,
+    w2: torch.Tensor,
+    h: torch.Tensor,
+    group_end: torch.Tensor,
+    activation: str,
+    *,
+    gather: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    keep_a: bool = False,
+    rowdot: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The expert MLP's backward through its activation, from dA = dY[gather] @ W2^T (fp32, never stored).
+
+    w2 [E, f, d] (read transposed), h [M, f or 2f] the forward's saved pre-activation. Returns
+    dh = act'(h) * scale * dA [M, f or 2f] in dy's dtype; a = act(h) [M, f] when ``keep_a``; and
+    rowdot(dA, a) [M] (fp32; fp64 for fp64) when ``rowdot``, summed over column tiles in a fixed order."""
+    if activation not in FORWARD_ACTIVATIONS:
+        raise ValueError(f"gmm_act_grad: activation {activation!r} must be one of {FORWARD_ACTIVATIONS}")
+    M, F = h.shape[0], w2.shape[1]
+    acc_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
+    dh = torch.empty(M, h.shape[1], dtype=dy.dtype, device=dy.device)
+    a = torch.empty(M, F, dtype=dy.dtype, device=dy.device) if keep_a else None
+    if M == 0 or F == 0:
+        return dh, a, torch.zeros(M, dtype=acc_dtype, device=dy.device) if rowdot else None
+    partial = _launch_gmm(
+        dy,
+        w2,
+        group_end,
+        dh,
+        F,
+        trans_b=True,
+        gather=gather,
+        scale=scale,
+        epilogue=f"d{activation}",
+        h=h.contiguous(),
+        a_out=a,
+        rowdot=rowdot,
+    )
+    return dh, a, partial.sum(0) if rowdot else None
 
 
 def gmm_weight_grad(
@@ -361,16 +651,22 @@ def gmm_weight_grad(
     num_experts: int,
     *,
     gather: torch.Tensor | None = None,
+    gather_dy: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """dW[e] = X[rows of e]^T @ (scale * dY)[rows of e] as [E, d, f]; X rows read through ``gather``."""
+    """dW[e] = X[rows of e]^T @ (scale * dY)[rows of e] as [E, d, f]; X rows read through ``gather``, or
+    dY rows through ``gather_dy`` (dY in token order, rows = len(gather_dy))."""
+    if gather is not None and gather_dy is not None:
+        raise ValueError("gmm_weight_grad: gather either X's rows or dY's, not both")
     D, F = x.shape[1], dy.shape[1]
+    rows = gather_dy.shape[0] if gather_dy is not None else dy.shape[0]
     dw = torch.empty(num_experts, D, F, dtype=out_dtype or x.dtype, device=x.device)
     if dw.numel() == 0:
         return dw
-    if dy.shape[0] == 0:
+    if rows == 0:
         return dw.zero_()
+    index = gather if gather is not None else gather_dy
 
     def launch(tile: Tile) -> None:
         grid = (num_experts * cdiv(D, tile.BLOCK_M) * cdiv(F, tile.BLOCK_N),)
@@ -379,7 +675,7 @@ def gmm_weight_grad(
             dy,
             dw,
             group_end,
-            gather if gather is not None else group_end,
+            index if index is not None else group_end,
             scale if scale is not None else group_end,
             D,
             F,
@@ -390,11 +686,13 @@ def gmm_weight_grad(
             dw.stride(0),
             dw.stride(1),
             dw.stride(2),
-            **gmm_dw_constexprs(x.dtype, tile, gather=gather is not None, scale=scale is not None),
+            **gmm_dw_constexprs(
+                x.dtype, tile, gather=gather is not None, gather_dy=gather_dy is not None, scale=scale is not None
+            ),
         )
 
-    flags = ("g" if gather is not None else "") + ("s" if scale is not None else "")
-    launch(_pick(f"gmm_dw{flags}", x, dw.dtype, (dy.shape[0], D, F, num_experts), (D, F), launch))
+    op = gmm_dw_op(gather is not None, scale is not None, gather_dy is not None)
+    launch(_pick(op, x, dw.dtype, (rows, D, F, num_experts), (D, F), launch))
     return dw
 
 
