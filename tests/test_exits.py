@@ -367,9 +367,17 @@ def test_exit_config_errors(exits, match):
 def test_hf_encoder_config_errors():
     with pytest.raises(ConfigError, match="pretrained"):
         from_dict(ModelConfig, {"kind": "hf_encoder", "moe_every": 0})
-    with pytest.raises(ConfigError, match="upcycling"):
-        from_dict(ModelConfig, {"kind": "hf_encoder", "pretrained": "minilm"})
     from dynamoe.config import RunConfig
+
+    # MoE layers (the default moe_every) in a pretrained encoder start from its FFNs or not at all.
+    with pytest.raises(ConfigError, match="model.moe_every: MoE layers .* set train.upcycle.enabled: true"):
+        from_dict(
+            RunConfig,
+            {
+                "model": {"kind": "hf_encoder", "pretrained": "minilm"},
+                "data": {"dataset": "sst2", "tokenizer": "minilm"},
+            },
+        )
 
     with pytest.raises(ConfigError, match="data.tokenizer"):
         from_dict(

@@ -367,18 +367,6 @@ def test_configs_that_cannot_upcycle_are_refused_by_field(imported_llama, sets, 
         load_config(str(imported_llama / "run.yaml"), UPCYCLE_SETS + sets)
 
 
-def test_hf_encoders_are_refused_with_the_reason():
-    from dynamoe.config import RunConfig
-
-    run = {
-        "model": {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0},
-        "data": {"dataset": "sst2", "tokenizer": "minilm"},
-        "train": {"init_from": __file__, "upcycle": {"enabled": True}},
-    }
-    with pytest.raises(ConfigError, match="train.upcycle.enabled: .*kind 'hf_encoder' .*biases"):
-        from_dict(RunConfig, run)
-
-
 @pytest.fixture
 def no_deepspeed(monkeypatch):
     def refuse(*args, **kwargs):

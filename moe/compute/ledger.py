@@ -89,9 +89,10 @@ class ComputeLedger:
             id(m) for m in (getattr(self.model, n, None) for n in ("head", "classifier")) if isinstance(m, nn.Module)
         }
         hf_layers = list(getattr(self.model, "layers", [])) if hasattr(self.model, "encoder") else []
-        for layer in hf_layers:  # a pretrained encoder layer: attention + dense FFN
+        for layer in hf_layers:  # a pretrained encoder layer: attention + a dense FFN or an MoE layer
             yield layer, self._hf_layer(layer)
-            covered.update(id(m) for m in layer.modules())
+            moe = {id(m) for m in layer.modules() if isinstance(m, MoELayer)}
+            covered.update(id(m) for m in layer.modules() if id(m) not in moe)
         for name, module in self.model.named_modules():
             if id(module) in covered:
                 continue
@@ -124,13 +125,15 @@ class ComputeLedger:
             self.flops["attention"] += F_.attention_rows_flops(B * S, B * S * K, D, B * K, *widths)
 
     def _hf_layer(self, layer):
-        d_ff = layer.intermediate.dense.out_features
+        dense = getattr(layer.intermediate, "dense", None)  # None: an MoE layer, counted by its own hook
+        d_ff = dense.out_features if dense is not None else 0
 
         def hook(module, inputs, output):
             x = inputs[0] if inputs else None
             B, S, D = x.shape
             self.flops["attention"] += F_.attention_flops(B, S, D)
-            self.flops["dense_ffn"] += F_.dense_ffn_flops(B * S, D, d_ff)
+            if d_ff:
+                self.flops["dense_ffn"] += F_.dense_ffn_flops(B * S, D, d_ff)
 
         return hook
 

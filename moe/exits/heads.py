@@ -71,13 +71,34 @@ def exit_weights(cfg: ExitConfig) -> list[float]:
     return [1.0] * n
 
 
+def active_exits(cfg: ExitConfig, step: int, steps: int) -> list[bool]:
+    """Whose losses count at training step ``step`` of ``steps`` under the exit curriculum
+    (LayerSkip): one flag per exit, the final head last (always on)."""
+    J = len(cfg.layers)
+    if cfg.curriculum == "rotational":
+        early = [(step - j) % cfg.curriculum_every == 0 for j in range(J)]
+    elif cfg.curriculum == "gradual":
+        # J + 1 equal phases: none of the early exits in the first, then one more (deepest first) per phase.
+        on = min(J, step * (J + 1) // max(steps, 1))
+        early = [j >= J - on for j in range(J)]
+    else:
+        early = [True] * J
+    return [*early, True]
+
+
 def exit_loss(
-    cfg: ExitConfig, heads: list[HeadOutput], labels: torch.Tensor, phase: str = "joint", ignore_index: int = -100
+    cfg: ExitConfig,
+    heads: list[HeadOutput],
+    labels: torch.Tensor,
+    phase: str = "joint",
+    ignore_index: int = -100,
+    active: list[bool] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The training loss over all exits, and each exit's cross-entropy (detached) for logging.
 
     ``phase``: "joint" (all exits), "backbone" (two-stage, first stage: the final head only) or
     "exits" (two-stage, second stage: the early exits only; the caller detaches their inputs).
+    ``active``: the exits the curriculum turns on now (:func:`active_exits`; None: all).
     Weighted mean over exits, so the loss keeps the scale of one cross-entropy.
     """
     weights = exit_weights(cfg)
@@ -98,6 +119,8 @@ def exit_loss(
         use = list(range(len(heads) - 1))
     else:
         use = list(range(len(heads)))
+    if active is not None:
+        use = [j for j in use if active[j]]
     total = sum(weights[j] * terms[j] for j in use) / max(sum(weights[j] for j in use), 1e-12)
     if phase != "backbone" and cfg.policy == "learned":
         total = total + cfg.predictor_loss_coef * predictor_loss(heads[:-1], labels, ignore_index)

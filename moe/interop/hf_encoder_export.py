@@ -47,6 +47,13 @@ def export_encoder(
 
     from dynamoe.models.hf_encoder import resolve_pretrained
 
+    moe = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+    if moe:
+        raise HFFormatError(
+            f"layers {moe} of this encoder are MoE layers (upcycled), and the family's sequence classifier has only "
+            "dense FFNs; fix: export it in dynamoe's format (`moe export RUN OUT.safetensors`), which "
+            "train.init_from, `moe eval` and the early-exit evaluation read"
+        )
     if cfg.pooling not in ("pooler", "auto") or "head.hidden.0.weight" not in state:
         raise HFFormatError(
             f"model.pooling: {cfg.pooling}: the family's sequence classifier pools the first token through its pooler, "
@@ -114,7 +121,10 @@ def export_encoder(
             )
             meta = {
                 "layers": list(cfg.exits.layers),
-                "pooling": "first token, through each head's own dense + tanh",
+                "pooling": (
+                    "mean over the real tokens (attention_mask)" if cfg.exits.pooling == "mean" else "first token"
+                )
+                + ", through each head's own dense + tanh",
                 "policy": cfg.exits.policy,
                 "thresholds": cfg.exits.thresholds,
                 "head": "exit_heads.<j>.hidden.0 (dense + tanh), dropout, exit_heads.<j>.out",

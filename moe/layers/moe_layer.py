@@ -35,17 +35,25 @@ class MoEAux:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, cfg: MoEConfig, d_model: int, init_std: float = 0.02, out_init_std: float | None = None):
+    def __init__(
+        self,
+        cfg: MoEConfig,
+        d_model: int,
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+        bias: bool = False,
+    ):
+        """``bias``: experts (and shared experts) with biases, as the FFNs of BERT-family encoders have."""
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.router = build_router(cfg.router, d_model, cfg.num_experts)
-        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.d_expert, cfg.activation, init_std)
+        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.d_expert, cfg.activation, init_std, bias)
         self.dispatcher = LocalDispatcher(cfg.num_experts)
         self.shared = None
         if cfg.num_shared_experts:
             d_shared = cfg.num_shared_experts * (cfg.d_shared or cfg.d_expert)
-            self.shared = DenseMLP(d_model, d_shared, cfg.activation, init_std)
+            self.shared = DenseMLP(d_model, d_shared, cfg.activation, init_std, bias)
         if out_init_std is not None:
             nn.init.normal_(self.experts.w2_EFD, std=out_init_std)
             if self.shared is not None:
@@ -63,7 +71,8 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         routing = self.router(x_TD)
-        if isinstance(self.dispatcher, LocalDispatcher) and self.dispatcher.fuses(x_TD):
+        fusable = isinstance(self.dispatcher, LocalDispatcher) and not self.experts.has_bias
+        if fusable and self.dispatcher.fuses(x_TD):
             y_TD = self.dispatcher.fused(x_TD, routing, self.experts)
         else:
             x_sorted, counts_E, state = self.dispatcher.dispatch(x_TD, routing)

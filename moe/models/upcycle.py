@@ -1,15 +1,18 @@
 """Sparse upcycling: a dense Transformer's FFNs become MoE layers whose experts start from them.
 
 The run's model config says where MoE sits and what the experts are; the dense model (an exported
-file: ``moe import`` of a Llama or Qwen3 checkpoint, or ``moe export`` of a dense dynamoe run) must
-be the same model with dense FFNs everywhere. Everything but the upcycled FFNs is copied as it is.
+file: ``moe import`` of a Llama or Qwen3 checkpoint, or ``moe export`` of a dense dynamoe run; for
+a pretrained encoder, the encoder itself) must be the same model with dense FFNs everywhere.
+Everything but the upcycled FFNs is copied as it is.
 
 A dense FFN is f(x) = W_out phi(W_in x) over F hidden units (SwiGLU: unit i is
 silu(gate_i . x) * (up_i . x)); the units are independent, so f is the sum of the FFNs over any
 partition of them. With granularity g, part p is units [p F/g, (p + 1) F/g), and routed expert
 e = c g + p is part p of copy c (``num_experts / g`` copies). Each expert's down projection is
 multiplied by ``output_scale`` s; optional multiplicative noise and Drop-Upcycling's partial
-re-initialisation make the copies differ.
+re-initialisation make the copies differ. An FFN with biases (a BERT-family encoder's) splits the
+same way: part p keeps its units' input bias and adds 1/g of the output bias, which s scales with
+the down projection, so everything below holds for it unchanged.
 
 When the upcycled model equals the dense one at initialisation (``plan(...).exact``): every token
 gets k experts with combine weights w_j, y = s * sum_j w_j f_{p(j)}.
@@ -160,6 +163,32 @@ def check_source(source: ModelConfig, cfg: ModelConfig, *, name: str = "the dens
         )
 
 
+@dataclass(frozen=True)
+class FFNSlot:
+    """Where one layer's dense FFN is in a model's state dict, and where its MoE layer goes."""
+
+    w_in: str
+    w_out: str
+    b_in: str | None  # the FFN's biases (a BERT-family encoder's FFNs have them)
+    b_out: str | None
+    moe_prefix: str
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(k for k in (self.w_in, self.w_out, self.b_in, self.b_out) if k is not None)
+
+
+def ffn_slot(cfg: ModelConfig, i: int) -> FFNSlot:
+    """Layer ``i``'s FFN: dynamoe's own blocks (bias-free, the MoE layer in its place), or a
+    pretrained encoder's (``dynamoe.models.hf_encoder_moe``)."""
+    if cfg.kind == "hf_encoder":
+        from dynamoe.models.hf_encoder_moe import encoder_ffn_slot
+
+        return FFNSlot(**encoder_ffn_slot(i))
+    prefix = f"blocks.{i}.ffn."
+    return FFNSlot(prefix + "w_in.weight", prefix + "w_out.weight", None, None, prefix)
+
+
 def _parts(w_in: torch.Tensor, w_out: torch.Tensor, activation: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense FFN (w_in [F or 2F, D], w_out [D, F]) as g experts over consecutive hidden units:
     w1 [g, D, F/g or 2F/g] ([gate | up] columns for SwiGLU), w2 [g, F/g, D]."""
@@ -175,6 +204,25 @@ def _parts(w_in: torch.Tensor, w_out: torch.Tensor, activation: str, g: int) -> 
     return torch.stack(w1), torch.stack(w2)
 
 
+def _bias_parts(b_in: torch.Tensor, b_out: torch.Tensor, activation: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense FFN's biases split as :func:`_parts` splits its units: b1 [g, F/g or 2F/g] follows
+    the units; the output bias is added once by the whole FFN, so each of the g parts adds b_out / g."""
+    F = b_in.shape[0] // (2 if activation == "swiglu" else 1)
+    f = F // g
+    if activation == "swiglu":
+        b1 = [torch.cat((b_in[p * f : (p + 1) * f], b_in[F + p * f : F + (p + 1) * f])) for p in range(g)]
+    else:
+        b1 = [b_in[p * f : (p + 1) * f] for p in range(g)]
+    return torch.stack(b1), (b_out / g).expand(g, -1)
+
+
+def _split_units(b_in: torch.Tensor | None, activation: str) -> list[torch.Tensor]:
+    """The input bias as the matrices it belongs to (gate and up apart for SwiGLU); none without one."""
+    if b_in is None:
+        return []
+    return list(b_in.chunk(2)) if activation == "swiglu" else [b_in]
+
+
 def _normal_like(t: torch.Tensor, mean: float, std: float, gen: torch.Generator) -> torch.Tensor:
     return (torch.randn(t.shape, generator=gen) * std + mean).to(t.dtype)
 
@@ -187,8 +235,11 @@ def upcycle_ffn(
     up: UpcycleConfig,
     gen: torch.Generator,
     p: UpcyclePlan | None = None,
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One dense FFN's weights as the MoE layer's (names under the layer's ``ffn.``)."""
+    """One dense FFN's weights (and biases, for an FFN that has them) as the MoE layer's (names
+    under the MoE layer)."""
     p = p or plan(cfg, up)
     activation, g = cfg.moe.activation, up.granularity
     F = w_out.shape[1]
@@ -196,6 +247,10 @@ def upcycle_ffn(
     w1_part, w2_part = _parts(w_in.float(), w_out.float(), activation, g)
     w1 = w1_part.repeat(p.copies, 1, 1)  # expert c * g + p is part p of copy c
     w2 = w2_part.repeat(p.copies, 1, 1)
+    biased = b_in is not None
+    if biased:
+        b1_part, b2_part = _bias_parts(b_in.float(), b_out.float(), activation, g)
+        b1, b2 = b1_part.repeat(p.copies, 1), b2_part.repeat(p.copies, 1)
     if up.noise:
         w1 = w1 * (1 + up.noise * torch.randn(w1.shape, generator=gen))
         w2 = w2 * (1 + up.noise * torch.randn(w2.shape, generator=gen))
@@ -206,11 +261,14 @@ def upcycle_ffn(
         sources = [w_in[:F], w_in[F:]] if activation == "swiglu" else [w_in]
         stats = [(float(m.float().mean()), float(m.float().std())) for m in sources]
         down = (float(w_out.float().mean()), float(w_out.float().std()))
+        bias_stats = [(float(b.float().mean()), float(b.float().std())) for b in _split_units(b_in, activation)]
         for e in range(w1.shape[0]):
             idx = torch.randperm(f, generator=gen)[:n_reinit]
             for j, (mean, std) in enumerate(stats):
                 cols = idx + j * f
                 w1[e][:, cols] = _normal_like(w1[e][:, cols], mean, std, gen)
+                if biased:
+                    b1[e][cols] = _normal_like(b1[e][cols], *bias_stats[j], gen)
             w2[e][idx] = _normal_like(w2[e][idx], *down, gen)
     w2 = w2 * p.output_scale
     E, D = cfg.moe.num_experts, cfg.d_model
@@ -221,9 +279,14 @@ def upcycle_ffn(
         "experts.w1_EDF": w1,
         "experts.w2_EFD": w2,
     }
+    if biased:
+        # The output bias is part of each expert's output, so the output scale multiplies it too.
+        out["experts.b1_EF"], out["experts.b2_ED"] = b1, b2 * p.output_scale
     if up.keep_dense_as_shared:
         out["shared.w_in.weight"] = w_in.float().clone()
         out["shared.w_out.weight"] = w_out.float().clone()
+        if biased:
+            out["shared.w_in.bias"], out["shared.w_out.bias"] = b_in.float().clone(), b_out.float().clone()
     dtype = w_in.dtype
     return {k: v.to(dtype).contiguous() for k, v in out.items()}
 
@@ -247,20 +310,25 @@ def upcycle_state(
     check_source(source, cfg, name=name)
     p = plan(cfg, up)
     gen = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-    upcycled = {f"blocks.{i}.ffn.": i for i in p.moe_layers}
-    for key, value in source_state.items():
-        if not any(key.startswith(prefix) for prefix in upcycled):
-            state[key] = value
-    for prefix in upcycled:
-        w_in, w_out = source_state[prefix + "w_in.weight"], source_state[prefix + "w_out.weight"]
-        for key, value in upcycle_ffn(w_in, w_out, cfg, up, gen, p).items():
-            state[prefix + key] = value
+    slots = {i: ffn_slot(cfg, i) for i in p.moe_layers}
+    replaced = {key for slot in slots.values() for key in slot.sources}
+    state: dict[str, torch.Tensor] = {k: v for k, v in source_state.items() if k not in replaced}
+    for i, slot in slots.items():
+        absent = [key for key in slot.sources if key not in source_state]
+        if absent:
+            raise ConfigError(
+                f"train.init_from: '{name}' has no dense FFN where layer {i}'s should be ({absent[0]} missing); "
+                "fix: upcycle a dense model of this kind (model.moe_every: 0 there)"
+            )
+        weights = [source_state[key] for key in slot.sources]
+        biases = dict(b_in=weights[2], b_out=weights[3]) if slot.b_in else {}
+        for key, value in upcycle_ffn(weights[0], weights[1], cfg, up, gen, p, **biases).items():
+            state[slot.moe_prefix + key] = value
     with torch.device("meta"):
         target = build_model(cfg).state_dict()
-    for prefix in upcycled:  # an expert-choice router has no selection bias
-        if prefix + "router.expert_bias" not in target:
-            state.pop(prefix + "router.expert_bias")
+    for slot in slots.values():  # an expert-choice router has no selection bias
+        if slot.moe_prefix + "router.expert_bias" not in target:
+            state.pop(slot.moe_prefix + "router.expert_bias")
     expected = {k: tuple(v.shape) for k, v in target.items()}
     got = {k: tuple(v.shape) for k, v in state.items() if k in expected}
     missing = sorted(set(expected) - set(state))

@@ -60,13 +60,15 @@ def param_groups(
     group of their own, marked the way DeepSpeed's ZeRO expects (``moe``, ``name``), so ZeRO
     partitions them over the expert-data-parallel group. Parameters whose id is in ``early_exit``
     get groups of their own, marked ``early_exit`` (two-stage exit training sets their rate apart)."""
-    decay, no_decay, experts, exit_decay, exit_no_decay = [], [], [], [], []
+    decay, no_decay, experts, expert_biases, exit_decay, exit_no_decay = [], [], [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        # Stacked expert biases are matrices ([E, width]) but biases all the same: no decay.
+        bias = name.endswith((".b1_EF", ".b2_ED"))
         if expert_group is not None and is_expert_param(p):
-            experts.append(p)
-        elif p.dim() >= 2 and "emb" not in name:
+            (expert_biases if bias else experts).append(p)
+        elif p.dim() >= 2 and "emb" not in name and not bias:
             (exit_decay if id(p) in early_exit else decay).append(p)
         else:
             (exit_no_decay if id(p) in early_exit else no_decay).append(p)
@@ -81,6 +83,8 @@ def param_groups(
     ]
     if experts:
         groups.append({"params": experts, "weight_decay": weight_decay, "moe": True, "name": expert_group})
+    if expert_biases:
+        groups.append({"params": expert_biases, "weight_decay": 0.0, "moe": True, "name": expert_group})
     return groups
 
 

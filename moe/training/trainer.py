@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from dynamoe.config import ConfigError, RunConfig, to_dict
+from dynamoe.config import ConfigError, RunConfig, check_upcycle, to_dict
 from dynamoe.data import build_data
 from dynamoe.data.tokenizer_files import TOKENIZER_FOLDER, save_tokenizer
 from dynamoe.depth import depth_summary
@@ -134,6 +134,8 @@ def _fill_from_data(cfg: RunConfig, data) -> RunConfig:
         from dynamoe.models.hf_encoder import fill_from_pretrained
 
         model = fill_from_pretrained(model)
+        if cfg.train.upcycle.enabled:  # the encoder's sizes are known now
+            check_upcycle(model, cfg.train.upcycle)
     if model.vocab_size is None:
         model = dataclasses.replace(model, vocab_size=data.vocab_size)
     elif model.vocab_size < data.vocab_size:
@@ -192,7 +194,8 @@ class Trainer:
             self.model.set_activation_checkpointing(self.cfg.train.activation_checkpointing)
         except ValueError as err:
             raise ConfigError(f"train.activation_checkpointing: {err}") from None
-        if self.cfg.train.init_from:
+        self._init_state = None  # fp32 weights the bf16 engine's masters are set from (_init_from)
+        if self.cfg.train.init_from or self._upcycled is not None:
             self._init_from(self.cfg.train.init_from)
         self.traffic = TrafficCounter()
         self.ep_group, expert_group = self._shard_experts()
@@ -238,7 +241,7 @@ class Trainer:
             self.engine, _, _, _ = self.deepspeed.initialize(
                 model=self.model, optimizer=self.optimizer, config=ds_config
             )
-        if self.cfg.train.init_from and t.precision != "fp32":
+        if self._init_state is not None:
             # The engine made its masters from the bf16 copies; the exported weights are finer.
             set_fp32_masters(self.engine.optimizer, self.model, self._init_state)
         self._init_state = None
@@ -289,20 +292,28 @@ class Trainer:
         return ep_group, name
 
     def _upcycle(self, report: bool) -> dict:
-        """train.upcycle: the run's model state made from the dense model in train.init_from
-        (``dynamoe.models.upcycle``); checked against the run's model here, before DeepSpeed starts."""
+        """train.upcycle: the run's model state made from the dense model in train.init_from, or
+        from a pretrained encoder's own FFNs (``dynamoe.models.upcycle``); checked against the run's
+        model here, before DeepSpeed starts."""
         from dynamoe.models.upcycle import plan, upcycle_state
 
         path = self.cfg.train.init_from
-        dense_cfg, dense = ckpt.load_init_model(path)
+        if path is None:  # a pretrained encoder's own FFNs
+            from dynamoe.models.hf_encoder_moe import dense_encoder
+
+            path = f"{self.cfg.model.pretrained} (model.pretrained)"
+            dense_cfg, dense = dense_encoder(self.cfg.model, seed=self.cfg.train.seed)
+        else:
+            dense_cfg, dense = ckpt.load_init_model(path)
         up = self.cfg.train.upcycle
         state = upcycle_state(dense_cfg, dense.state_dict(), self.cfg.model, up, seed=self.cfg.train.seed, name=path)
         if report:
             print(plan(self.cfg.model, up).describe(), file=sys.stderr)
         return state
 
-    def _init_from(self, path: str) -> None:
-        """Start from the weights of an exported model (``moe export``), before experts are sharded."""
+    def _init_from(self, path: str | None) -> None:
+        """Start from the weights of an exported model (``moe export``) or the upcycled model, before
+        experts are sharded."""
         if self._upcycled is not None:  # its names and shapes are checked already
             state, self._upcycled = self._upcycled, None
             self._init_state = state if self.cfg.train.precision != "fp32" else None
@@ -419,6 +430,7 @@ class Trainer:
         torch.manual_seed(_step_seed(t.seed, step, self.rank))  # dropout and jitter depend on the step only
         self.engine.train()
         self.model.set_depth_progress(step / max(1, t.steps - 1))  # depth schedules (Gumbel temperature)
+        self.model.set_training_step(step, t.steps)  # the exit curriculum
         loss_sum = aux_sum = depth_loss_sum = flops = 0.0
         layers = self.model.moe_layers()
         slots = {layer.block_index: j for j, layer in enumerate(layers) if layer.block_index is not None}
