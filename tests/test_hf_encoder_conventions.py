@@ -103,3 +103,20 @@ def test_an_encoder_fine_tuned_with_mean_pooling_is_refused(tmp_path):
     with pytest.raises(HFFormatError, match="model.pooling: mean.*fix: fine-tune with model.pooling: pooler"):
         export_encoder(state, cfg, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_early_exits_can_pool_by_mean_while_the_final_head_keeps_the_pooler():
+    from dynamoe.models.pooling import masked_mean
+
+    cfg = _classifier(layers=[2])
+    cfg = dataclasses.replace(cfg, exits=dataclasses.replace(cfg.exits, pooling="mean"))
+    model = HFExitClassifier(cfg).eval()
+    batch = _encode_split(TEXTS, [1, 0], hf_tokenizer("minilm"), seq_len=24)
+    with torch.no_grad():
+        heads, _ = model.forward_heads({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+        states = model.hidden_states(batch["input_ids"], batch["attention_mask"])
+        early = model.exit_heads[0](masked_mean(states[2], batch["attention_mask"])).logits
+        final = model.head(states[-1][:, 0]).logits
+    assert torch.allclose(heads[0].logits, early, atol=1e-6) and torch.allclose(heads[-1].logits, final, atol=1e-6)
+    with pytest.raises(ConfigError, match="model.exits.pooling: is read by pretrained encoders"):
+        load_config("sst2_moe_classifier", ["model.exits.layers=[1]", "model.exits.pooling=mean"])
