@@ -319,6 +319,8 @@ def evaluate(
         result["exits"] = _exit_section(cfg, model, data, eval_batches, run_dir, ledger)
     elif cfg.model.kind == "decoder" and cfg.model.exits.enabled:
         result["token_exits"] = _token_exit_curve(model, eval_batches)
+    if cfg.task == "lm" and cfg.model.kind == "decoder":
+        result["generation"] = _generation_section(model, data, run_dir)
     if cfg.model.depth.mode != "none":
         result["depth"] = _depth_curve(cfg, model, eval_batches)
     _write_json(out / "eval.json", result)
@@ -446,6 +448,49 @@ def _token_exit_curve(model, batches: list[dict]) -> dict:
     return {"policy": model.exit_cfg.policy, "curve": points}
 
 
+def _generation_section(model, data, run_dir: Path | None, prompts: int = 8, new_tokens: int = 32) -> dict:
+    """Decoding on a few validation windows (cheap: ``prompts`` x ``new_tokens`` tokens): tokens/s of
+    plain KV-cache greedy decoding; with exits, self-speculative decoding from the exit nearest half
+    the depth (acceptance) and, when the run holds ``calm_thresholds.json``, CALM with those
+    thresholds (agreement with full greedy, layers per token, FLOPs ratio)."""
+    import json as _json
+
+    from dynamoe.generation import GenerationError, check_decodable, generate, speculative_generate
+    from dynamoe.generation.calm import agreement_with_full, calm_generate
+    from dynamoe.generation.calm_calibration import THRESHOLDS_FILE, held_out_prompts
+
+    try:
+        check_decodable(model.cfg)
+    except GenerationError as err:
+        return {"unavailable": str(err)}
+    context = model.cfg.max_seq_len
+    prompt_len = max(1, min(32, context // 4))
+    new = max(1, min(new_tokens, context - prompt_len))
+    windows = held_out_prompts(data.val_ids, prompts, prompt_len, seed=1)
+    generate(model, windows[:1], max_new_tokens=2)  # a warm-up: the first call pays for lazy set-up
+    full = generate(model, windows, max_new_tokens=new)
+    out = {"prompts": prompts, "prompt_tokens": prompt_len, "new_tokens": new, "full": full.stats.to_dict()}
+    if not model.cfg.exits.enabled:
+        return out
+    spec = speculative_generate(model, windows, max_new_tokens=new)
+    out["speculative"] = {**spec.stats.to_dict(), "identical": spec.tokens == full.tokens}
+    stored = None if run_dir is None else Path(run_dir) / THRESHOLDS_FILE
+    if stored is not None and stored.is_file():
+        cal = _json.loads(stored.read_text())
+        calm = calm_generate(
+            model, windows, thresholds=cal["thresholds"], confidence=cal["confidence"], max_new_tokens=new
+        )
+        out["calm"] = {
+            "delta": cal["delta"],
+            "confidence": cal["confidence"],
+            "threshold": cal["threshold"],
+            **calm.stats.to_dict(),
+            **agreement_with_full(model, windows, calm.tokens, full.tokens),
+            "speedup": calm.stats.tokens_per_second / full.stats.tokens_per_second,
+        }
+    return out
+
+
 def format_summary(result: dict) -> str:
     lines = [
         f"{result['source']}: {result['task']} ({result['model_kind']}), {result['samples']} samples, "
@@ -495,6 +540,25 @@ def format_summary(result: dict) -> str:
             "per-token exits (loss at layers per token): "
             + ", ".join(f"{p['loss']:.3f}@{p['layers_per_token']:.2f}" for p in result["token_exits"]["curve"])
         )
+    g = result.get("generation") or {}
+    if "full" in g:
+        line = (
+            f"generation ({g['prompts']} validation windows, {g['new_tokens']} new tokens): "
+            f"full {g['full']['tokens_per_second']:.1f} tokens/s"
+        )
+        if "speculative" in g:
+            rate = g["speculative"]["acceptance_rate"]
+            line += f"; self-speculative {g['speculative']['tokens_per_second']:.1f} tokens/s, " + (
+                "n/a accepted" if rate is None else f"{rate:.1%} accepted"
+            )
+        if "calm" in g:
+            c = g["calm"]
+            line += (
+                f"; CALM (delta {c['delta']}) {c['tokens_per_second']:.1f} tokens/s, "
+                f"{c['token_agreement']:.1%} agreement, "
+                f"{c['layers_per_token']:.2f} layers/token, {c['flops_ratio']:.1%} of the FLOPs"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@
     moe eval RUN_DIR|CHECKPOINT [--report report.html]   load balance, compute per token, plots
     moe generate RUN_DIR --prompt TEXT [--prompts-file F] [--max-new-tokens N] [--temperature T
         --top-k K --top-p P --seed S] [--speculative --draft-layers L --draft-tokens D] [--batch-size B]
+        [--calm [--delta 0.05 --epsilon 0.05 --confidence margin|saturation|learned] [--calibrate-only]]
     moe plan CONFIG [--gpus N] [--gpu-memory 80GiB] [--routing worst] [--set ...]   memory per rank, all-to-all
     moe configs                  list the shipped configs
 
@@ -211,12 +212,17 @@ def _generation_request(args: argparse.Namespace):
             "--speculative decodes greedily (it reproduces full-model greedy decoding); "
             "fix: drop --temperature/--top-k/--top-p, or drop --speculative to sample"
         )
+    _check_calm_request(args, sampling)
     for flag, value in (("--draft-tokens", args.draft_tokens), ("--batch-size", args.batch_size)):
         if value < 1:
             raise GenerationError(f"{flag} must be >= 1, got {value}; fix: e.g. 4")
     run = resolve_run(args.source)
     check_decodable(run.model_cfg, dropless=args.dropless)
     draft_layers = draft_exit(run.model_cfg, args.draft_layers)[0] if args.speculative else None
+    if args.calm:
+        from dynamoe.generation.calm import check_calm
+
+        check_calm(run.model_cfg, args.confidence)
     tokenizer = load_tokenizer(run)
     prompts = encode_prompts(tokenizer, texts)
     max_new = args.max_new_tokens
@@ -224,6 +230,47 @@ def _generation_request(args: argparse.Namespace):
         max_new = max(1, min(64, run.model_cfg.max_seq_len - max(len(p) for p in prompts)))
     check_prompts(run.model_cfg, prompts, max_new)
     return texts, prompts, run, sampling, draft_layers, tokenizer, max_new
+
+
+def _check_calm_request(args: argparse.Namespace, sampling) -> None:
+    from dynamoe.generation import GenerationError
+
+    if not args.calm:
+        if args.calibrate_only or args.calm_threshold is not None:
+            raise GenerationError("--calibrate-only and --calm-threshold belong to CALM decoding; fix: add --calm")
+        return
+    if args.speculative:
+        raise GenerationError("--calm and --speculative are two ways to decode; fix: choose one")
+    if args.calibrate_only and args.calm_threshold is not None:
+        raise GenerationError("--calm-threshold sets the threshold, so there is nothing to calibrate; fix: drop one")
+    for flag, value in (("--delta", args.delta), ("--epsilon", args.epsilon)):
+        if not 0 < value < 1:
+            raise GenerationError(f"{flag} must be in (0, 1), got {value}; fix: e.g. 0.05")
+    if args.calibration_windows < 1:
+        raise GenerationError(f"--calibration-windows must be >= 1, got {args.calibration_windows}; fix: e.g. 64")
+    if not sampling.greedy:
+        raise GenerationError(
+            "--calm decodes greedily (its thresholds bound the disagreement with full greedy decoding); "
+            "fix: drop --temperature/--top-k/--top-p"
+        )
+
+
+def _calm_thresholds(args: argparse.Namespace, run, model) -> list[float]:
+    """--calm-threshold, else the run's calm_thresholds.json when it was made for these settings and
+    weights, else a calibration now (written to that file)."""
+    from dynamoe.generation.calm import threshold_list
+    from dynamoe.generation.calm_calibration import CalibrationSettings, calibrate_run, describe, read_thresholds
+
+    if args.calm_threshold is not None:
+        return threshold_list(run.model_cfg, args.calm_threshold)
+    settings = CalibrationSettings(
+        delta=args.delta, epsilon=args.epsilon, confidence=args.confidence, windows=args.calibration_windows
+    )
+    saved = None if args.calibrate_only else read_thresholds(run, settings)
+    if saved is not None:
+        print(f"{describe(saved)} (from {run.run_dir / 'calm_thresholds.json'})")
+        return saved["thresholds"]
+    return calibrate_run(run, model, settings, batch_size=max(args.batch_size, 32))["thresholds"]
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -234,6 +281,20 @@ def _run_generate(args: argparse.Namespace) -> int:
     from dynamoe.generation import generate, speculative_generate
     from dynamoe.training.checkpoint import load_model
 
+    if args.calibrate_only:  # no prompts: only the thresholds
+        from dynamoe.generation import SamplingConfig, check_decodable
+        from dynamoe.generation.calm import check_calm
+        from dynamoe.generation.run_folder import resolve_run
+
+        _check_calm_request(args, SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed))
+        run = resolve_run(args.source)
+        check_decodable(run.model_cfg, dropless=args.dropless)
+        check_calm(run.model_cfg, args.confidence)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model = load_model(run.weights)[1].to(args.device)
+        _calm_thresholds(args, run, model)
+        return 0
     texts, prompts, run, sampling, draft_layers, tokenizer, max_new = _generation_request(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -242,7 +303,14 @@ def _run_generate(args: argparse.Namespace) -> int:
     model.to(args.device)
     load_seconds = time.perf_counter() - started
     common = dict(max_new_tokens=max_new, eos_id=tokenizer.eos_token_id, batch_size=args.batch_size)
-    if draft_layers is not None:
+    if args.calm:
+        from dynamoe.generation.calm import calm_generate
+
+        thresholds = _calm_thresholds(args, run, model)
+        result = calm_generate(
+            model, prompts, thresholds=thresholds, confidence=args.confidence, dropless=args.dropless, **common
+        )
+    elif draft_layers is not None:
         result = speculative_generate(
             model, prompts, draft_layers=draft_layers, draft_tokens=args.draft_tokens, dropless=args.dropless, **common
         )
@@ -271,6 +339,15 @@ def _report_generation(args, result, sampling, draft_layers, n_layers: int, load
         f"generated {s.new_tokens} tokens for {s.prompts} prompt(s) in {s.seconds:.2f} s "
         f"({s.tokens_per_second:.1f} tokens/s, {mode}; model loaded in {load_seconds:.2f} s)"
     )
+    if getattr(s, "layers_per_token", None) is not None:
+        exits = ", ".join(
+            f"{c / max(s.decided, 1):.1%} after layer {layer}"
+            for c, layer in zip(s.exit_counts, [*s.exit_layers, s.n_layers])
+        )
+        print(
+            f"CALM ({args.confidence}): {s.layers_per_token:.2f} of {n_layers} layers per token, "
+            f"{s.flops_ratio:.1%} of the full model's FLOPs; tokens left {exits}"
+        )
     if draft_layers is not None:
         rate = "n/a" if s.acceptance_rate is None else f"{s.acceptance_rate:.1%}"
         print(
@@ -486,6 +563,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--draft-tokens", type=int, default=4, metavar="D", help="tokens drafted per round (default 4)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    p.add_argument(
+        "--calm",
+        action="store_true",
+        help="per-token early exit (CALM): a token leaves at the first exit confident enough, with thresholds "
+        "calibrated on the run's validation text (calm_thresholds.json in the run folder)",
+    )
+    p.add_argument(
+        "--delta", type=float, default=0.05, help="CALM: tolerated share of tokens unlike full greedy (default 0.05)"
+    )
+    p.add_argument("--epsilon", type=float, default=0.05, help="CALM: the guarantee holds with probability 1 - epsilon")
+    p.add_argument(
+        "--confidence",
+        default="margin",
+        choices=["margin", "saturation", "learned", "max_prob", "entropy"],
+        help="CALM: softmax margin (default), hidden-state saturation, or the learned exit predictor",
+    )
+    p.add_argument(
+        "--calm-threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help="CALM: this threshold at every exit, no calibration",
+    )
+    p.add_argument(
+        "--calibration-windows", type=int, default=64, help="CALM: validation windows to calibrate on (default 64)"
+    )
+    p.add_argument("--calibrate-only", action="store_true", help="CALM: (re)calibrate, write the thresholds, stop")
     p.add_argument(
         "--dropless",
         action="store_true",
