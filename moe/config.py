@@ -569,7 +569,7 @@ class ModelConfig:
         s = self._section
         # A pretrained encoder's depth is known only from its checkpoint: fill_from_pretrained checks
         # the placement against it.
-        n_layers = 10**9 if self.kind == "hf_encoder" else self.n_layers
+        n_layers = math.inf if self.kind == "hf_encoder" else self.n_layers
         if not 0 <= self.first_dense_layers <= n_layers:
             _fail(
                 f"{s}.first_dense_layers",
