@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -78,19 +76,9 @@ def test_after_has_no_fp32_row_tensor_and_no_dy_copy():
 def test_backward_tile_is_the_launched_default():
     import torch
 
-    # Triton fixes interpreter mode at its first import: without a GPU it must be the interpreter's,
-    # or tests/test_kernels_triton.py, later in the same process, cannot run its kernels.
-    saved = os.environ.get("TRITON_INTERPRET")
-    if not torch.cuda.is_available() and "triton" not in sys.modules:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from dynamoe.kernels.triton import autotune
-        from dynamoe.kernels.triton.grouped_gemm import accumulators, epilogue_tiles
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    # tests/conftest.py has imported triton in interpreter mode already where there is no GPU.
+    from dynamoe.kernels.triton import autotune
+    from dynamoe.kernels.triton.grouped_gemm import accumulators, epilogue_tiles
 
     for epilogue in ("dgelu", "dswiglu"):
         regs = (accumulators(epilogue), epilogue_tiles(epilogue))
