@@ -98,7 +98,15 @@ class WandbTracker:
         self._run.log(_scalars(split, values), step=step)
 
     def close(self) -> None:
+        import wandb
+
         self._run.finish()
+        # finish() returns before W&B's service has written the run's record file (an offline run
+        # was found holding only its header); teardown waits for it, so the run folder is complete
+        # when training returns, also in a Ray worker that exits without atexit hooks. Skipped
+        # when the user has another W&B run open in this process.
+        if wandb.run is None:
+            wandb.teardown()
 
 
 class MlflowTracker:
