@@ -275,3 +275,38 @@ def test_unknown_pretrained_encoder_fails_clearly(monkeypatch, tmp_path):
                 ModelConfig, {"kind": "hf_encoder", "pretrained": "minilm", "moe_every": 0, "exits": {"layers": [6]}}
             )
         )
+
+
+@pytest.mark.parametrize(
+    "config,overrides",
+    [
+        ("digits_cnn_early_exit", ["model.exits.training=two_stage"]),
+        ("debug_tiny", ["model.exits.layers=[1]", "model.exits.training=two_stage"]),
+    ],
+)
+def test_stage_two_backward_reaches_the_early_exits_only(config, overrides):
+    """The router losses still report in stage two, but they train nothing: a backward through the
+    frozen backbone would only cost time and swell the gradient norm that clips the exits'."""
+    from dynamoe.data import build_data
+    from dynamoe.training.trainer import _fill_from_data
+
+    cfg = load_config(config, overrides)
+    data = build_data(cfg.data, cfg.task)
+    cfg = _fill_from_data(cfg, data)
+    model = build_model(cfg.model)
+    batch = data.train_batch(0, 0, 4, 0, 1)
+    model.train()
+    model.exit_phase = "exits"
+    out = model(**batch)
+    assert out.aux_loss is not None and float(out.aux_loss.detach()) > 0, (
+        "an MoE model's router losses are still logged"
+    )
+    out.total_loss.backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all("exit" in n for n in trained), sorted(trained)
+
+    model.zero_grad(set_to_none=True)
+    model.exit_phase = "joint"
+    model(**batch).total_loss.backward()
+    routers = [n for n, p in model.named_parameters() if "router" in n and p.grad is not None]
+    assert routers, "with the backbone training, the router losses reach the routers"

@@ -23,9 +23,16 @@ class ModelOutput:
     exit_losses: list[torch.Tensor] = field(default_factory=list)  # each exit's cross-entropy (detached)
     depth: list[DepthAux] = field(default_factory=list)  # what each block computed (dynamoe.depth.records)
     depth_loss: torch.Tensor | None = None  # ponder cost, skip-rate and MoD predictor losses; None without
+    backbone_frozen: bool = False  # two-stage exit training's second stage: only the early exits train
 
     @property
     def total_loss(self) -> torch.Tensor:
+        """The loss to train on. With the backbone frozen, the router and depth losses are left out
+        (they stay in ``aux_loss``/``depth_loss`` for the log): they only train the backbone, whose
+        learning rate is 0, and would cost a backward pass through it and inflate the gradient
+        norm that clips the exits' gradients."""
+        if self.backbone_frozen:
+            return self.loss
         total = self.loss if self.aux_loss is None else self.loss + self.aux_loss
         return total if self.depth_loss is None else total + self.depth_loss
 
@@ -45,4 +52,14 @@ def classification_output(model, heads: list[HeadOutput], log: RecordLog, labels
         else:
             loss = F.cross_entropy(heads[-1].logits.float(), labels)
     d_loss = depth_loss(log.depth, model.cfg.depth) if log.depth else None
-    return ModelOutput(heads[-1].logits, loss, aux_total(log.moe), log.moe, heads, per_exit, log.depth, d_loss)
+    return ModelOutput(
+        heads[-1].logits,
+        loss,
+        aux_total(log.moe),
+        log.moe,
+        heads,
+        per_exit,
+        log.depth,
+        d_loss,
+        backbone_frozen=model.exit_phase == "exits",
+    )

@@ -347,6 +347,8 @@ class TransformerLM(_Backbone):
             return HeadOutput(self.head(self.ln_f(x_BSD)))
         h = self.exit_norms[j](x_BSD)
         pred = self.exit_predictors[j](h.detach()).squeeze(-1) if len(self.exit_predictors) else None
+        if self.exit_phase == "exits":  # two-stage, second stage: the shared head is the frozen backbone's
+            return HeadOutput(F.linear(h, self.head.weight.detach()), pred)
         return HeadOutput(self.head(h), pred)
 
     def forward(
@@ -376,8 +378,9 @@ class TransformerLM(_Backbone):
         for i in range(len(self.blocks)):
             state, records = self.run_layer(i, state)
             log.add(records)
-            if i in exit_after:
-                heads.append(self._exit_head(exit_after[i], state.x))
+            if i in exit_after:  # in two-stage training's second stage the backbone is frozen
+                x_BSD = state.x.detach() if self.exit_phase == "exits" else state.x
+                heads.append(self._exit_head(exit_after[i], x_BSD))
         heads.append(self._exit_head(len(self.exit_norms), self.final_state(state)))
         loss, per_exit = None, []
         if labels is not None:
@@ -396,6 +399,7 @@ class TransformerLM(_Backbone):
             per_exit,
             log.depth,
             depth_loss(log.depth, self.cfg.depth),
+            backbone_frozen=self.exit_phase == "exits",
         )
 
     def _pondernet_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None) -> ModelOutput:
