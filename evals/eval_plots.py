@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dynamoe.evals.report import moe_layer_label  # noqa: E402
+
 
 def _save(fig, path: Path, tight: bool = True) -> str:
     if tight:
@@ -62,7 +64,7 @@ def load_histogram(load: list[dict], path: Path) -> str | None:
         ax.bar(range(len(counts)), counts, color="C0")
         mean = sum(counts) / len(counts)
         ax.axhline(mean, color="C3", linestyle="--")  # perfect balance (the caption says so: no legend on the bars)
-        ax.set_title(f"MoE layer {row['layer']}: max/mean {row['max_over_mean']:.2f}", fontsize=9)
+        ax.set_title(f"{moe_layer_label(row)}: max/mean {row['max_over_mean']:.2f}", fontsize=9)
         ax.set_xlabel("expert")
     axes[0][0].set_ylabel("assignments (validation)")
     return _save(fig, path)

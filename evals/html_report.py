@@ -7,6 +7,8 @@ import base64
 import html
 from pathlib import Path
 
+from dynamoe.evals.report import moe_layer_label
+
 CAPTIONS = {
     "training_curves": "Training (and validation) loss, the learning rate as applied, and the scaled auxiliary "
     "router loss, at every training log step.",
@@ -55,7 +57,7 @@ def write_report(result: dict, plot_dir: Path, path: Path) -> Path:
     if result["load_balance"]:
         rows = [
             [
-                r["layer"],
+                moe_layer_label(r, prefix=""),
                 r["tokens"],
                 r["max_over_mean"],
                 r["cv"],

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dynamoe.compute.ledger import ComputeLedger
-from dynamoe.evals.report import hardware_info
+from dynamoe.evals.report import hardware_info, moe_layer_label
 from dynamoe.evals.routing_metrics import RoutingRecorder, load_summary, routing_stability, specialisation
 from dynamoe.exits.multi_exit import MultiExitModel
 
@@ -138,7 +138,7 @@ def full_pass(cfg, model, batches: list[dict]) -> dict:
         )
         top1, keys = recorder.result(i)
         row["specialisation"] = specialisation(top1, keys, layer.num_experts)
-        layers.append({"layer": i, **row})
+        layers.append({"layer": i, "block": layer.block_index, **row})
     metrics = {"loss": loss_sum / count}
     if cfg.task != "lm":
         metrics["accuracy"] = correct / count
@@ -507,7 +507,7 @@ def format_summary(result: dict) -> str:
     lines.append("  by component (MFLOPs per token): " + ", ".join(parts))
     for row in result["load_balance"]:
         lines.append(
-            f"MoE layer {row['layer']}: max/mean {row['max_over_mean']:.3f}, cv {row['cv']:.3f}, "
+            f"{moe_layer_label(row)}: max/mean {row['max_over_mean']:.3f}, cv {row['cv']:.3f}, "
             f"dropped {100 * row['dropped_fraction']:.2f}%, H/lnE {row['entropy_normalized']:.3f}, "
             f"specialisation NMI {row['specialisation']['nmi']:.3f}"
         )

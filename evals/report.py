@@ -41,3 +41,10 @@ def write_json(result: dict, path: str | None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+
+
+def moe_layer_label(row: dict, prefix: str = "MoE layer ") -> str:
+    """``MoE layer 1 (block 3)`` for a load-balance row: the block (counted from 0, as the training
+    metrics name it) says where in the network the layer sits."""
+    block = row.get("block")
+    return f"{prefix}{row['layer']}" + ("" if block is None else f" (block {block})")

@@ -202,6 +202,9 @@ def test_moe_eval_report_end_to_end(digits_run, capsys, tmp_path, monkeypatch):
     folder = digits_run / "eval"
     result = json.loads((folder / "eval.json").read_text())
     assert len(result["load_balance"]) == 3
+    blocks = [row["block"] for row in result["load_balance"]]
+    assert blocks == sorted(set(blocks)) and blocks[-1] > 2  # every other block carries an MoE layer
+    assert f"MoE layer 2 (block {blocks[2]})" in out  # the summary says where the layer sits
     assert result["routing_stability"]["against"].endswith("step_00000020")
     assert len(result["training_load"]["steps"]) == 4
     assert set(result["plots"]) == {
