@@ -7,39 +7,26 @@ The families' top-k does not sort (``sorted=False``) and breaks no ties on purpo
 compared as sets per token and weights matched by expert id. Random fp32 inputs have no ties.
 
 The Triton case needs Triton's interpreter on CPU, which must be on when triton is first imported:
-as in test_kernels_triton.py, this module sets ``TRITON_INTERPRET=1`` around that import only.
+tests/conftest.py imports it so before any test module (and before transformers can).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-# Before transformers, which imports triton itself when it is installed.
+from dynamoe import kernels
+from dynamoe.config import MoEConfig, RouterConfig
+from dynamoe.kernels.routing import topk_route_ref
+from dynamoe.layers.moe_layer import MoELayer
+from dynamoe.layers.router import TokenChoiceRouter, load_balancing_loss, router_z_loss
+
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 CUDA = torch.cuda.is_available()
-if HAS_TRITON and not CUDA and "triton" not in sys.modules:
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton  # noqa: F401
-    finally:
-        if _saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = _saved
-
-from dynamoe import kernels  # noqa: E402
-from dynamoe.config import MoEConfig, RouterConfig  # noqa: E402
-from dynamoe.kernels.routing import topk_route_ref  # noqa: E402
-from dynamoe.layers.moe_layer import MoELayer  # noqa: E402
-from dynamoe.layers.router import TokenChoiceRouter, load_balancing_loss, router_z_loss  # noqa: E402
 
 try:
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as deepseek_v3

@@ -1,9 +1,10 @@
 """The Triton kernels against their PyTorch references, in Triton's interpreter on CPU (on CUDA when
 there is a GPU): routing, dispatch, grouped GEMMs, the fused expert MLP, the MoE layer on top.
 
-Triton fixes interpreter mode when it is imported, so this module sets ``TRITON_INTERPRET=1``
-before importing it and restores the variable right away; an autouse fixture sets it again only
-around each test here, so other test modules in the same process keep the reference path.
+Triton fixes interpreter mode when it is imported, so without a GPU tests/conftest.py imports it with
+``TRITON_INTERPRET=1`` before any test module and restores the variable; an autouse fixture here
+sets it again only around each test, so other test modules in the same process keep the reference
+path.
 Every op's outputs are allocated poisoned (NaN, or a garbage integer) so an unwritten element fails.
 
 Tolerances (max abs error against a float64 reference; bf16/fp16 also against PyTorch's own op):
@@ -16,29 +17,18 @@ interpreter runs check bf16 loads, stores and rounding, not the tensor-core bf16
 from __future__ import annotations
 
 import math
-import os
-import sys
 import zlib
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-_saved = os.environ.get("TRITON_INTERPRET")
-if not CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton = pytest.importorskip("triton")
-    from dynamoe.kernels.triton._jit import triton_interpreted
-finally:
-    if _saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
+triton = pytest.importorskip("triton")  # in interpreter mode without a GPU: conftest imports it so first
+from dynamoe.kernels.triton._jit import triton_interpreted  # noqa: E402
 
 if not CUDA and not triton_interpreted():
     pytest.skip(
-        "triton was imported earlier in this process without TRITON_INTERPRET=1; "
+        "triton was imported in this process without TRITON_INTERPRET=1 before tests/conftest.py could; "
         "run this file in its own pytest process",
         allow_module_level=True,
     )
