@@ -12,6 +12,7 @@
     moe calibrate RUN_DIR --budget 0.6 [--unit layers|flops] [--policy P]   exit thresholds for a budget
     moe exit-eval RUN_DIR [--budget 0.6 ...]  early exits: accuracy vs compute, compacted-inference speed
     moe bench all-to-all|depth [...]  all-to-all cost for 1, 2, 4 processes; MoD / ACT vs dense
+    moe bench moe-vs-dense [...] every router against the dense decoder at equal active and training FLOPs
     moe bench plan [...]         the memory plan against measured peak memory of short runs
     moe bench throughput [...]   tokens/s and peak memory: fp32 vs bf16, activation checkpointing off and on
     moe bench hf-experts [...]   an MoE training step: transformers (eager, grouped_mm, dynamoe experts) vs dynamoe
@@ -52,7 +53,9 @@ BENCHMARKS = {  # `moe bench NAME` -> the module whose main(argv) runs it
     "kernels": "dynamoe.evals.bench_kernels",
     "all-to-all": "dynamoe.evals.bench_all_to_all",
     "checkpointing": "dynamoe.evals.bench_activation_checkpointing",
+    "checkpoint": "dynamoe.evals.bench_checkpoint",  # save and load: full vs sharded
     "depth": "dynamoe.evals.conditional_depth",
+    "moe-vs-dense": "dynamoe.evals.moe_vs_dense",
     "plan": "dynamoe.evals.plan_check",
     "throughput": "dynamoe.evals.bench_throughput",
     "hf-experts": "dynamoe.evals.bench_hf_experts",
@@ -436,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(BENCHMARKS),
         help="layer: MoE layer forward+backward vs DeepSpeed's MoE; kernels: MoE kernel ops vs peers; "
         "all-to-all: bytes and step time for 1, 2, 4 processes; depth: MoD and ACT vs dense at equal training FLOPs; "
-        "checkpointing: activation memory with and without activation checkpointing",
+        "moe-vs-dense: every MoE router vs the dense decoder at equal active and training FLOPs; "
+        "checkpointing: activation memory with and without activation checkpointing; "
+        "checkpoint: save and load time and peak memory per rank, full vs sharded checkpoints",
     )
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark (see `moe bench layer --help`)")
     p.set_defaults(func=_bench)

@@ -14,15 +14,22 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 from dynamoe.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 from dynamoe.training.checkpoint import list_checkpoints
 from dynamoe.training.trainer import TrainerHooks, resolve_run_dir
+from dynamoe.training.watchdog import FAULT_ENV, FAULT_MARKER_ENV
 
 # Test aid: the worker of this rank exits abruptly after this step, once per run folder.
 KILL_AT_STEP_ENV = "DYNAMOE_KILL_WORKER_AT_STEP"
 KILL_RANK_ENV = "DYNAMOE_KILL_WORKER_RANK"
+# Test aid: every worker stops after this step, once per run folder, and waits there (up to
+# DYNAMOE_HOLD_SECONDS, default 300) so that a test can kill a node at a known point of the run.
+HOLD_AT_STEP_ENV = "DYNAMOE_HOLD_WORKERS_AT_STEP"
+HOLD_SECONDS_ENV = "DYNAMOE_HOLD_SECONDS"
+PLACEMENT_FILE = "placement.jsonl"
 
 
 class LaunchError(RuntimeError):
@@ -48,6 +55,11 @@ class _RayTrainHooks(TrainerHooks):
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
     def after_step(self, step: int) -> None:
+        if os.environ.get(HOLD_AT_STEP_ENV) == str(step):
+            marker = self.run_dir / f".held_at_step_{step}_rank_{self.rank}"
+            if not marker.exists():
+                marker.touch()
+                time.sleep(float(os.environ.get(HOLD_SECONDS_ENV, "300")))
         if os.environ.get(KILL_AT_STEP_ENV) != str(step) or os.environ.get(KILL_RANK_ENV, "1") != str(self.rank):
             return
         marker = self.run_dir / f".killed_at_step_{step}"
@@ -64,6 +76,7 @@ def _worker(loop_config: dict) -> None:
     cfg = from_dict(RunConfig, loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
     rank = ray.train.get_context().get_world_rank()
+    _record_placement(run_dir, rank)
     hooks = _RayTrainHooks(run_dir, rank)
     progress = loop_config["progress"] and rank == 0
     if loop_config.get("eval_only"):
@@ -78,6 +91,26 @@ def _worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             trainer = Trainer(cfg, run_dir=str(run_dir), resume=folder, progress=progress, hooks=hooks)
     trainer.fit()
+
+
+def _record_placement(run_dir: Path, rank: int) -> None:
+    """One line per worker start in RUN/placement.jsonl: which node ran which rank, attempt after
+    attempt, for checking a spread placement and finding a failed worker's node logs."""
+    import json
+
+    import ray
+
+    row = {
+        "time": time.time(),
+        "rank": rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "pid": os.getpid(),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # One short O_APPEND write per line, so the ranks' lines do not interleave.
+    with open(run_dir / PLACEMENT_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _evaluate(cfg: RunConfig, run_dir: Path, rank: int) -> None:
@@ -123,10 +156,24 @@ def _check_address(address: str) -> None:
         ) from None
 
 
+def _without_job_env_vars(env_vars: dict) -> dict:
+    """Under `ray job submit` the job's runtime env is merged into ray.init's, and Ray refuses a
+    variable set in both: keep the job's (the submitter chose it), drop ours."""
+    import json
+
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    job_config = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not job_config:
+        return env_vars
+    job_vars = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+    return {k: v for k, v in env_vars.items() if k not in job_vars}
+
+
 def _start_ray(address: str | None, env_vars: dict):
     import ray
 
-    runtime_env = {"env_vars": env_vars}
+    runtime_env = {"env_vars": _without_job_env_vars(env_vars)}
     if address is None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
     else:
@@ -154,6 +201,32 @@ def _check_resources(ray, workers: int, cpus_per_worker: int, gpus_per_worker: f
         raise LaunchError(
             f"{workers} workers x {gpus_per_worker:g} GPU need {need_gpu:g} GPUs but the Ray cluster has "
             f"{available.get('GPU', 0):g}; fix: lower --workers or --gpus-per-worker"
+        )
+
+
+def _check_placement(ray, workers: int, launch_cfg, gpus_per_worker: float) -> None:
+    """The strict strategies need a node per worker (STRICT_SPREAD) or one node for all of them
+    (STRICT_PACK); Ray would wait forever for a placement that cannot happen, so say it now."""
+    strategy = launch_cfg.placement_strategy
+    if strategy not in ("STRICT_SPREAD", "STRICT_PACK"):
+        return
+    need = {"CPU": launch_cfg.cpus_per_worker, "GPU": gpus_per_worker}
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if strategy == "STRICT_SPREAD":
+        fitting = sum(all(res.get(k, 0) >= v for k, v in need.items()) for res in nodes)
+        if fitting < workers:
+            raise LaunchError(
+                f"launch.placement_strategy STRICT_SPREAD puts each of the {workers} workers on its own node, "
+                f"but only {fitting} of the cluster's {len(nodes)} nodes have {launch_cfg.cpus_per_worker} CPU"
+                + (f" and {gpus_per_worker:g} GPU" if gpus_per_worker else "")
+                + "; fix: add nodes, lower --workers, or use SPREAD (spread where possible)"
+            )
+    elif not any(all(res.get(k, 0) >= workers * v for k, v in need.items()) for res in nodes):
+        raise LaunchError(
+            f"launch.placement_strategy STRICT_PACK puts all {workers} workers on one node, and no node has "
+            f"{workers * launch_cfg.cpus_per_worker} CPU"
+            + (f" and {workers * gpus_per_worker:g} GPU" if gpus_per_worker else "")
+            + "; fix: use PACK (packs where possible) or lower --workers"
         )
 
 
@@ -201,12 +274,13 @@ def launch(
     }
     if not gpus_per_worker:
         env_vars["DS_ACCELERATOR"] = "cpu"
-    for key in (KILL_AT_STEP_ENV, KILL_RANK_ENV):
+    for key in (KILL_AT_STEP_ENV, KILL_RANK_ENV, HOLD_AT_STEP_ENV, HOLD_SECONDS_ENV, FAULT_ENV, FAULT_MARKER_ENV):
         if key in os.environ:
             env_vars[key] = os.environ[key]
     ray = _start_ray(address, env_vars)
     try:
         _check_resources(ray, workers, cfg.launch.cpus_per_worker, gpus_per_worker)
+        _check_placement(ray, workers, cfg.launch, gpus_per_worker)
         from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
         from ray.train import RunConfig as RayRunConfig
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -222,7 +296,10 @@ def launch(
             },
             torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
             scaling_config=ScalingConfig(
-                num_workers=workers, use_gpu=bool(gpus_per_worker), resources_per_worker=resources
+                num_workers=workers,
+                use_gpu=bool(gpus_per_worker),
+                resources_per_worker=resources,
+                placement_strategy=cfg.launch.placement_strategy,
             ),
             run_config=RayRunConfig(
                 name="eval" if eval_run else "train",

@@ -748,6 +748,12 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100  # 0 saves only at the end
     keep_checkpoints: int = 2
+    # sharded: every rank writes the weights and optimizer state it owns (a filesystem all ranks
+    # share); full: rank 0 gathers and writes everything; auto: sharded with several processes.
+    checkpoint_format: Literal["auto", "sharded", "full"] = "auto"
+    # Copy the checkpoint to host memory, write it in a background thread while training goes on,
+    # and commit it once every rank has written (at the latest before the next save or the end).
+    async_checkpoint: bool = False
     seed: int = 0
     run_dir: str = "runs/{name}"
     name: str | None = None  # None: the config file's stem
@@ -822,10 +828,19 @@ class ParallelConfig:
     ep_size: int = 1  # expert-parallel group size: experts are sharded over this many processes
     zero_stage: int = 0  # DeepSpeed ZeRO stage
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on GPUs, gloo on CPU
+    # Seconds a collective may wait for a missing rank before every rank stops with a diagnosis.
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         s = self._section
         _require_positive(s, self, "ep_size")
+        if not (isinstance(self.collective_timeout_s, (int, float)) and math.isfinite(self.collective_timeout_s)):
+            _fail(
+                f"{s}.collective_timeout_s",
+                f"must be a finite number of seconds, got {self.collective_timeout_s!r}",
+                "set it to e.g. 600 (seconds)",
+            )
+        _require_positive(s, self, "collective_timeout_s")
         if self.zero_stage not in (0, 1, 2):
             _fail(
                 f"{s}.zero_stage",
@@ -842,6 +857,9 @@ class LaunchConfig:
 
     max_failures: int = 0  # worker-group restarts from the last committed checkpoint before giving up
     cpus_per_worker: int = 1
+    # Ray's placement-group strategy for the workers: STRICT_SPREAD puts each on its own node, so
+    # a job is spread over the cluster rather than packed onto the first node with room.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def __post_init__(self) -> None:
         s = self._section

@@ -143,6 +143,10 @@ def _snapshot(model, names):
     return {n: p.detach().clone() for n, p in model.named_parameters() if any(n.startswith(x) for x in names)}
 
 
+def _routing_biases(model):
+    return {n: b.clone() for n, b in model.named_buffers() if n.endswith("expert_bias")}
+
+
 def test_two_stage_training_freezes_each_part_in_turn(tmp_path):
     from dynamoe.training.trainer import Trainer
 
@@ -151,6 +155,7 @@ def test_two_stage_training_freezes_each_part_in_turn(tmp_path):
         [
             "model.exits.training=two_stage",
             "model.exits.stage_one_fraction=0.5",
+            "model.moe.router.aux_free_bias=true",
             "train.steps=6",
             "train.warmup_steps=1",
             "train.eval_every=0",
@@ -161,10 +166,10 @@ def test_two_stage_training_freezes_each_part_in_turn(tmp_path):
     model = trainer.model
     backbone = ("stem", "stages", "moes", "head.")
     exits = ("exit_heads",)
-    b0, e0 = _snapshot(model, backbone), _snapshot(model, exits)
+    b0, e0, bias0 = _snapshot(model, backbone), _snapshot(model, exits), _routing_biases(model)
     for step in range(3):
         trainer.train_step(step)
-    b1, e1 = _snapshot(model, backbone), _snapshot(model, exits)
+    b1, e1, bias1 = _snapshot(model, backbone), _snapshot(model, exits), _routing_biases(model)
     assert all(torch.equal(e0[n], e1[n]) for n in e0), "early exits must not move in stage one"
     assert any(not torch.equal(b0[n], b1[n]) for n in b0), "the backbone trains in stage one"
     assert model.exit_phase == "backbone"
@@ -173,6 +178,8 @@ def test_two_stage_training_freezes_each_part_in_turn(tmp_path):
     b2, e2 = _snapshot(model, backbone), _snapshot(model, exits)
     assert model.exit_phase == "exits"
     assert all(torch.equal(b1[n], b2[n]) for n in b1), "the backbone must not move in stage two"
+    assert all(torch.equal(bias1[n], b) for n, b in _routing_biases(model).items()), "nor its routing biases"
+    assert any(not torch.equal(bias0[n], bias1[n]) for n in bias0), "the biases move in stage one"
     assert any(not torch.equal(e1[n], e2[n]) for n in e1), "the early exits train in stage two"
 
 

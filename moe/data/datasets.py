@@ -147,8 +147,11 @@ class LMData:
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
-    def _windows(self, ids: torch.Tensor, batch_size: int, gen: torch.Generator) -> dict:
-        starts = torch.randint(0, ids.numel() - self.seq_len - 1, (batch_size,), generator=gen)
+    def _windows(self, ids: torch.Tensor, batch_size: int, gen: torch.Generator, rank: int, world: int) -> dict:
+        """Rank ``rank``'s ``batch_size`` windows of a global batch of ``world * batch_size``: all
+        the starts are drawn (cheap, and the same on every rank), only this rank's are read."""
+        starts = torch.randint(0, ids.numel() - self.seq_len - 1, (world * batch_size,), generator=gen)
+        starts = starts[rank * batch_size : (rank + 1) * batch_size]
         idx_BS = starts[:, None] + torch.arange(self.seq_len + 1)
         chunk = ids[idx_BS]
         return {"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}
@@ -160,8 +163,7 @@ class LMData:
         parallelism over any number of processes sees the same samples as one process would.
         """
         gen = torch.Generator().manual_seed(_mix(seed, index))
-        batch = self._windows(self.train_ids, world * batch_size, gen)
-        return {k: v[rank * batch_size : (rank + 1) * batch_size] for k, v in batch.items()}
+        return self._windows(self.train_ids, batch_size, gen, rank, world)
 
     def eval_batches(self, num_batches: int, batch_size: int, rank: int = 0, world: int = 1):
         """The same validation windows at every evaluation: ``num_batches`` global batches of
@@ -169,8 +171,7 @@ class LMData:
         number of forward passes (expert parallelism needs them in lockstep)."""
         gen = torch.Generator().manual_seed(1234)
         for _ in range(num_batches):
-            batch = self._windows(self.val_ids, world * batch_size, gen)
-            yield {k: v[rank * batch_size : (rank + 1) * batch_size] for k, v in batch.items()}
+            yield self._windows(self.val_ids, batch_size, gen, rank, world)
 
     def unigram_loss(self) -> float:
         """Validation cross-entropy (nats/token) of the training set's unigram distribution."""

@@ -17,6 +17,7 @@ backward is the reverse exchange.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -33,20 +34,29 @@ class _AllToAll(torch.autograd.Function):
     """Uneven all-to-all of rows; the backward sends gradients back along the same routes."""
 
     @staticmethod
-    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group, traffic):
+    def forward(ctx, x, output_splits: list[int], input_splits: list[int], group, traffic, watch):
         ctx.splits = (output_splits, input_splits)
         ctx.group, ctx.traffic = group, traffic
-        return _exchange(x, output_splits, input_splits, group, traffic)
+        ctx.watch = None if watch is None else (watch[0], f"backward of {watch[1]}")
+        return _exchange(x, output_splits, input_splits, group, traffic, watch)
 
     @staticmethod
     def backward(ctx, grad):
         output_splits, input_splits = ctx.splits
-        return _AllToAll.apply(grad, input_splits, output_splits, ctx.group, ctx.traffic), None, None, None, None
+        out = _AllToAll.apply(grad, input_splits, output_splits, ctx.group, ctx.traffic, ctx.watch)
+        return out, None, None, None, None, None
 
 
-def _exchange(x, output_splits, input_splits, group, traffic) -> torch.Tensor:
+def _watched(watch):
+    """The collective marker of ``watch`` = (monitor, label), e.g. the trainer's
+    ``CollectiveWatchdog``, which names this all-to-all if a rank goes missing in it."""
+    return nullcontext() if watch is None else watch[0].collective(f"all_to_all ({watch[1]})")
+
+
+def _exchange(x, output_splits, input_splits, group, traffic, watch=None) -> torch.Tensor:
     out = x.new_empty(sum(output_splits), *x.shape[1:])
-    dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+    with _watched(watch):
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
     if traffic is not None:
         me = dist.get_rank(group)
         remote_rows = sum(n for p, n in enumerate(input_splits) if p != me)
@@ -54,8 +64,10 @@ def _exchange(x, output_splits, input_splits, group, traffic) -> torch.Tensor:
     return out
 
 
-def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group, traffic=None) -> torch.Tensor:
-    return _AllToAll.apply(x, output_splits, input_splits, group, traffic)
+def all_to_all(
+    x: torch.Tensor, output_splits: list[int], input_splits: list[int], group, traffic=None, watch=None
+) -> torch.Tensor:
+    return _AllToAll.apply(x, output_splits, input_splits, group, traffic, watch)
 
 
 class _Permutation(torch.autograd.Function):
@@ -101,18 +113,24 @@ class AllToAllDispatcher:
         self.ep_size = dist.get_world_size(group)
         self.num_local = num_experts // self.ep_size
         self.traffic = traffic
+        self.monitor = None  # marks each all-to-all (``watch_all_to_alls``)
+        self.name = "MoE layer"
+
+    def _watch(self, what: str):
+        return None if self.monitor is None else (self.monitor, f"{what}, {self.name}")
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing):
         P, E_local = self.ep_size, self.num_local
         x_sorted, row_map = kernels.permute(x_TD, routing.experts, self.num_experts, routing.num_rows)
         counts_PE = routing.counts.view(P, E_local)
         recv_counts = torch.empty_like(routing.counts)
-        dist.all_to_all_single(recv_counts, routing.counts.contiguous(), group=self.group)
+        with _watched(self._watch("dispatch counts")):
+            dist.all_to_all_single(recv_counts, routing.counts.contiguous(), group=self.group)
         recv_counts_PE = recv_counts.view(P, E_local)  # [source rank, my local expert]
         # Uneven splits must be host integers: the one synchronisation expert parallelism needs.
         send_splits = counts_PE.sum(1).tolist()
         recv_splits = recv_counts_PE.sum(1).tolist()
-        x_recv = all_to_all(x_sorted, recv_splits, send_splits, self.group, self.traffic)
+        x_recv = all_to_all(x_sorted, recv_splits, send_splits, self.group, self.traffic, self._watch("dispatch"))
         local_expert_of_row = torch.repeat_interleave(
             torch.arange(E_local, device=x_TD.device).repeat(P), recv_counts.to(x_TD.device)
         )
@@ -125,8 +143,20 @@ class AllToAllDispatcher:
 
     def combine(self, y_local: torch.Tensor, state: ExpertParallelState) -> torch.Tensor:
         y_recv = _Permutation.apply(y_local, state.inverse, state.order)
-        y_sorted = all_to_all(y_recv, state.send_splits, state.recv_splits, self.group, self.traffic)
+        y_sorted = all_to_all(
+            y_recv, state.send_splits, state.recv_splits, self.group, self.traffic, self._watch("combine")
+        )
         return kernels.unpermute(y_sorted, state.row_map, state.weights)
+
+
+def watch_all_to_alls(model: nn.Module, monitor) -> None:
+    """Mark every all-to-all of ``model``'s expert-parallel layers with ``monitor`` (anything with a
+    ``collective(label)`` context manager), each labelled with its MoE layer's index."""
+    for j, layer in enumerate(m for m in model.modules() if isinstance(m, MoELayer)):
+        if isinstance(layer.dispatcher, AllToAllDispatcher):
+            layer.dispatcher.monitor = monitor
+            block = "" if layer.block_index is None else f", block {layer.block_index}"
+            layer.dispatcher.name = f"MoE layer {j}{block}"
 
 
 def is_expert_param(p: nn.Parameter) -> bool:

@@ -1,10 +1,18 @@
 """Checkpoints in an unpickled format: safetensors for tensors, JSON for everything else.
 
-A checkpoint is a folder ``step_XXXXXXXX/`` holding ``model.safetensors``,
-``optimizer.safetensors``, ``trainer.json`` and, written last and atomically as the commit
-marker, ``manifest.json`` with each file's size and SHA-256. A folder without a manifest (a save
+A checkpoint is a folder ``step_XXXXXXXX/`` in one of two formats, told apart by the files in it:
+
+- full (format version 1): ``model.safetensors``, ``optimizer.safetensors`` and ``trainer.json``,
+  every tensor in global form, written by rank 0 after a gather (:func:`save_checkpoint`);
+- sharded (format version 2, ``checkpoint_sharded.py``): one ``rankNNNNN.safetensors`` per rank
+  with the pieces it owns, ``index.json`` saying which file holds which range of each global
+  tensor, and ``trainer.json``; every rank writes its own file, nothing is gathered.
+
+Both end with ``manifest.json``, each file's size and SHA-256, written last and atomically as the
+commit marker into a ``.partial`` folder that is then renamed. A folder without a manifest (a save
 that was cut short) or whose files do not match it is refused with an error; nothing is ever
-unpickled, so a checkpoint cannot run code.
+unpickled, so a checkpoint cannot run code. :func:`load_checkpoint` reads either format in global
+form, so tools (export, eval) need not care which one a run wrote.
 """
 
 from __future__ import annotations
@@ -20,9 +28,12 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the full format: model.safetensors, optimizer.safetensors, trainer.json
+SHARDED_FORMAT_VERSION = 2  # the sharded format (checkpoint_sharded.py): rank files, index.json, trainer.json
 MANIFEST = "manifest.json"
+SHARDED_INDEX = "index.json"
 REQUIRED_FILES = frozenset({"model.safetensors", "optimizer.safetensors", "trainer.json"})
+SHARDED_REQUIRED_FILES = frozenset({SHARDED_INDEX, "trainer.json"})
 
 
 class CheckpointError(RuntimeError):
@@ -88,8 +99,8 @@ def _write_checkpoint(tmp: Path, model_state: dict, optim_tensors: dict, trainer
     )
 
 
-def verify_checkpoint(folder: Path) -> dict:
-    """Check a checkpoint against its manifest; returns the manifest or raises CheckpointError."""
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a checkpoint folder, checked for form only; raises CheckpointError."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint '{folder}' does not exist; fix: pass an existing checkpoint or run folder")
@@ -106,19 +117,32 @@ def verify_checkpoint(folder: Path) -> dict:
         raise CheckpointError(
             f"checkpoint '{folder}': {MANIFEST} is unreadable; fix: resume from an earlier checkpoint"
         ) from None
-    if not isinstance(files, dict) or not REQUIRED_FILES <= set(files):
-        missing = sorted(REQUIRED_FILES - set(files if isinstance(files, dict) else ()))
+    version = manifest.get("format_version")
+    if version not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
+        raise CheckpointError(
+            f"checkpoint '{folder}' has format version {version}, "
+            f"this dynamoe reads {FORMAT_VERSION} and {SHARDED_FORMAT_VERSION}; "
+            "fix: use the dynamoe version that wrote it"
+        )
+    required = REQUIRED_FILES if version == FORMAT_VERSION else SHARDED_REQUIRED_FILES
+    if not isinstance(files, dict) or not required <= set(files):
+        missing = sorted(required - set(files if isinstance(files, dict) else ()))
         raise CheckpointError(
             f"checkpoint '{folder}': {MANIFEST} lists no entry for {', '.join(missing)}; "
             "fix: resume from an earlier checkpoint"
         )
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"checkpoint '{folder}' has format version {manifest.get('format_version')}, "
-            f"this dynamoe reads {FORMAT_VERSION}; "
-            "fix: use the dynamoe version that wrote it"
-        )
-    for name, meta in files.items():
+    return manifest
+
+
+def verify_checkpoint(folder: Path, hash_files: set[str] | None = None) -> dict:
+    """Check a checkpoint against its manifest; returns the manifest or raises CheckpointError.
+    Every file's presence and size are checked; ``hash_files`` limits the SHA-256 checks to those
+    files (ranks of a sharded load share the hashing), None hashes all. A sharded checkpoint's
+    index must name only files the manifest lists."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    files = manifest["files"]
+    for name, meta in sorted(files.items()):
         path = folder / name
         if not isinstance(meta, dict) or not {"bytes", "sha256"} <= set(meta):
             raise CheckpointError(
@@ -126,18 +150,42 @@ def verify_checkpoint(folder: Path) -> dict:
             )
         if not path.exists():
             raise CheckpointError(f"checkpoint '{folder}' is missing {name}; fix: resume from an earlier checkpoint")
-        if path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+        hashed = hash_files is None or name in hash_files
+        if path.stat().st_size != meta["bytes"] or (hashed and _sha256(path) != meta["sha256"]):
             raise CheckpointError(
                 f"checkpoint '{folder}': {name} is corrupt (size or SHA-256 differs from the manifest); "
+                "fix: resume from an earlier checkpoint"
+            )
+    if manifest["format_version"] == SHARDED_FORMAT_VERSION:
+        from dynamoe.training.checkpoint_files import ShardedReader
+
+        unlisted = sorted(ShardedReader(folder).files() - set(files))
+        if unlisted:
+            raise CheckpointError(
+                f"checkpoint '{folder}': its index names {', '.join(unlisted)}, which {MANIFEST} does not list; "
                 "fix: resume from an earlier checkpoint"
             )
     return manifest
 
 
+def is_sharded(folder: Path) -> bool:
+    """A checkpoint in the sharded format (per-rank files and an index) rather than the full one."""
+    return (Path(folder) / SHARDED_INDEX).exists()
+
+
 def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
-    """Verify, then read (model_state, optimizer_tensors, trainer_state)."""
+    """Verify, then read (model_state, optimizer_tensors, trainer_state), every tensor in global
+    form, from a checkpoint of either format (a sharded one is assembled from its ranks' files)."""
     folder = Path(folder)
-    verify_checkpoint(folder)
+    manifest = verify_checkpoint(folder)
+    trainer_state = json.loads((folder / "trainer.json").read_text())
+    if manifest["format_version"] == SHARDED_FORMAT_VERSION:
+        from dynamoe.training.checkpoint_files import ShardedReader
+
+        with ShardedReader(folder) as reader:
+            model_state = {k.removeprefix("model/"): reader.read_full(k) for k in reader.keys("model/")}
+            optim = {k.removeprefix("optim/"): reader.read_full(k) for k in reader.keys("optim/")}
+        return model_state, optim, trainer_state
     try:
         model_state = load_file(folder / "model.safetensors")
         optim = load_file(folder / "optimizer.safetensors")
@@ -145,7 +193,7 @@ def load_checkpoint(folder: Path) -> tuple[dict, dict, dict]:
         raise CheckpointError(
             f"checkpoint '{folder}' cannot be read ({err}); fix: resume from an earlier checkpoint"
         ) from None
-    return model_state, optim, json.loads((folder / "trainer.json").read_text())
+    return model_state, optim, trainer_state
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import socket
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 
@@ -33,8 +34,9 @@ def check_precision_supported(precision: str) -> None:
         )
 
 
-def init_distributed(backend: str):
-    """Prepare the environment DeepSpeed expects, then import it and start the process group."""
+def init_distributed(backend: str, collective_timeout_s: float | None = None):
+    """Prepare the environment DeepSpeed expects, then import it and start the process group, whose
+    collectives give up after ``collective_timeout_s`` (``parallel.collective_timeout_s``)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
@@ -46,8 +48,25 @@ def init_distributed(backend: str):
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     # Also when a launcher (Ray Train) already started the torch process group: DeepSpeed then
     # wraps the existing group instead of creating one.
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    kwargs = {} if collective_timeout_s is None else {"timeout": timedelta(seconds=collective_timeout_s)}
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, **kwargs)
     return deepspeed
+
+
+def apply_collective_timeout(collective_timeout_s: float) -> int:
+    """Give every process group of this process the collective timeout; returns how many.
+
+    ``init_distributed`` cannot cover them all: a group a launcher created first (Ray Train's, with
+    its own 30-minute default) is only wrapped, and ``new_group`` (DeepSpeed's expert-parallel and
+    expert-data-parallel groups) takes torch's backend default, not the world group's timeout. So
+    this runs once every group exists, after the engine is built."""
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = timedelta(seconds=collective_timeout_s)
+    groups = [pg for pg in c10d._world.pg_map if pg is not c10d.GroupMember.NON_GROUP_MEMBER]
+    for group in groups:
+        c10d._set_pg_timeout(timeout, group)
+    return len(groups)
 
 
 def param_groups(

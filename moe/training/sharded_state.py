@@ -1,14 +1,15 @@
 """Whole-model training state, independent of how experts and optimizer state are partitioned.
 
-A checkpoint holds every tensor in its global (unsharded) form: experts 0..E-1 stacked, and the
-optimizer moments of every parameter at full size. Saving gathers expert shards over the
-expert-parallel group (and, under ZeRO, optimizer partitions through DeepSpeed's fragment API);
-loading takes this rank's slice. So a checkpoint written with one expert-parallel size or ZeRO
-stage loads into any other. Weights are always fp32: under bf16 they are the optimizer's fp32
-master weights, not the bf16 copies the model computes with, so a checkpoint resumes exactly and
-loads into a run of either precision.
+This is the full checkpoint format's side (``train.checkpoint_format: full``): every tensor in its
+global (unsharded) form, experts 0..E-1 stacked and the optimizer moments of every parameter at
+full size. Saving gathers expert shards over the expert-parallel group (and, under ZeRO, optimizer
+partitions through DeepSpeed's fragment API) to rank 0; loading takes this rank's slice. So a
+checkpoint written with one expert-parallel size or ZeRO stage loads into any other. Weights are
+always fp32: under bf16 they are the optimizer's fp32 master weights, not the bf16 copies the model
+computes with, so a checkpoint resumes exactly and loads into a run of either precision. The
+sharded format (``checkpoint_sharded.py``) writes the same tensors without the gather.
 
-Every function here is collective: all ranks call it, in the same order.
+Every function here that gathers or scatters is collective: all ranks call it, in the same order.
 """
 
 from __future__ import annotations
@@ -110,7 +111,6 @@ def full_optimizer_state(optimizer, model: nn.Module, ep_group) -> tuple[dict, l
     ``optimizer`` is the engine's optimizer: a torch optimizer (ZeRO 0) or DeepSpeed's ZeRO 1/2
     optimizer, whose partitions are assembled with DeepSpeed's fragment API.
     """
-    names = {id(p): n for n, p in model.named_parameters()}
     shards = expert_shards(model)
     tensors: dict[str, torch.Tensor] = {}
     if _is_zero(optimizer):
@@ -130,7 +130,6 @@ def full_optimizer_state(optimizer, model: nn.Module, ep_group) -> tuple[dict, l
                     tensors[f"{key}/{name}"] = value
             if steps:
                 tensors[f"step/{name}"] = step.clone()
-        groups_source = list(zip(base.param_groups, optimizer.bit16_groups))  # flat partitions -> model params
     else:
         for name, p in model.named_parameters():
             for key, value in optimizer.state.get(p, {}).items():
@@ -138,12 +137,21 @@ def full_optimizer_state(optimizer, model: nn.Module, ep_group) -> tuple[dict, l
                 t = _for_writer(t, ep_group, name in shards and t.dim() > 0)
                 if t is not None:
                     tensors[f"{key}/{name}"] = t
-        groups_source = [(g, g["params"]) for g in optimizer.param_groups]
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, optimizer_groups(optimizer, model)
+
+
+def optimizer_groups(optimizer, model: nn.Module) -> list[dict]:
+    """The engine's optimizer's parameter groups as JSON: hyperparameters and parameter names."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    if _is_zero(optimizer):
+        source = list(zip(optimizer.optimizer.param_groups, optimizer.bit16_groups))  # flat partitions -> params
+    else:
+        source = [(g, g["params"]) for g in optimizer.param_groups]
     groups = []
-    for group, params in groups_source:
+    for group, params in source:
         hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
         groups.append({"params": [names[id(p)] for p in params if id(p) in names], **hyper})
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, groups
+    return groups
 
 
 _GROUP_KEYS_NOT_RESTORED = ("params", "moe", "name")  # layout, not hyperparameters: set by this run
@@ -155,18 +163,7 @@ def load_full_optimizer_state(
     """Restore state saved by :func:`full_optimizer_state` into this run's (possibly sharded)
     optimizer. Under ZeRO the fp32 master weights are set too: from ``model_state`` (the
     checkpoint's fp32 weights, global form) where given, else from the model."""
-    from dynamoe.training.checkpoint import CheckpointError
-
-    param_groups = optimizer.param_groups
-    if len(groups) != len(param_groups):
-        raise CheckpointError(
-            f"optimizer has {len(param_groups)} parameter groups but the checkpoint has {len(groups)}; "
-            "fix: resume with the same model and optimizer configuration"
-        )
-    for group, saved in zip(param_groups, groups):
-        for key, value in saved.items():
-            if key not in _GROUP_KEYS_NOT_RESTORED:
-                group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
+    restore_param_groups(optimizer, groups)
     shards = expert_shards(model)
     by_param: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
@@ -181,6 +178,22 @@ def load_full_optimizer_state(
             optimizer.state[p] = {
                 k: (_local(v, name, shards).to(p.device).clone() if v.dim() else v.clone()) for k, v in state.items()
             }
+
+
+def restore_param_groups(optimizer, groups: list[dict]) -> None:
+    """Set the hyperparameters of the optimizer's groups from :func:`optimizer_groups`' JSON."""
+    from dynamoe.training.checkpoint import CheckpointError
+
+    param_groups = optimizer.param_groups
+    if len(groups) != len(param_groups):
+        raise CheckpointError(
+            f"optimizer has {len(param_groups)} parameter groups but the checkpoint has {len(groups)}; "
+            "fix: resume with the same model and optimizer configuration"
+        )
+    for group, saved in zip(param_groups, groups):
+        for key, value in saved.items():
+            if key not in _GROUP_KEYS_NOT_RESTORED:
+                group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
 
 
 def _relink_fragments(optimizer) -> None:

@@ -30,7 +30,7 @@ from dynamoe.config import ConfigError, RunConfig, check_upcycle, to_dict
 from dynamoe.data import build_data
 from dynamoe.data.tokenizer_files import TOKENIZER_FOLDER, save_tokenizer
 from dynamoe.depth import depth_summary
-from dynamoe.layers.expert_parallel import TrafficCounter, shard_experts
+from dynamoe.layers.expert_parallel import TrafficCounter, shard_experts, watch_all_to_alls
 from dynamoe.layers.load_stats import (
     format_balance_table,
     layer_balance,
@@ -41,8 +41,10 @@ from dynamoe.layers.load_stats import (
 from dynamoe.layers.moe_layer import MoELayer
 from dynamoe.models import build_model
 from dynamoe.training import checkpoint as ckpt
+from dynamoe.training.checkpoint_sharded import load_sharded, save_sharded, start_full_save
 from dynamoe.training.cpu_runtime import keep_large_allocations, limit_onednn_primitive_cache
 from dynamoe.training.deepspeed_setup import (
+    apply_collective_timeout,
     check_precision_supported,
     clip_gradients_,
     deepspeed_recognises,
@@ -58,10 +60,12 @@ from dynamoe.training.sharded_state import (
     full_optimizer_state,
     load_full_model_state,
     load_full_optimizer_state,
+    optimizer_groups,
     set_fp32_masters,
 )
 from dynamoe.training.systems import device_peak_tflops, forward_flops, window_fields
 from dynamoe.training.trackers import check_trackers, start_trackers
+from dynamoe.training.watchdog import start_watchdog
 
 
 class TrainingDiverged(RuntimeError):
@@ -182,9 +186,12 @@ class Trainer:
         check_trackers(self.cfg.train.trackers)
         # Upcycling reads and checks the dense model here, so what does not fit fails before DeepSpeed.
         self._upcycled = self._upcycle(progress and launcher_rank == 0) if self.cfg.train.upcycle.enabled else None
-        self.deepspeed = init_distributed(cfg.parallel.backend)
+        timeout_s = cfg.parallel.collective_timeout_s
+        self.deepspeed = init_distributed(cfg.parallel.backend, timeout_s)
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
+        # Names the operation, step and missing rank when a collective fails (moe/training/watchdog.py).
+        self.watchdog = start_watchdog(timeout_s)
         check_world(self.world, cfg.parallel.ep_size)  # the same error `moe plan` gives
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
@@ -241,6 +248,9 @@ class Trainer:
             self.engine, _, _, _ = self.deepspeed.initialize(
                 model=self.model, optimizer=self.optimizer, config=ds_config
             )
+        # Every group exists now (the launcher's, DeepSpeed's expert groups): all get the timeout.
+        apply_collective_timeout(timeout_s)
+        watch_all_to_alls(self.model, self.watchdog)
         if self._init_state is not None:
             # The engine made its masters from the bf16 copies; the exported weights are finer.
             set_fp32_masters(self.engine.optimizer, self.model, self._init_state)
@@ -273,7 +283,8 @@ class Trainer:
         if self.world == 1:
             return flag
         value = torch.tensor([1.0 if flag else 0.0], device=self.engine.device)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        with self.watchdog.collective("all_reduce (agreement of all ranks)"):
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
         return bool(value.item() > 0)
 
     def _shard_experts(self):
@@ -362,6 +373,12 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         folder = ckpt.resolve_resume(path)
+        if ckpt.is_sharded(folder):  # each rank reads only the ranges it holds
+            state = load_sharded(
+                folder, self.model, self.engine.optimizer, ep_size=self.cfg.parallel.ep_size, device=self.engine.device
+            )
+            self._resumed_from(state)
+            return
         model_state, optim, state = ckpt.load_checkpoint(folder)
         try:
             missing, unexpected = load_full_model_state(self.model, model_state)
@@ -373,6 +390,9 @@ class Trainer:
                 "fix: resume with the config the checkpoint was trained with"
             )
         load_full_optimizer_state(self.engine.optimizer, self.model, optim, state["optimizer_groups"], model_state)
+        self._resumed_from(state)
+
+    def _resumed_from(self, state: dict) -> None:
         self.start_step = state["step"]
         self._wall_before = float(state.get("train_wall_s", 0.0))
         self.skipped_steps = int(state.get("skipped_steps", 0))
@@ -426,6 +446,7 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         t = self.cfg.train
+        self.watchdog.step = step + 1  # as logged: the step this one completes
         lr = self._set_learning_rates(step)
         torch.manual_seed(_step_seed(t.seed, step, self.rank))  # dropout and jitter depend on the step only
         self.engine.train()
@@ -443,14 +464,17 @@ class Trainer:
             batch = self._micro_batch(step, micro)
             out = self.engine(**batch)
             loss_finite = loss_finite and bool(torch.isfinite(out.total_loss.detach()))
-            self.engine.backward(out.total_loss)
+            with self.watchdog.collective("backward (gradient all_reduce)", timed=False):
+                self.engine.backward(out.total_loss)
             if micro == t.grad_accum - 1 and self.cfg.parallel.zero_stage == 0:
                 # Gradients are complete (and reduced over ranks) only now.
-                grad_norm = global_grad_norm(self.model, self.ep_group)
+                with self.watchdog.collective("all_reduce (gradient norm of the experts)"):
+                    grad_norm = global_grad_norm(self.model, self.ep_group)
                 self._skip_update = not (math.isfinite(grad_norm) and self._all_ranks(loss_finite))
                 if t.grad_clip > 0 and not self._skip_update:
                     clip_gradients_(self.model, t.grad_clip, grad_norm)
-            self.engine.step()
+            with self.watchdog.collective("optimizer step (ZeRO reductions and gathers)", timed=False):
+                self.engine.step()
             loss_sum += out.loss.item()
             aux_sum += out.aux_loss.item() if out.aux_loss is not None else 0.0
             if out.moe:
@@ -471,16 +495,18 @@ class Trainer:
         else:
             bad = self._skip_update
         self._skip_update = False
-        for layer in self.model.moe_layers():  # a skipped step's routing does not move the bias either
-            if bad:
-                layer.router.discard_load()
-            else:
-                layer.router.update_bias(self.reduce)
+        with self.watchdog.collective("all_reduce (router loads)"):
+            for layer in self.model.moe_layers():  # a skipped step's routing does not move the bias either
+                if bad or self.model.exit_phase == "exits":  # nor does the frozen backbone's, in stage two
+                    layer.router.discard_load()
+                else:
+                    layer.router.update_bias(self.reduce)
         a2a_bytes = self.traffic.reset()
         if self.reduce is not None:  # report the global batch's loss: the mean of equal-sized shards
             sums = torch.tensor([loss_sum, aux_sum, float(a2a_bytes), flops], dtype=torch.float64)
             sums = torch.cat([sums, router_losses.flatten()]).to(self.engine.device)
-            self.reduce(sums)
+            with self.watchdog.collective("all_reduce (step metrics)"):
+                self.reduce(sums)
             loss_sum, aux_sum = (float(v) / self.world for v in sums[:2])
             a2a_bytes, flops = int(sums[2]), float(sums[3])
             router_losses = sums[4:].cpu().view_as(router_losses) / self.world
@@ -519,11 +545,16 @@ class Trainer:
         reset_stats(self.model)
         metrics = self.evaluate()
         if self.reduce is not None:
-            reduce_stats(self.model, self.reduce)
+            with self.watchdog.collective("all_reduce (load statistics)"):
+                reduce_stats(self.model, self.reduce)
         return metrics, layer_balance(self.model)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        with self.watchdog.collective("evaluation", timed=False):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         self.engine.eval()
         t = self.cfg.train
         loss_sum, correct, count = 0.0, 0, 0
@@ -563,7 +594,8 @@ class Trainer:
         )
         totals = totals.to(self.engine.device)
         if self.reduce is not None:
-            self.reduce(totals)
+            with self.watchdog.collective("all_reduce (evaluation totals)"):
+                self.reduce(totals)
         result = {"loss": float(totals[0] / totals[2])}
         if classify:
             result["accuracy"] = float(totals[1] / totals[2])
@@ -574,46 +606,75 @@ class Trainer:
         return result
 
     def save(self, step: int) -> Path | None:
-        """Write a checkpoint of the whole (unsharded) model and optimizer; collective, rank 0 writes.
-        Weights that are not finite are never written (nor allowed to prune a finite checkpoint)."""
-        finite_weights = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        """Write a checkpoint of the whole model and optimizer; collective. Sharded (every rank
+        writes what it owns) or full (rank 0 writes the gathered state), per train.checkpoint_format.
+        With train.async_checkpoint only the copy to host memory happens here and None is returned;
+        the save commits later (:meth:`poll_checkpoint`, :meth:`finish_checkpoint`). Returns the
+        committed folder on rank 0, None elsewhere. Weights that are not finite are never written
+        (nor allowed to prune a finite checkpoint)."""
+        # min and max carry any NaN or infinity, without isfinite's parameter-sized temporaries
+        # (which would cost a save more memory than a sharded checkpoint's own writing).
+        finite_weights = all(
+            bool(torch.isfinite(torch.stack(p.detach().aminmax())).all()) for p in self.model.parameters() if p.numel()
+        )
         if not self._all_ranks(finite_weights):
             raise TrainingDiverged(
                 f"step {step}: the model's weights are not finite, so no checkpoint was written (the earlier "
                 "ones are kept); fix: lower train.lr or raise train.warmup_steps, and resume from the last checkpoint"
             )
-        model_state = full_model_state(self.model, self.ep_group, self.engine.optimizer)
-        tensors, groups = full_optimizer_state(self.engine.optimizer, self.model, self.ep_group)
-        folder = None
+        self.finish_checkpoint()  # one save in flight at a time: the previous one commits first
+        t, par = self.cfg.train, self.cfg.parallel
+        state = {
+            "step": step,
+            "optimizer_groups": optimizer_groups(self.engine.optimizer, self.model),
+            "seed": t.seed,
+            "world_size": self.world,
+            "ep_size": par.ep_size,
+            "zero_stage": par.zero_stage,
+            "model_config": to_dict(self.cfg.model),
+            "train_wall_s": self._wall_before + time.perf_counter() - self._fit_started,
+            "skipped_steps": self.skipped_steps,
+        }
+        folder = self.run_dir / "checkpoints" / f"step_{step:08d}"
+        sharded = t.checkpoint_format == "sharded" or (t.checkpoint_format == "auto" and self.world > 1)
+        if sharded:
+            self._pending_save = save_sharded(
+                folder,
+                self.model,
+                self.engine.optimizer,
+                state,
+                ep_size=par.ep_size,
+                zero_stage=par.zero_stage,
+                device=self.engine.device,
+                background=t.async_checkpoint,
+            )
+        else:
+            model_state = full_model_state(self.model, self.ep_group, self.engine.optimizer)
+            tensors, _ = full_optimizer_state(self.engine.optimizer, self.model, self.ep_group)
+            self._pending_save = start_full_save(
+                folder, model_state, tensors, state, device=self.engine.device, background=t.async_checkpoint
+            )
+        return None if t.async_checkpoint else self.finish_checkpoint()
+
+    _pending_save = None  # a save whose files are still being written (train.async_checkpoint)
+
+    def finish_checkpoint(self) -> Path | None:
+        """Wait for the save in flight, if any, and commit it; collective. Calls the checkpoint hook
+        and prunes old checkpoints; returns the committed folder on rank 0."""
+        pending, self._pending_save = self._pending_save, None
+        if pending is None:
+            return None
+        folder = pending.finish()  # every rank raises the same CheckpointError if any rank failed
         if self.is_main:
-            state = {
-                "step": step,
-                "optimizer_groups": groups,
-                "seed": self.cfg.train.seed,
-                "world_size": self.world,
-                "ep_size": self.cfg.parallel.ep_size,
-                "zero_stage": self.cfg.parallel.zero_stage,
-                "model_config": to_dict(self.cfg.model),
-                "train_wall_s": self._wall_before + time.perf_counter() - self._fit_started,
-                "skipped_steps": self.skipped_steps,
-            }
-        failure = None
-        if self.is_main:
-            try:
-                folder = ckpt.save_checkpoint(
-                    self.run_dir / "checkpoints" / f"step_{step:08d}",
-                    model_state=model_state,
-                    optim_tensors=tensors,
-                    trainer_state=state,
-                )
-                ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
-            except ckpt.CheckpointError as err:
-                failure = err
-        # Every rank learns whether the save was committed (a failure on rank 0 alone must not
-        # leave the others waiting), and none goes on before it is.
-        if not self._all_ranks(failure is None):
-            raise failure or ckpt.CheckpointError(f"step {step}: the checkpoint could not be written on rank 0")
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        self.hooks.on_checkpoint(pending.step, folder)
         return folder
+
+    def poll_checkpoint(self) -> None:
+        """Commit the save in flight once every rank has written its files (collective: one
+        all-reduce of a flag while a save is in flight, nothing otherwise)."""
+        if self._pending_save is not None and self._all_ranks(self._pending_save.ready()):
+            self.finish_checkpoint()
 
     def _count_bad_step(self, step: int, row: dict, bar) -> None:
         """Count a skipped step; stop once ``train.max_bad_steps`` come in a row."""
@@ -662,9 +723,11 @@ class Trainer:
             if done % t.log_every == 0 or done == t.steps:
                 elapsed = time.perf_counter() - window_start
                 row.update(window_fields(window_steps, elapsed, window_tokens, window_flops, self.world, peak))
-                row.update(_moe_log_fields(self.model, self.reduce))
+                with self.watchdog.collective("all_reduce (load statistics)"):
+                    row.update(_moe_log_fields(self.model, self.reduce))
                 self.metrics.write(done, "train", row)
-                self.hooks.on_log(done, row)
+                with self.watchdog.collective("launcher report (metrics)", timed=False):
+                    self.hooks.on_log(done, row)
                 window_tokens, window_flops, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
                 if bar is not None:
                     postfix = {
@@ -687,7 +750,9 @@ class Trainer:
                 and done != t.steps
                 and not self.bad_steps_in_a_row
             ):
-                self.hooks.on_checkpoint(done, self.save(done))
+                with self.watchdog.collective(f"checkpoint of step {done}", timed=False):
+                    self.save(done)
+            self.poll_checkpoint()
             self.hooks.after_step(done)
             if bar is not None:
                 bar.update(1)
@@ -697,7 +762,8 @@ class Trainer:
         # Final evaluation doubles as the load-balance pass.
         final, balance = self.evaluate_with_balance()
         self.metrics.write(t.steps, "eval", final)
-        self.hooks.on_checkpoint(t.steps, self.save(t.steps))
+        self.save(t.steps)
+        self.finish_checkpoint()  # an asynchronous save is committed before training returns
         baseline = self.data.unigram_loss() if self.cfg.task == "lm" else None
         if self.is_main:
             summary = {
