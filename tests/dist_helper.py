@@ -12,6 +12,22 @@ import socket
 import traceback
 from datetime import timedelta
 
+# `moe train` settings under which runs with 1, 2 and 4 processes must agree step for step: router
+# losses are means over each process's own tokens, so they change with the number of processes and
+# are off; every step is logged and nothing is evaluated.
+SAME_AT_ANY_WORLD_SIZE = [
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.eval_every=0",
+    "--set",
+    "train.keep_checkpoints=5",
+    "--set",
+    "model.moe.router.aux_loss_coef=0",
+    "--set",
+    "model.moe.router.z_loss_coef=0",
+]
+
 RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 

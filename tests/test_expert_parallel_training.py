@@ -8,7 +8,7 @@ import torch
 
 from dynamoe.training.checkpoint import export_model, load_checkpoint, load_exported
 
-from dist_helper import torchrun_train, train_metrics
+from dist_helper import SAME_AT_ANY_WORLD_SIZE, torchrun_train, train_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -55,22 +55,7 @@ def test_ep2_trains_like_ep1(tmp_path, ep1_losses, zero_stage):
         assert got_norms[step] == pytest.approx(norms[step], rel=1e-4), step
 
 
-# Router losses are means over each process's own tokens, so they change with the number of
-# processes; they are off here, where runs with 1, 2 and 4 processes must agree.
-RESHARD = [
-    "--set",
-    "train.log_every=1",
-    "--set",
-    "train.eval_every=0",
-    "--set",
-    "train.checkpoint_every=2",
-    "--set",
-    "train.keep_checkpoints=5",
-    "--set",
-    "model.moe.router.aux_loss_coef=0",
-    "--set",
-    "model.moe.router.z_loss_coef=0",
-]
+RESHARD = [*SAME_AT_ANY_WORLD_SIZE, "--set", "train.checkpoint_every=2"]
 
 
 def _tensors(folder):

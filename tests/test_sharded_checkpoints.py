@@ -24,7 +24,7 @@ from dynamoe.training.checkpoint_files import (
 )
 from dynamoe.training.trainer import train
 
-from dist_helper import torchrun_train, train_metrics
+from dist_helper import SAME_AT_ANY_WORLD_SIZE, torchrun_train, train_metrics
 
 FAST = ["train.log_every=1", "train.eval_every=0", "train.warmup_steps=1"]
 
@@ -210,19 +210,6 @@ def test_a_manifest_that_does_not_match_is_refused(sharded_run, tmp_path):
 
 # --- several processes ------------------------------------------------------------------------
 
-RESHARD = [
-    "--set",
-    "train.log_every=1",
-    "--set",
-    "train.eval_every=0",
-    "--set",
-    "train.keep_checkpoints=5",
-    "--set",
-    "model.moe.router.aux_loss_coef=0",
-    "--set",
-    "model.moe.router.z_loss_coef=0",
-]
-
 
 def _sets(*pairs: str) -> list[str]:
     return [x for p in pairs for x in ("--set", p)]
@@ -233,13 +220,13 @@ def _sets(*pairs: str) -> list[str]:
 def test_zero2_shards_equal_the_full_format_reshard_and_refuse_a_missing_rank(tmp_path):
     steps = _sets("train.steps=4", "train.checkpoint_every=2", "train.batch_size=2", "parallel.ep_size=2")
     zero2 = _sets("parallel.zero_stage=2")
-    torchrun_train(2, "debug_tiny", "--run-dir", str(tmp_path / "sharded"), *RESHARD, *steps, *zero2)
+    torchrun_train(2, "debug_tiny", "--run-dir", str(tmp_path / "sharded"), *SAME_AT_ANY_WORLD_SIZE, *steps, *zero2)
     torchrun_train(
         2,
         "debug_tiny",
         "--run-dir",
         str(tmp_path / "full"),
-        *RESHARD,
+        *SAME_AT_ANY_WORLD_SIZE,
         *steps,
         *zero2,
         *_sets("train.checkpoint_format=full"),
@@ -260,14 +247,14 @@ def test_zero2_shards_equal_the_full_format_reshard_and_refuse_a_missing_rank(tm
         shutil.copytree(saved, again)
         sets = _sets("train.steps=2", f"train.batch_size={4 // nproc}", f"parallel.ep_size={nproc}")
         fmt = _sets("train.checkpoint_format=sharded", f"parallel.zero_stage={zero}")
-        torchrun_train(nproc, "debug_tiny", "--resume", str(again), *RESHARD, *sets, *fmt)
+        torchrun_train(nproc, "debug_tiny", "--resume", str(again), *SAME_AT_ANY_WORLD_SIZE, *sets, *fmt)
         assert len(list(again.glob("rank*.safetensors"))) == nproc
         _assert_same_checkpoint(saved, again)
     # And train on from it with one process and ZeRO 0: the losses of the uninterrupted run.
     resumed = tmp_path / "resumed" / "checkpoints" / saved.name
     shutil.copytree(saved, resumed)
     sets = _sets("train.steps=4", "train.batch_size=4", "parallel.ep_size=1")
-    torchrun_train(1, "debug_tiny", "--resume", str(resumed), *RESHARD, *sets)
+    torchrun_train(1, "debug_tiny", "--resume", str(resumed), *SAME_AT_ANY_WORLD_SIZE, *sets)
     got = train_metrics(resumed.parent.parent)
     for step in (3, 4):
         assert got[step] == pytest.approx(reference[step], abs=1e-5), step
@@ -284,7 +271,7 @@ def test_zero2_shards_equal_the_full_format_reshard_and_refuse_a_missing_rank(tm
 @pytest.mark.slow
 def test_an_asynchronous_two_rank_save_resumes_bit_for_bit(tmp_path):
     common = [
-        *RESHARD,
+        *SAME_AT_ANY_WORLD_SIZE,
         *_sets("train.steps=6", "train.checkpoint_every=2", "train.batch_size=2", "parallel.ep_size=2"),
         *_sets("parallel.zero_stage=1"),
     ]
