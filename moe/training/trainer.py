@@ -166,6 +166,7 @@ class Trainer:
         """``restart``: a launcher restarts this job with no checkpoint to resume from; checkpoints
         already in the run folder are this job's own, written but never committed, and are dropped."""
         self.hooks = hooks or TrainerHooks()
+        self._pending_save = None  # a save whose files are still being written (train.async_checkpoint)
         self._restart = restart
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -655,8 +656,6 @@ class Trainer:
                 folder, model_state, tensors, state, device=self.engine.device, background=t.async_checkpoint
             )
         return None if t.async_checkpoint else self.finish_checkpoint()
-
-    _pending_save = None  # a save whose files are still being written (train.async_checkpoint)
 
     def finish_checkpoint(self) -> Path | None:
         """Wait for the save in flight, if any, and commit it; collective. Calls the checkpoint hook
